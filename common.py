@@ -1,0 +1,610 @@
+"""Plumbing shared by the numbered scripts, and nothing else: no model or loss lives here.
+
+1. Errors a user can fix          UserError, run
+2. Configuration                  arg, RunConfig, parse_config
+3. Device, seeds, speed           setup, autocast, Stopwatch, progress
+4. Outputs                        save_json, save_figure, save_checkpoint, load_checkpoint
+5. Reusing an earlier script      import_script
+6. The embedded image set         make_shapes, caption
+7. Real datasets                  DATASETS, load_images (MNIST, Fashion-MNIST, CIFAR-10)
+"""
+import argparse
+import dataclasses
+import functools
+import gzip
+import hashlib
+import importlib
+import json
+import math
+import os
+import pickle
+import random
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent
+
+
+# ---- 1. Errors a user can fix ----
+
+class UserError(Exception):
+    """Bad input (an option, a file, a folder): reported as one line, never as a traceback."""
+
+
+def check(condition, message):
+    if not condition:
+        raise UserError(message)
+
+
+def run(main):
+    """The `__main__` guard of every script: a UserError becomes one line on stderr and exit code 2.
+    Anything else is a bug and keeps its traceback."""
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# ---- 2. Configuration: a dataclass turned into argparse options ----
+
+def arg(default, help, choices=None):
+    """A Config field with its help text (and allowed values), shown by --help."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class RunConfig:
+    """Options every script shares; each script's Config adds its own after these."""
+    dataset: str = arg("shapes", "shapes (embedded, offline) | mnist | fashion-mnist | cifar10")
+    data_dir: str = arg("data", "where real datasets are read from, or downloaded to once")
+    device: str = arg("auto", "auto (cuda, then mps, then cpu) | cuda | cuda:N | mps | cpu")
+    seed: int = arg(0, "seed for data, initialisation and sampling")
+    out: str = arg("", "output folder (default: runs/<script name>)")
+    quick: bool = arg(False, "shrink everything so the whole script runs on a CPU in seconds")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print usage and exit; we want one line
+        raise UserError(message)
+
+
+def parse_config(config_class, argv, description, quick=None):
+    """Parse argv into config_class. With --quick, the `quick` overrides apply to every field
+    the user did not set on the command line."""
+    parser = _Parser(description=description.split("\n\n")[0],
+                     argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    for f in dataclasses.fields(config_class):
+        flag = "--" + f.name.replace("_", "-")
+        text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action="store_true", help=text)
+        else:
+            parser.add_argument(flag, type=type(f.default), choices=f.metadata.get("choices"),
+                                help=text, metavar=f.name.upper())
+    given = vars(parser.parse_args(argv))
+    values = {**(quick or {} if given.get("quick") else {}), **given}
+    return config_class(**values)
+
+
+# ---- 3. Device, seeds and speed ----
+
+def pick_device(name="auto"):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cuda, cuda:N, mps or cpu") from None
+    check(device.type != "cuda" or torch.cuda.is_available(), "--device cuda asked for, but no CUDA GPU is visible")
+    check(device.type != "mps" or torch.backends.mps.is_available(), "--device mps asked for, but MPS is not available")
+    check(device.type in ("cpu", "cuda", "mps"), f"unsupported device {name!r}")
+    return device
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup(cfg, script_file):
+    """Device, seeds, TF32 and the output folder for a parsed config. Returns (device, out_dir)
+    and saves the resolved config beside the outputs."""
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    if device.type == "cuda":
+        # TF32 matrix units for the float32 matmuls that autocast leaves alone (10-bit mantissa is plenty here)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    out = prepare_out(cfg.out or ROOT / "runs" / Path(script_file).stem)
+    save_json(out / "config.json", dataclasses.asdict(cfg))
+    print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()) + f" -> {device}")
+    return device, out
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; float32 elsewhere (CPU bf16 is slow and only checked by tests in float32)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class Stopwatch:
+    """Wall-clock seconds that include the GPU's queued work (it synchronises before reading the clock)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.start = self._now()
+
+    def _now(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def seconds(self):
+        return self._now() - self.start
+
+
+def progress(total, desc, unit="img"):
+    """A tqdm bar counted in samples, so its rate reads as throughput (img/s, pairs/s, words/s).
+    Set postfix(loss=...) every few steps: reading a GPU loss forces a synchronisation."""
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True,
+                leave=False, disable=None, mininterval=0.5)
+
+
+# ---- 4. Outputs: written atomically so that an interrupted run never leaves a half file ----
+
+def prepare_out(path):
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise UserError(f"cannot write to output folder {str(path)!r}: {error.strerror or error}") from None
+    return path
+
+
+def _atomic_write(path, write):
+    """Call write(tmp_path), then rename over path: readers see the old file or the new one, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_json(path, obj):
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=float) + "\n"))
+
+
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def save_checkpoint(path, model, cfg, kind, **extra):
+    """{"kind", "model": state_dict, "config"}: plain tensors and dicts, loadable with weights_only=True."""
+    state = {"kind": kind, "model": model.state_dict(), "config": dataclasses.asdict(cfg), **extra}
+    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path, model, kind, device="cpu"):
+    """Load weights saved by save_checkpoint into model; a clear UserError when the file is missing,
+    unreadable, of another kind of model, or of other shapes. Returns the whole checkpoint dict."""
+    path = Path(path)
+    check(path.is_file(), f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:
+        raise UserError(f"checkpoint {str(path)!r} cannot be read ({type(error).__name__}); is it a file this project saved?") from None
+    check(isinstance(state, dict) and "model" in state and "kind" in state,
+          f"checkpoint {str(path)!r} was not saved by this project")
+    check(state["kind"] == kind, f"checkpoint {str(path)!r} holds a {state['kind']!r} model, not a {kind!r}")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        first = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+        raise UserError(f"checkpoint {str(path)!r} does not fit this model's shapes: {first}") from None
+    return state
+
+
+# ---- 5. Reusing an earlier script ----
+
+def import_script(name):
+    """importlib.import_module("04_vit"): numbered scripts are not valid identifiers for `import`."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module(name)
+
+
+# ---- 6. The embedded image set: procedural shapes with known factors and captions ----
+#
+# Every image is a pure function of (seed, image index): its factors come from a counter-based hash,
+# so image i is the same whether 100 or 100 000 are generated, on the CPU or the GPU, and the train
+# split (indices [0, n_train)) and the test split (indices from 2**30 on) can never share an image.
+# A shape is drawn from its signed distance function (negative inside), anti-aliased over one pixel.
+
+SHAPES = ["circle", "ring", "square", "triangle", "cross", "star", "hexagon", "moon", "heart", "arrow"]
+COLOURS = {"red": (0.9, 0.15, 0.1), "orange": (0.95, 0.55, 0.05), "yellow": (0.95, 0.9, 0.15),
+           "green": (0.2, 0.8, 0.2), "cyan": (0.1, 0.8, 0.85), "blue": (0.15, 0.3, 0.95),
+           "purple": (0.6, 0.2, 0.85), "white": (0.95, 0.95, 0.95)}
+TEXTURES = ["solid", "striped", "checked"]
+SIZES = ["small", "medium", "large"]
+PLACES = ["in the top left", "at the top", "in the top right",          # row-major over a 3 x 3 grid
+          "on the left", "in the centre", "on the right",
+          "in the bottom left", "at the bottom", "in the bottom right"]
+TEST_OFFSET = 2**30
+
+
+def _hash_uniform(index, stream, seed):
+    """Uniform floats in [0, 1) from integers (splitmix-style mixing in int64), identical on every device."""
+    mask = (1 << 31) - 1
+    h = ((index & mask) * 0x9E3779B1 + (index >> 31) * 0x7FEB352D + stream * 0x85EBCA77 + seed * 0xC2B2AE3D) & mask
+    for multiplier in (0x2C1B3C6D, 0x297A2D39, 0x165667B1):
+        h = ((h ^ (h >> 15)) * multiplier) & mask
+    h = h ^ (h >> 13)
+    return (h & 0xFFFFFF).float() / (1 << 24)   # 24 bits: exact in float32
+
+
+def _shape_factors(index, seed):
+    """The nuisance and class factors of each image; (N,) tensors, all recorded for later analysis."""
+    u = lambda stream: _hash_uniform(index, stream, seed)
+    scale = 0.3 + 0.3 * u(2)                                    # half-width of the shape, as a share of the image
+    reach = (1.0 - scale) * 0.9                                   # keeps the shape inside the image
+    return {
+        "label": (u(0) * len(SHAPES)).long(),
+        "colour": (u(1) * len(COLOURS)).long(),
+        "scale": scale,
+        "x": (2 * u(3) - 1) * reach,                              # centre in [-1, 1] image coordinates
+        "y": (2 * u(4) - 1) * reach,
+        "rotation": (2 * u(5) - 1) * math.pi,
+        "texture": (u(6) * len(TEXTURES)).long(),
+        "brightness": 0.7 + 0.3 * u(7),
+        "background": 0.05 + 0.3 * u(8),                          # grey level of the background
+        "noise": 0.12 * u(9),                                     # std of the pixel noise
+        "stripe_angle": u(10) * math.pi,
+    }
+
+
+def _sdf(label, px, py):
+    """Signed distance of points (n, P) to a shape of half-width 1, per class; negative inside."""
+    r = torch.sqrt(px**2 + py**2)
+    theta = torch.atan2(py, px)
+    box = lambda hx, hy, x=px, y=py: torch.maximum((x.abs() - hx), (y.abs() - hy))
+    if label == 0:                                        # circle
+        return r - 0.9
+    if label == 1:                                        # ring
+        return (r - 0.7).abs() - 0.25
+    if label == 2:                                        # square
+        return box(0.8, 0.8)
+    if label == 3:                                        # triangle (equilateral, pointing up)
+        return torch.maximum(-py - 0.5, (py * 0.5 + px.abs() * 0.866) - 0.5)
+    if label == 4:                                        # cross
+        return torch.minimum(box(0.95, 0.3), box(0.3, 0.95))
+    if label == 5:                                        # five-pointed star: radius swings with angle
+        return r - (0.55 + 0.45 * torch.cos(5 * theta).clamp(min=0) ** 2)
+    if label == 6:                                        # hexagon
+        a = torch.remainder(theta, math.pi / 3) - math.pi / 6
+        return r * torch.cos(a) - 0.8
+    if label == 7:                                        # moon: a disk minus a shifted disk
+        return torch.maximum(r - 0.9, 0.75 - torch.sqrt((px - 0.45) ** 2 + (py - 0.2) ** 2))
+    if label == 8:                                        # heart: two disks over a square turned 45 degrees
+        qx, qy = (px + py) * 0.7071, (py - px) * 0.7071
+        lobes = torch.minimum(torch.sqrt((px + 0.35) ** 2 + (py - 0.3) ** 2), torch.sqrt((px - 0.35) ** 2 + (py - 0.3) ** 2)) - 0.5
+        return torch.minimum(lobes, box(0.5, 0.5, qx, qy + 0.35))
+    # arrow: a shaft and a triangular head, pointing right
+    head = torch.maximum(-(px - 0.1), (px - 0.1) * 0.6 + py.abs() - 0.55)
+    return torch.minimum(box(0.55, 0.22, px + 0.35, py), head - 0.05)
+
+
+@functools.lru_cache(maxsize=4)
+def _noise_bank(seed, pixels, device, bank_size=1024):
+    """1024 hashed noise images of unit variance (bank_size, pixels); each image reads one of them.
+    Hashing every pixel of every image would cost ten times the rest of the rendering."""
+    index = torch.arange(bank_size * pixels, device=device)
+    return ((_hash_uniform(index, 11, seed) - 0.5) * 12 ** 0.5).reshape(bank_size, pixels)
+
+
+def render_shapes(factors, size=32):
+    """Images (N, 3, size, size) uint8 from factors, rendered with tensor ops on factors' device."""
+    label, n, device = factors["label"], factors["label"].shape[0], factors["label"].device
+    coords = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size * 2 - 1
+    gy, gx = torch.meshgrid(coords, coords, indexing="ij")
+    gx, gy = gx.reshape(1, -1), gy.reshape(1, -1)                                   # (1, P) pixel centres
+    cos, sin = torch.cos(factors["rotation"])[:, None], torch.sin(factors["rotation"])[:, None]
+    dx, dy = gx - factors["x"][:, None], gy - factors["y"][:, None]                 # (N, P)
+    s = factors["scale"][:, None]
+    px, py = (cos * dx + sin * dy) / s, (-sin * dx + cos * dy) / s                  # shape frame, half-width 1
+    sdf = torch.empty(n, size * size, device=device)
+    for c in range(len(SHAPES)):
+        rows = (label == c).nonzero().squeeze(1)
+        if len(rows):
+            sdf[rows] = _sdf(c, px[rows], py[rows])
+    pixel = 2.0 / size / s                                                          # one pixel in shape units
+    coverage = (0.5 - sdf / pixel).clamp(0, 1)                                      # anti-aliased edge
+    angle = factors["stripe_angle"][:, None]
+    u = (torch.cos(angle) * px + torch.sin(angle) * py) * 3
+    v = (-torch.sin(angle) * px + torch.cos(angle) * py) * 3
+    stripe_u, stripe_v = (u - u.floor()) < 0.5, (v - v.floor()) < 0.5
+    texture = factors["texture"][:, None]
+    lit = torch.where(texture == 2, stripe_u ^ stripe_v, stripe_u)                  # stripes or checks
+    fill = torch.where(texture == 0, 1.0, 0.35 + 0.65 * lit.float())                # (N, P)
+    palette = torch.tensor(list(COLOURS.values()), device=device)
+    rgb = palette[factors["colour"]] * factors["brightness"][:, None]               # (N, 3)
+    shape = (coverage * fill)[:, None, :]                                           # (N, 1, P)
+    image = factors["background"][:, None, None] * (1 - coverage[:, None, :]) + rgb[:, :, None] * shape
+    bank = _noise_bank(factors["seed"], 3 * size * size, device)
+    entry = (_hash_uniform(factors["index"], 12, factors["seed"]) * len(bank)).long()
+    image = image.reshape(n, -1) + factors["noise"][:, None] * bank[entry]
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8).reshape(n, 3, size, size)
+
+
+def make_shapes(n, seed=0, split="train", device="cpu", size=32, chunk=8192):
+    """n images of the embedded set: (images (n, 3, size, size) uint8, labels (n,), factors dict of (n,))."""
+    check(n > 0, f"the embedded set needs a positive number of images, got {n}")
+    start = 0 if split == "train" else TEST_OFFSET
+    index = torch.arange(start, start + n, device=device, dtype=torch.int64)
+    factors = _shape_factors(index, seed)
+    factors["index"], factors["seed"] = index, seed
+    images = torch.cat([render_shapes({k: (v[i:i + chunk] if torch.is_tensor(v) else v) for k, v in factors.items()}, size)
+                        for i in range(0, n, chunk)])
+    del factors["seed"]
+    factors["size"] = (((factors["scale"] - 0.3) / 0.3) * 3).long().clamp(max=2)   # small / medium / large
+    reach = (1 - factors["scale"]) * 0.9                                              # how far the centre may move
+    factors["row"] = ((factors["y"] / reach + 1) / 2 * 3).long().clamp(0, 2)         # y grows downwards
+    factors["column"] = ((factors["x"] / reach + 1) / 2 * 3).long().clamp(0, 2)
+    return images, factors["label"], factors
+
+
+def caption(factors, i):
+    """'a small red striped star in the top left' from image i's factors."""
+    colour = list(COLOURS)[int(factors["colour"][i])]
+    texture = TEXTURES[int(factors["texture"][i])]
+    texture = "" if texture == "solid" else texture + " "
+    where = PLACES[int(factors["row"][i]) * 3 + int(factors["column"][i])]
+    return f"a {SIZES[int(factors['size'][i])]} {colour} {texture}{SHAPES[int(factors['label'][i])]} {where}"
+
+
+# ---- 7. Real datasets: downloaded once, verified, read from the standard formats ----
+
+@dataclass
+class RemoteFile:
+    name: str        # file name as published
+    md5: str         # MD5 of the published file, as its publisher lists it
+    content_sha256: str = ""   # SHA-256 of the decompressed bytes, where known: accepts re-compressed copies
+
+
+@dataclass
+class RemoteDataset:
+    urls: list       # base URLs, tried in order
+    files: list      # RemoteFile
+    classes: list
+
+
+_FASHION = ["T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+DATASETS = {
+    "mnist": RemoteDataset(
+        ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"],
+        [RemoteFile("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+         RemoteFile("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
+         RemoteFile("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
+         RemoteFile("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c")],
+        [str(d) for d in range(10)]),
+    "fashion-mnist": RemoteDataset(
+        ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+        [RemoteFile("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                    "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
+         RemoteFile("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe",
+                    "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+         RemoteFile("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79",
+                    "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
+         RemoteFile("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310",
+                    "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34")],
+        _FASHION),
+    "cifar10": RemoteDataset(
+        ["https://www.cs.toronto.edu/~kriz/"],
+        [RemoteFile("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")],
+        ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]),
+}
+
+
+def _digest(path, algorithm, opener=open):
+    h = hashlib.new(algorithm)
+    with opener(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _verified(path, remote):
+    """True when path holds the published bytes, or a re-compressed copy of the same content."""
+    if _digest(path, "md5") == remote.md5:
+        return True
+    if remote.content_sha256:
+        try:
+            return _digest(path, "sha256", gzip.open) == remote.content_sha256
+        except (OSError, EOFError):
+            return False
+    return False
+
+
+def _download(url, dest, remote):
+    """Fetch url to dest through a temporary file; dest appears only once its checksum is right."""
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
+                for block in iter(lambda: response.read(1 << 16), b""):
+                    f.write(block)
+                    bar.update(len(block))
+        if not _verified(tmp, remote):
+            raise UserError(f"downloaded {url} but its MD5 is not {remote.md5}; the file was discarded")
+        os.replace(tmp, dest)
+    except (OSError, ValueError) as error:  # URLError, HTTPError, timeouts, IncompleteRead
+        raise ConnectionError(f"{url}: {getattr(error, 'reason', error)}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def fetch(name, data_dir):
+    """Paths of the dataset's files, downloading what is missing into data_dir/name/.
+    A file is looked for in data_dir/name/, then data_dir/ (e.g. a folder of Debian's copies)."""
+    check(name in DATASETS, f"unknown dataset {name!r}; choose shapes, {', '.join(DATASETS)}")
+    spec, folder = DATASETS[name], Path(data_dir) / name
+    paths = []
+    for remote in spec.files:
+        found = next((p for p in (folder / remote.name, Path(data_dir) / remote.name) if p.is_file()), None)
+        if found is not None:
+            check(_verified(found, remote), f"{found} is corrupt (its MD5 is not {remote.md5}); delete it to download again, "
+                                            f"or put a good copy from {spec.urls[0]}{remote.name} there")
+            paths.append(found)
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"cannot create data folder {str(folder)!r}: {error.strerror}") from None
+        errors = []
+        for base in spec.urls:
+            try:
+                _download(base + remote.name, folder / remote.name, remote)
+                break
+            except ConnectionError as error:
+                errors.append(str(error))
+        else:
+            raise UserError(f"cannot download {remote.name} ({'; '.join(errors)}); "
+                            f"fetch {spec.urls[0]}{remote.name} by hand and put it in {folder}/")
+        paths.append(folder / remote.name)
+    return paths
+
+
+def read_idx(path):
+    """An IDX file (gzipped or not) as a numpy array: magic 0x0000080N (N dims) of uint8, big-endian sizes."""
+    path = Path(path)
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as error:
+        raise UserError(f"{path} cannot be read as IDX: {error}") from None
+    check(len(data) >= 4 and data[:2] == b"\0\0" and data[2] == 8, f"{path} is not an IDX file of unsigned bytes")
+    dims = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
+    check(len(data) == 4 + 4 * dims + math.prod(shape), f"{path} is truncated or corrupt: header says {shape}")
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """CIFAR-10's batches are pickles: allow numpy arrays and nothing that could run code."""
+    allowed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        check((module, name) in self.allowed, f"CIFAR-10 batch holds an unexpected object {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_cifar_batches(open_member):
+    def batch(name):
+        try:
+            d = _ArrayUnpickler(open_member(name), encoding="bytes").load()
+            return np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(d[b"labels"])
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, OSError, tarfile.TarError) as error:
+            raise UserError(f"CIFAR-10 batch {name} is corrupt: {error}") from None
+    train = [batch(f"data_batch_{i}") for i in range(1, 6)]
+    test = batch("test_batch")
+    return (np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]), *test)
+
+
+def _load_arrays(name, data_dir):
+    """(x_train, y_train, x_test, y_test) as numpy uint8 (N, C, H, W) and int labels."""
+    data_dir = Path(data_dir)
+    if name == "cifar10":
+        extracted = next((p for p in (data_dir / name / "cifar-10-batches-py", data_dir / "cifar-10-batches-py")
+                          if (p / "test_batch").is_file()), None)
+        if extracted is not None:
+            return _read_cifar_batches(lambda member: open(extracted / member, "rb"))
+        (archive,) = fetch(name, data_dir)
+        with tarfile.open(archive, "r:gz") as tar:
+            return _read_cifar_batches(lambda member: tar.extractfile(f"cifar-10-batches-py/{member}"))
+    check(name in DATASETS, f"unknown dataset {name!r}; choose shapes, {', '.join(DATASETS)}")
+    extracted = [next((p for p in (data_dir / name / r.name[:-3], data_dir / r.name[:-3]) if p.is_file()), None)
+                 for r in DATASETS[name].files]
+    paths = extracted if all(extracted) else fetch(name, data_dir)
+    x_train, y_train, x_test, y_test = (read_idx(p) for p in paths)
+    check(len(x_train) == len(y_train) and len(x_test) == len(y_test), f"{name}: image and label counts differ")
+    return x_train[:, None], y_train, x_test[:, None], y_test
+
+
+@dataclass
+class ImageData:
+    """A labelled image dataset resident on one device: images uint8 (N, C, H, W), labels int64 (N,)."""
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    classes: list
+    factors_train: dict = None   # the embedded set's factors, (N,) tensors; None for real data
+    factors_test: dict = None
+
+    @property
+    def shape(self):
+        return tuple(self.x_train.shape[1:])
+
+
+def to_format(images, size=None, channels=None):
+    """The one place where datasets are brought to a common format: zero-pad (or resize, when larger)
+    to size x size, and repeat grayscale to 3 channels when channels=3. uint8 in, uint8 out."""
+    if channels is not None and images.shape[1] != channels:
+        check(images.shape[1] == 1 and channels == 3, f"cannot turn {images.shape[1]} channels into {channels}")
+        images = images.expand(-1, 3, -1, -1)
+    if size is not None and images.shape[-1] != size:
+        if images.shape[-1] < size:
+            low = (size - images.shape[-1]) // 2
+            high = size - images.shape[-1] - low
+            images = F.pad(images, (low, high, low, high))
+        else:
+            images = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True).round().to(torch.uint8)
+    return images.contiguous()
+
+
+def load_images(name, data_dir="data", device="cpu", n_train=None, n_test=None, seed=0, size=None, channels=None):
+    """A dataset by name, on device. `shapes` is generated (n_train defaults to 50 000, n_test to 10 000);
+    real ones are read from data_dir (downloaded once) and cut to n_train / n_test when given."""
+    if name == "shapes":
+        x_train, y_train, f_train = make_shapes(n_train or 50_000, seed, "train", device)
+        x_test, y_test, f_test = make_shapes(n_test or 10_000, seed, "test", device)
+        data = ImageData(name, x_train, y_train, x_test, y_test, list(SHAPES), f_train, f_test)
+    else:
+        x_train, y_train, x_test, y_test = _load_arrays(name, data_dir)
+        as_tensor = lambda a, n: torch.from_numpy(np.array(a[:n])).to(device)
+        data = ImageData(name, as_tensor(x_train, n_train), as_tensor(y_train, n_train).long(),
+                         as_tensor(x_test, n_test), as_tensor(y_test, n_test).long(), DATASETS[name].classes)
+    data.x_train, data.x_test = to_format(data.x_train, size, channels), to_format(data.x_test, size, channels)
+    return data
