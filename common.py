@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import gzip
 import hashlib
+import http.client
 import importlib
 import json
 import math
@@ -466,7 +467,7 @@ def _download(url, dest, remote):
         if not _verified(tmp, remote):
             raise UserError(f"downloaded {url} but its MD5 is not {remote.md5}; the file was discarded")
         os.replace(tmp, dest)
-    except (OSError, ValueError) as error:  # URLError, HTTPError, timeouts, IncompleteRead
+    except (OSError, ValueError, http.client.HTTPException) as error:  # URLError, HTTPError, timeouts, IncompleteRead
         raise ConnectionError(f"{url}: {getattr(error, 'reason', error)}") from None
     finally:
         if tmp.exists():

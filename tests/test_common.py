@@ -1,0 +1,331 @@
+"""The plumbing: the embedded image set, the real-dataset loaders (against a loopback server), and error paths."""
+import gzip
+import hashlib
+import http.server
+import io
+import pickle
+import subprocess
+import sys
+import tarfile
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+import common
+
+
+# ---- the embedded image set ----
+
+def test_shapes_are_deterministic_and_independent_of_how_many_are_made():
+    x_small, y_small, f_small = common.make_shapes(40, seed=3)
+    x_big, y_big, _ = common.make_shapes(300, seed=3, chunk=64)
+    assert torch.equal(x_small, x_big[:40]) and torch.equal(y_small, y_big[:40])
+    x_again, _, f_again = common.make_shapes(40, seed=3)
+    assert torch.equal(x_small, x_again)
+    assert all(torch.equal(f_small[k], f_again[k]) for k in f_small)
+    x_other, _, _ = common.make_shapes(40, seed=4)
+    assert not torch.equal(x_small, x_other)
+
+
+def test_shapes_format_classes_and_splits():
+    x_train, y_train, _ = common.make_shapes(2000, seed=0, split="train")
+    x_test, y_test, _ = common.make_shapes(500, seed=0, split="test")
+    assert x_train.shape == (2000, 3, 32, 32) and x_train.dtype == torch.uint8
+    assert set(y_train.tolist()) == set(range(len(common.SHAPES)))
+    counts = torch.bincount(y_train, minlength=10).float()
+    assert counts.min() > 0.6 * counts.mean()          # roughly balanced classes
+    digest = lambda images: {hashlib.sha1(image.numpy().tobytes()).hexdigest() for image in images}
+    train, test = digest(x_train), digest(x_test)
+    assert len(train) == 2000 and len(test) == 500 and not train & test
+
+
+def test_factors_match_pixels_and_captions():
+    images, labels, f = common.make_shapes(600, seed=1)
+    palette = torch.tensor(list(common.COLOURS.values()))
+    # A solid, convex-centred shape shows its colour (times brightness) at its centre pixel, up to noise.
+    centred = [common.SHAPES.index(s) for s in ("circle", "square", "hexagon", "cross", "star")]
+    picked = [i for i in range(600) if f["texture"][i] == 0 and int(labels[i]) in centred and f["noise"][i] < 0.05]
+    assert len(picked) > 10
+    for i in picked:
+        col = int(((f["x"][i] + 1) / 2 * 32).clamp(0, 31))
+        row = int(((f["y"][i] + 1) / 2 * 32).clamp(0, 31))
+        expected = palette[f["colour"][i]] * f["brightness"][i]
+        assert torch.allclose(images[i, :, row, col].float() / 255, expected, atol=0.12), common.caption(f, i)
+    # The shape's pixels sit in the third of the image that the caption names.
+    for i in range(100):
+        text = common.caption(f, i)
+        words = text.split()
+        assert words[1] == common.SIZES[f["size"][i]] and words[2] == list(common.COLOURS)[f["colour"][i]]
+        assert common.SHAPES[labels[i]] in words and common.PLACES[f["row"][i] * 3 + f["column"][i]] in text
+        background = f["background"][i]
+        mask = ((images[i].float() / 255 - background).abs().max(0).values > 0.3)
+        ys, xs = mask.nonzero(as_tuple=True)
+        if len(xs) > 20 and f["scale"][i] < 0.45:
+            assert abs((xs.float().mean() + 0.5) / 16 - 1 - f["x"][i]) < 0.2
+            assert abs((ys.float().mean() + 0.5) / 16 - 1 - f["y"][i]) < 0.2
+
+
+def test_shapes_caption_combinations_are_many():
+    _, _, f = common.make_shapes(3000, seed=0)
+    captions = {common.caption(f, i) for i in range(3000)}
+    assert len(captions) > 1500     # so some combinations can be held out for zero-shot tests
+
+
+# ---- formats ----
+
+def test_to_format_pads_and_repeats_channels():
+    gray = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
+    out = common.to_format(gray, size=32, channels=3)
+    assert out.shape == (5, 3, 32, 32)
+    assert torch.equal(out[:, 1, 2:30, 2:30], gray[:, 0]) and out[:, :, :2].sum() == 0
+    assert common.to_format(gray).data_ptr() == gray.data_ptr() or torch.equal(common.to_format(gray), gray)
+    assert common.to_format(torch.zeros(2, 3, 64, 64, dtype=torch.uint8), size=32).shape == (2, 3, 32, 32)
+    with pytest.raises(common.UserError):
+        common.to_format(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), channels=1)
+
+
+# ---- real datasets, served from 127.0.0.1 ----
+
+def idx_bytes(array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def small_mnist(rng):
+    x_train, x_test = rng.integers(0, 256, (12, 28, 28)), rng.integers(0, 256, (5, 28, 28))
+    y_train, y_test = rng.integers(0, 10, 12), rng.integers(0, 10, 5)
+    files = {"train-images-idx3-ubyte.gz": x_train, "train-labels-idx1-ubyte.gz": y_train,
+             "t10k-images-idx3-ubyte.gz": x_test, "t10k-labels-idx1-ubyte.gz": y_test}
+    return {name: gzip.compress(idx_bytes(a)) for name, a in files.items()}, (x_train, y_train, x_test, y_test)
+
+
+def small_cifar(rng):
+    arrays, buffer = {}, io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            data, labels = rng.integers(0, 256, (3, 3072)).astype(np.uint8), rng.integers(0, 10, 3).tolist()
+            arrays[name] = (data, labels)
+            payload = pickle.dumps({b"data": data, b"labels": labels})
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return buffer.getvalue(), arrays
+
+
+class Server:
+    """A loopback HTTP server for a dict of files; `cut` names files it sends only half of, then hangs up."""
+
+    def __init__(self, files, cut=()):
+        self.files, self.cut, self.requests = files, set(cut), []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                name = self.path.rsplit("/", 1)[-1]
+                outer.requests.append(name)
+                if name not in outer.files:
+                    self.send_error(404)
+                    return
+                body = outer.files[name]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2] if name in outer.cut else body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/data/"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def mnist_server(monkeypatch):
+    files, arrays = small_mnist(np.random.default_rng(0))
+    server = Server(files)
+    remote = [common.RemoteFile(name, hashlib.md5(body).hexdigest()) for name, body in files.items()]
+    monkeypatch.setitem(common.DATASETS, "mnist", common.RemoteDataset([server.url], remote, list("0123456789")))
+    yield server, arrays
+    server.close()
+
+
+def test_mnist_downloads_once_verifies_and_reads(tmp_path, mnist_server):
+    server, (x_train, y_train, x_test, y_test) = mnist_server
+    data = common.load_images("mnist", tmp_path)
+    assert data.x_train.shape == (12, 1, 28, 28) and data.x_test.shape == (5, 1, 28, 28)
+    assert np.array_equal(data.x_train[:, 0].numpy(), x_train) and np.array_equal(data.y_test.numpy(), y_test)
+    assert sorted(server.requests) == sorted(server.files)
+    again = common.load_images("mnist", tmp_path, n_train=4, size=32, channels=3)
+    assert len(server.requests) == 4                     # read from disk the second time
+    assert again.x_train.shape == (4, 3, 32, 32)
+    assert not list(tmp_path.rglob("*.part")) and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_hand_placed_extracted_files_need_no_download(tmp_path, mnist_server):
+    server, (x_train, *_) = mnist_server
+    for name, body in server.files.items():
+        (tmp_path / name[:-3]).write_bytes(gzip.decompress(body))
+    data = common.load_images("mnist", tmp_path)
+    assert np.array_equal(data.x_train[:, 0].numpy(), x_train) and server.requests == []
+
+
+def test_recompressed_copy_is_accepted_by_content_checksum(tmp_path, monkeypatch, mnist_server):
+    server, _ = mnist_server
+    remote = []
+    for name, body in server.files.items():
+        raw = gzip.decompress(body)
+        remote.append(common.RemoteFile(name, "0" * 32, hashlib.sha256(raw).hexdigest()))
+        (tmp_path / name).write_bytes(gzip.compress(raw, compresslevel=1, mtime=1))   # other bytes, same content
+    monkeypatch.setitem(common.DATASETS, "mnist", common.RemoteDataset([server.url], remote, list("0123456789")))
+    assert common.load_images("mnist", tmp_path).x_train.shape == (12, 1, 28, 28)
+
+
+@pytest.mark.parametrize("fault", ["wrong-checksum", "cut-mid-transfer", "missing-on-server", "offline"])
+def test_failed_downloads_leave_nothing_behind(tmp_path, monkeypatch, mnist_server, fault):
+    server, _ = mnist_server
+    name = "train-images-idx3-ubyte.gz"
+    if fault == "wrong-checksum":
+        server.files[name] = server.files[name][:-1] + b"x"
+    elif fault == "cut-mid-transfer":
+        server.cut.add(name)
+    elif fault == "missing-on-server":
+        del server.files[name]
+    else:
+        spec = common.DATASETS["mnist"]
+        monkeypatch.setitem(common.DATASETS, "mnist", common.RemoteDataset(["http://127.0.0.1:9/"], spec.files, spec.classes))
+    with pytest.raises(common.UserError) as error:
+        common.load_images("mnist", tmp_path)
+    message = str(error.value)
+    assert name in message and "\n" not in message
+    assert not (tmp_path / "mnist" / name).exists()
+    assert not list(tmp_path.rglob("*.part"))
+
+
+def test_corrupt_or_truncated_local_files_are_refused(tmp_path, mnist_server):
+    server, _ = mnist_server
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    for name, body in server.files.items():
+        (folder / name).write_bytes(body)
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(server.files["t10k-labels-idx1-ubyte.gz"][:-7])
+    with pytest.raises(common.UserError, match="t10k-labels-idx1-ubyte.gz is corrupt"):
+        common.load_images("mnist", tmp_path)
+    for name in server.files:   # hand-placed extracted files are checked against their header
+        (tmp_path / name[:-3]).write_bytes(gzip.decompress(server.files[name]))
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(gzip.decompress(server.files["train-images-idx3-ubyte.gz"])[:-100])
+    with pytest.raises(common.UserError, match="truncated"):
+        common.load_images("mnist", tmp_path)
+    assert server.requests == []
+
+
+def test_cifar10_from_archive_and_from_extracted_folder(tmp_path, monkeypatch):
+    archive, arrays = small_cifar(np.random.default_rng(1))
+    server = Server({"cifar-10-python.tar.gz": archive})
+    try:
+        monkeypatch.setitem(common.DATASETS, "cifar10", common.RemoteDataset(
+            [server.url], [common.RemoteFile("cifar-10-python.tar.gz", hashlib.md5(archive).hexdigest())], list("abcdefghij")))
+        data = common.load_images("cifar10", tmp_path / "a")
+        assert data.x_train.shape == (15, 3, 32, 32) and data.x_test.shape == (3, 3, 32, 32)
+        assert np.array_equal(data.x_test.numpy().reshape(3, -1), arrays["test_batch"][0])
+        assert data.y_train.tolist() == sum((arrays[f"data_batch_{i}"][1] for i in range(1, 6)), [])
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(tmp_path / "b", filter="data")
+        assert torch.equal(common.load_images("cifar10", tmp_path / "b").x_train, data.x_train)
+        assert server.requests == ["cifar-10-python.tar.gz"]
+    finally:
+        server.close()
+
+
+def test_cifar_pickle_that_would_run_code_is_refused(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [0], b"x": print}))
+    with pytest.raises(common.UserError, match="unexpected object"):
+        common.load_images("cifar10", tmp_path)
+
+
+def test_unknown_dataset(tmp_path):
+    with pytest.raises(common.UserError, match="unknown dataset"):
+        common.load_images("imagenet", tmp_path)
+
+
+# ---- configuration, outputs, checkpoints, errors ----
+
+@dataclass
+class ToyConfig(common.RunConfig):
+    epochs: int = common.arg(10, "passes over the data")
+    lr: float = common.arg(1e-3, "learning rate")
+    model: str = common.arg("ae", "which model", choices=["ae", "vae"])
+    compile: bool = common.arg(False, "use torch.compile")
+
+
+def test_parse_config_quick_overrides_and_errors():
+    cfg = common.parse_config(ToyConfig, ["--quick", "--lr", "0.5"], "doc", quick=dict(epochs=1, lr=0.1))
+    assert (cfg.epochs, cfg.lr, cfg.quick, cfg.compile) == (1, 0.5, True, False)
+    assert common.parse_config(ToyConfig, [], "doc", quick=dict(epochs=1)).epochs == 10
+    for argv in (["--bogus"], ["--epochs", "x"], ["--model", "gan"], ["--ep", "3"]):
+        with pytest.raises(common.UserError):
+            common.parse_config(ToyConfig, argv, "doc")
+
+
+def test_devices():
+    assert common.pick_device("cpu").type == "cpu"
+    assert common.pick_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(common.UserError):
+        common.pick_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(common.UserError, match="no CUDA"):
+            common.pick_device("cuda")
+
+
+def test_unwritable_output_folder(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(common.UserError, match="cannot write"):
+        common.prepare_out(blocker / "runs")
+
+
+def test_checkpoints_round_trip_and_refuse_other_models(tmp_path):
+    cfg = ToyConfig()
+    model = torch.nn.Linear(3, 2)
+    path = tmp_path / "model.pt"
+    common.save_checkpoint(path, model, cfg, kind="toy", note="x")
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+    fresh = torch.nn.Linear(3, 2)
+    state = common.load_checkpoint(path, fresh, kind="toy")
+    assert torch.equal(fresh.weight, model.weight) and state["config"]["epochs"] == 10 and state["note"] == "x"
+    with pytest.raises(common.UserError, match="holds a 'toy' model"):
+        common.load_checkpoint(path, fresh, kind="vit")
+    with pytest.raises(common.UserError, match="shapes"):
+        common.load_checkpoint(path, torch.nn.Linear(4, 2), kind="toy")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(common.UserError, match="cannot be read"):
+        common.load_checkpoint(tmp_path / "junk.pt", fresh, kind="toy")
+    with pytest.raises(common.UserError, match="does not exist"):
+        common.load_checkpoint(tmp_path / "none.pt", fresh, kind="toy")
+
+
+def test_save_json_and_import_script(tmp_path):
+    common.save_json(tmp_path / "m.json", {"a": torch.tensor(0.5).item(), "b": np.float32(2)})
+    assert (tmp_path / "m.json").read_text().startswith("{")
+    assert hasattr(common.import_script("01_autoencoder"), "linear_probe")
+
+
+def test_run_turns_user_errors_into_one_line_and_exit_2():
+    code = ("import common\n"
+            "def main(): raise common.UserError('no such thing')\n"
+            "common.run(main)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=common.ROOT)
+    assert result.returncode == 2 and result.stderr == "error: no such thing\n"
+    bug = subprocess.run([sys.executable, "-c", code.replace("common.UserError", "ZeroDivisionError")],
+                         capture_output=True, text=True, cwd=common.ROOT)
+    assert bug.returncode == 1 and "Traceback" in bug.stderr
