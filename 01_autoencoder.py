@@ -13,18 +13,23 @@ def topk_accuracy(scores, labels, ks=(1, 5)):
 
 
 def linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=30, batch_size=1024, lr=1e-2,
-                 weight_decay=1e-5, ks=(1, 5), seed=0):
+                 weight_decay=1e-5, ks=(1, 5), seed=0, min_steps=2000):
     """Multinomial logistic regression on frozen features, trained with Adam on standardised inputs.
-    train_x (N, D), test_x (M, D). Returns {"top1", "top5"} on the test set."""
+    train_x (N, D), test_x (M, D). Returns {"top1", "top5"} on the test set.
+
+    It runs `epochs` passes, or more when those give fewer than `min_steps` Adam steps: Adam moves a
+    weight by at most about `lr` a step, and the optimum can lie far out (on separable data the
+    unregularised optimum is at infinity), so a small or few-shot training set needs extra passes."""
     train_x, test_x = train_x.float(), test_x.float()
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    mean, std = train_x.mean(0), train_x.std(0, correction=0) + 1e-6
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
     generator = torch.Generator(device="cpu").manual_seed(seed)
     weight = torch.zeros(train_x.shape[1], num_classes, device=train_x.device, requires_grad=True)
     bias = torch.zeros(num_classes, device=train_x.device, requires_grad=True)
-    optimizer = torch.optim.Adam([weight, bias], lr=lr)
-    steps = epochs * -(-len(train_x) // batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
+    optimizer = torch.optim.Adam([weight, bias], lr=lr, fused=train_x.device.type == "cuda")
+    steps_per_epoch = -(-len(train_x) // batch_size)
+    epochs = max(epochs, -(-min_steps // steps_per_epoch))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
     for _ in range(epochs):
         for idx in torch.randperm(len(train_x), generator=generator).to(train_x.device).split(batch_size):
             logits = train_x[idx] @ weight + bias                            # (B, D) @ (D, C) -> (B, C)
