@@ -474,11 +474,12 @@ def _download(url, dest, remote):
             tmp.unlink()
 
 
-def fetch(name, data_dir):
+def fetch(name, data_dir, spec=None):
     """Paths of the dataset's files, downloading what is missing into data_dir/name/.
-    A file is looked for in data_dir/name/, then data_dir/ (e.g. a folder of Debian's copies)."""
-    check(name in DATASETS, f"unknown dataset {name!r}; choose shapes, {', '.join(DATASETS)}")
-    spec, folder = DATASETS[name], Path(data_dir) / name
+    A file is looked for in data_dir/name/, then data_dir/ (e.g. a folder of Debian's copies).
+    spec: a RemoteDataset that a script declares itself (05's Flickr8k); DATASETS[name] by default."""
+    check(spec is not None or name in DATASETS, f"unknown dataset {name!r}; choose shapes, {', '.join(DATASETS)}")
+    spec, folder = spec or DATASETS[name], Path(data_dir) / name
     paths = []
     for remote in spec.files:
         found = next((p for p in (folder / remote.name, Path(data_dir) / remote.name) if p.is_file()), None)
