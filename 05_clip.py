@@ -1,0 +1,961 @@
+"""05 -- CLIP: images and captions in one space, for zero-shot classification and retrieval.
+
+What it teaches
+  Two encoders -- 04's Vision Transformer for images, a small causal Transformer for text -- each map their
+  input to a point on the unit sphere of one shared space. The only training signal is which caption in a
+  batch belongs to which image (a symmetric contrastive loss). Afterwards the pair is a classifier for any
+  classes you can write down (zero-shot: embed "a star", "a ring", ... and pick the nearest), and a search
+  engine from text to images and back (retrieval). Captions are cut into tokens by byte-pair encoding, learned
+  here from the training captions; and the image encoder can start from 04's self-supervised weights.
+
+Papers
+  Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision" (CLIP):
+    Fig. 3 (the loss in numpy-like pseudo-code), Sec. 2.4-2.5 (text encoder pooled at [EOS]; the learned
+    temperature, initialised at 0.07 and clipped so logits scale by at most 100), Sec. 3.1.4 (prompt
+    engineering and ensembling).
+  Sennrich, Haddow, Birch 2016, "Neural Machine Translation of Rare Words with Subword Units" (BPE, Algorithm 1),
+    on bytes as in Radford et al. 2019 (GPT-2, Sec. 2.2).
+  Zhai et al. 2022, "LiT: Zero-Shot Transfer with Locked-image text Tuning" (--freeze-image).
+
+Run
+  python 05_clip.py                                  # captioned shapes (embedded, no download)
+  python 05_clip.py --init-image runs/04_vit/vit_simclr.pt [--freeze-image]
+  python 05_clip.py --dataset flickr8k               # downloads Flickr8k once (1.1 GB)
+  python 05_clip.py --dataset captions --data-dir DIR    # DIR/captions.csv (image,caption) + the images
+
+Result (default run, one H100): see the README section "05 CLIP" for the measured numbers and time.
+
+Shapes legend: B batch (image-caption pairs), L tokens of a caption, W text width, E image width,
+K shared embedding size, N images, M captions, C classes, P prompt templates, S image side.
+"""
+import csv
+import dataclasses
+import math
+import re
+import zipfile
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+vit = common.import_script("04_vit")
+evaluation = common.import_script("01_autoencoder")
+
+
+@dataclass
+class Config(common.RunConfig):
+    dataset: str = common.arg("shapes", "shapes (embedded, captioned, offline) | flickr8k (downloaded once) | "
+                              "captions (a folder: --data-dir DIR with captions.csv)",
+                              choices=["shapes", "flickr8k", "captions"])
+    n_train: int = common.arg(50_000, "training images of the embedded set (3 captions each)")
+    n_test: int = common.arg(5_000, "test images of the embedded set")
+    paired: int = common.arg(0, "train on the first N training images and their captions only (0: all of them)")
+    holdout: str = common.arg("red star,orange heart,yellow moon,green square,cyan triangle,blue circle,"
+                              "purple cross,white arrow",
+                              "colour-shape pairs kept out of training, for the compositional test (shapes only; '' for none)")
+    image_size: int = common.arg(32, "side S that real images are cropped and resized to (shapes are 32)")
+    patch_size: int = common.arg(4, "ViT patch side (with --init-image: the checkpoint's)")
+    image_dim: int = common.arg(192, "ViT width E (with --init-image: the checkpoint's)")
+    image_depth: int = common.arg(6, "ViT blocks (with --init-image: the checkpoint's)")
+    image_heads: int = common.arg(3, "ViT attention heads (with --init-image: the checkpoint's)")
+    text_dim: int = common.arg(192, "text Transformer width W")
+    text_depth: int = common.arg(4, "text Transformer blocks")
+    text_heads: int = common.arg(3, "text Transformer attention heads")
+    context: int = common.arg(64, "most tokens per caption, end-of-text included; longer captions are cut")
+    vocab_size: int = common.arg(512, "BPE vocabulary: 256 bytes + merges + 1 end-of-text token (>= 257)")
+    embed_dim: int = common.arg(128, "size K of the shared image-text space")
+    steps: int = common.arg(1500, "training steps")
+    batch_size: int = common.arg(512, "image-caption pairs per step (each pair's negatives are the other B - 1)")
+    lr: float = common.arg(1e-3, "peak learning rate of AdamW")
+    weight_decay: float = common.arg(0.1, "AdamW weight decay on matrices (not on gains, biases or the scale)")
+    warmup: int = common.arg(100, "steps of linear learning-rate warm-up, then a cosine decay to 0")
+    init_image: str = common.arg("", "start the image encoder from 04_vit.py's checkpoint (e.g. runs/04_vit/vit_simclr.pt)")
+    freeze_image: bool = common.arg(False, "keep the image encoder fixed and train the text side (locked-image tuning)")
+    eval_images: int = common.arg(1000, "test images (and their captions) in the retrieval pool")
+    probe_steps: int = common.arg(2000, "Adam steps of the linear-probe baseline (shapes only)")
+
+
+QUICK = dict(n_train=1500, n_test=400, eval_images=200, image_dim=32, image_depth=1, image_heads=2, text_dim=48,
+             text_depth=2, text_heads=2, embed_dim=32, vocab_size=320, steps=120, batch_size=64, warmup=10, lr=3e-3,
+             probe_steps=200)
+
+
+def validate(cfg):
+    """Every option that can be wrong, checked before any data is made or read."""
+    common.check(cfg.batch_size >= 2, f"--batch-size must be at least 2 (a pair needs other pairs as negatives), got {cfg.batch_size}")
+    common.check(cfg.vocab_size >= 257, f"--vocab-size {cfg.vocab_size} is too small to hold the 256 bytes and "
+                                        "the end-of-text token; use at least 257")
+    common.check(cfg.context >= 2, f"--context must be at least 2 (a token and the end-of-text), got {cfg.context}")
+    common.check(cfg.steps >= 1 and cfg.warmup >= 0, "--steps must be positive and --warmup not negative")
+    common.check(cfg.lr > 0 and cfg.weight_decay >= 0, "--lr must be positive and --weight-decay not negative")
+    for name in ("n_train", "n_test", "eval_images", "embed_dim", "image_size", "probe_steps"):
+        common.check(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    common.check(cfg.paired >= 0, f"--paired must be 0 (all) or a number of images, got {cfg.paired}")
+    common.check(cfg.text_dim % cfg.text_heads == 0,
+                 f"--text-dim {cfg.text_dim} is not divisible by --text-heads {cfg.text_heads}")
+    common.check(not cfg.freeze_image or cfg.init_image,
+                 "--freeze-image needs --init-image: a frozen random encoder would learn nothing")
+    parse_holdout(cfg.holdout)
+
+
+# ---- 1. Data: images paired with captions, resident on the device ----
+#
+# Every image has one or more captions. A dataset is a table of unique caption strings plus, per image,
+# the ids of its captions (padded with -1), so a training step picks one caption per image with tensor ops.
+
+@dataclass
+class Pairs:
+    images: torch.Tensor      # (N, 3, S, S) uint8
+    captions: torch.Tensor    # (N, most captions of an image) int64 ids into CaptionData.texts, -1 where none
+    counts: torch.Tensor      # (N,) captions per image (>= 1)
+    labels: torch.Tensor = None   # (N,) shape classes (embedded set only)
+    factors: dict = None          # the embedded set's factors, (N,) tensors
+
+    def __len__(self):
+        return len(self.images)
+
+    def subset(self, keep):
+        return Pairs(self.images[keep], self.captions[keep], self.counts[keep],
+                     None if self.labels is None else self.labels[keep],
+                     None if self.factors is None else {k: v[keep] for k, v in self.factors.items()})
+
+
+@dataclass
+class CaptionData:
+    name: str
+    train: Pairs
+    test: Pairs
+    texts: list               # unique caption strings; ids index this list
+    classes: list = None      # class names, for zero-shot classification (embedded set only)
+    skipped: dict = None      # rows left out while reading, counted by reason
+
+
+def index_captions(captions_per_image, texts, device):
+    """Lists of caption strings per image -> (ids (N, most) with -1 padding, counts (N,)); new strings join texts."""
+    ids = {text: i for i, text in enumerate(texts)}
+    most = max(len(c) for c in captions_per_image)
+    table = torch.full((len(captions_per_image), most), -1, dtype=torch.int64)
+    for row, captions in enumerate(captions_per_image):
+        for column, text in enumerate(captions):
+            if text not in ids:
+                ids[text] = len(texts)
+                texts.append(text)
+            table[row, column] = ids[text]
+    counts = torch.tensor([len(c) for c in captions_per_image], dtype=torch.int64)
+    return table.to(device), counts.to(device)
+
+
+# The embedded set: three phrasings of every image, from its factors. Identical strings recur across images
+# ("a red star" fits ~1 image in 80), which the loss must handle (section 4).
+
+def parse_holdout(text):
+    """'red star,blue circle' -> {(colour index, shape index), ...}."""
+    pairs = set()
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        words = item.split()
+        common.check(len(words) == 2 and words[0] in common.COLOURS and words[1] in common.SHAPES,
+                     f"--holdout item {item!r} is not 'colour shape' (colours: {', '.join(common.COLOURS)}; "
+                     f"shapes: {', '.join(common.SHAPES)})")
+        pairs.add((list(common.COLOURS).index(words[0]), common.SHAPES.index(words[1])))
+    return pairs
+
+
+def shape_captions(factors, i):
+    """Image i's captions, most to least specific: 'a small red striped star in the top left',
+    'a small red striped star', 'a red star'. factors: dict of Python lists (fast to index)."""
+    full = common.caption(factors, i)
+    place = common.PLACES[factors["row"][i] * 3 + factors["column"][i]]
+    colour, shape = list(common.COLOURS)[factors["colour"][i]], common.SHAPES[factors["label"][i]]
+    return [full, full[:-len(place) - 1], f"a {colour} {shape}"]
+
+
+def is_heldout(factors, holdout):
+    """(N,) bool: images whose colour-shape pair is held out of training."""
+    held = torch.zeros_like(factors["label"], dtype=torch.bool)
+    for colour, shape in holdout:
+        held |= (factors["colour"] == colour) & (factors["label"] == shape)
+    return held
+
+
+def load_shapes(cfg, device):
+    data = common.load_images("shapes", device=device, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed)
+    keep = ~is_heldout(data.factors_train, parse_holdout(cfg.holdout))        # the held-out pairs are never seen
+    train = (data.x_train[keep], data.y_train[keep], {k: v[keep] for k, v in data.factors_train.items()})
+    texts, splits = [], []
+    # test images keep only their full caption: retrieval then asks for one specific image description
+    for (images, labels, factors), phrasings in ((train, slice(None)), ((data.x_test, data.y_test, data.factors_test), slice(1))):
+        lists = {k: v.tolist() for k, v in factors.items()}
+        ids, counts = index_captions([shape_captions(lists, i)[phrasings] for i in range(len(images))], texts, device)
+        splits.append(Pairs(images, ids, counts, labels, factors))
+    return CaptionData("shapes", splits[0], splits[1], texts, list(common.SHAPES), {})
+
+
+# Real images: any size, PNG or JPEG, grey, RGB or RGBA. matplotlib.image.imread reads PNG itself and
+# everything else through Pillow (a dependency of matplotlib). Each image is centre-cropped to a square and
+# brought to S x S by common.to_format, the project's one resizing function.
+
+def read_image(source, name, size):
+    """(3, S, S) uint8 tensor from a path or an open file; name gives the format and the error message."""
+    import matplotlib.image
+    try:
+        array = matplotlib.image.imread(source, format=Path(name).suffix.lstrip(".").lower() or None)
+    except Exception as error:  # Pillow and matplotlib raise many types for a bad file
+        raise common.UserError(f"image {name} cannot be read: {error}") from None
+    if array.dtype != np.uint8:                                   # PNG comes as floats in [0, 1]
+        array = (np.asarray(array, dtype=np.float32) * 255).round().clip(0, 255).astype(np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    image = torch.from_numpy(np.array(array[:, :, :3])).permute(2, 0, 1)             # (3 or 1, h, w), a writable copy
+    h, w = image.shape[1:]
+    side = min(h, w)
+    image = image[:, (h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+    return common.to_format(image[None], size=size, channels=3)[0]
+
+
+def read_images(open_image, names, size, desc):
+    """Decode names with open_image(name) -> path or file, into (N, 3, S, S) uint8, with a progress bar."""
+    images = torch.empty(len(names), 3, size, size, dtype=torch.uint8)
+    bar = common.progress(len(names), desc)
+    for i, name in enumerate(names):
+        images[i] = read_image(open_image(name), name, size)
+        bar.update(1)
+    bar.close()
+    return images
+
+
+def read_captions_csv(folder, size):
+    """folder/captions.csv (header image,caption; several rows per image allowed) and the images it names.
+    A malformed row is an error; a row with an empty caption or a missing image is skipped and counted.
+    Returns (images (N, 3, S, S) uint8, captions per image, skipped counts)."""
+    path = Path(folder) / "captions.csv"
+    common.check(path.is_file(), f"{path} does not exist; --dataset captions needs DIR/captions.csv "
+                                 "(or DIR/train/captions.csv and DIR/test/captions.csv)")
+    captions, skipped = defaultdict(list), Counter()
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = [cell.strip().lower() for cell in next(reader, [])]
+            common.check(header == ["image", "caption"], f"{path}: the first row must be the header 'image,caption', got {header}")
+            for row in reader:
+                if not row:
+                    continue                                          # a blank line holds no row
+                common.check(len(row) == 2, f"{path} line {reader.line_num}: expected 2 fields (image,caption), "
+                                            f"got {len(row)}; quote captions that contain commas")
+                name, text = row[0].strip(), " ".join(row[1].split())
+                if not text:
+                    skipped["empty caption"] += 1
+                elif not (Path(folder) / name).is_file():
+                    skipped["missing image"] += 1
+                else:
+                    captions[name].append(text)
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise common.UserError(f"{path} is not a UTF-8 CSV file: {error}") from None
+    common.check(len(captions) > 0, f"{path} names no readable image with a caption (skipped: {dict(skipped)})")
+    names = sorted(captions)
+    images = read_images(lambda name: Path(folder) / name, names, size, f"reading {path.parent.name or path.parent}")
+    return images, [captions[name] for name in names], skipped
+
+
+def load_caption_folder(cfg, device):
+    """DIR/train and DIR/test, each with a captions.csv, are the splits; otherwise DIR/captions.csv is split
+    by image (10% of the images, at least one, for testing), so all captions of an image land on one side."""
+    folder = Path(cfg.data_dir)
+    common.check(folder.is_dir(), f"--data-dir {str(folder)!r} is not a folder")
+    if (folder / "train" / "captions.csv").is_file() and (folder / "test" / "captions.csv").is_file():
+        (x_train, c_train, s_train), (x_test, c_test, s_test) = (read_captions_csv(folder / s, cfg.image_size)
+                                                                  for s in ("train", "test"))
+        skipped = s_train + s_test
+    else:
+        images, captions, skipped = read_captions_csv(folder, cfg.image_size)
+        common.check(len(images) >= 2, f"{folder}/captions.csv has {len(images)} usable image; a train/test split needs 2")
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        n_test = max(1, round(0.1 * len(images)))
+        test, train = order[:n_test], order[n_test:]
+        x_train, c_train = images[train], [captions[i] for i in train]
+        x_test, c_test = images[test], [captions[i] for i in test]
+    return build_caption_data("captions", x_train, c_train, x_test, c_test, dict(skipped), device)
+
+
+def build_caption_data(name, x_train, c_train, x_test, c_test, skipped, device):
+    texts = []
+    (ids_train, n_train), (ids_test, n_test) = (index_captions(c, texts, device) for c in (c_train, c_test))
+    if skipped:
+        print(f"{name}: skipped " + ", ".join(f"{count} rows ({reason})" for reason, count in skipped.items()))
+    return CaptionData(name, Pairs(x_train.to(device), ids_train, n_train), Pairs(x_test.to(device), ids_test, n_test),
+                       texts, None, skipped)
+
+
+# Flickr8k (Hodosh, Young, Hockenmaier 2013): 8091 photos, 5 captions each, with an official split of 6000
+# training, 1000 development (unused here) and 1000 test images. The published zips, as their mirror
+# lists them; the MD5s are the ones torchvision's R port (mlverse/torchvision) checks.
+FLICKR8K = common.RemoteDataset(
+    ["https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/"],
+    [common.RemoteFile("Flickr8k_text.zip", "bf6c1abcb8e4a833b7f922104de18627"),
+     common.RemoteFile("Flickr8k_Dataset.zip", "f18a1e2920de5bd84dae7cf08ec78978")],
+    classes=[])
+FLICKR8K_IMAGES = "Flicker8k_Dataset/"     # sic: the folder inside the published zip is misspelt
+
+
+def read_flickr8k_text(text_zip):
+    """(captions by image name, training names, test names) from Flickr8k_text.zip."""
+    try:
+        with zipfile.ZipFile(text_zip) as archive:
+            read = lambda member: archive.read(member).decode("utf-8").splitlines()
+            tokens, train, test = (read(m) for m in ("Flickr8k.token.txt", "Flickr_8k.trainImages.txt",
+                                                     "Flickr_8k.testImages.txt"))
+    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError) as error:
+        raise common.UserError(f"{text_zip} is not Flickr8k's text archive: {error}") from None
+    captions = defaultdict(list)
+    for number, line in enumerate(tokens, 1):
+        if line.strip():
+            key, tab, text = line.partition("\t")
+            common.check(tab and "#" in key, f"Flickr8k.token.txt line {number} is not 'image#k<TAB>caption'")
+            captions[key.rsplit("#", 1)[0]].append(" ".join(text.split()))
+    return captions, [n.strip() for n in train if n.strip()], [n.strip() for n in test if n.strip()]
+
+
+def load_flickr8k(cfg, device):
+    """Flickr8k's split at S x S: images are decoded once into a cache beside the zips (images-S.npz)."""
+    folder = Path(cfg.data_dir) / "flickr8k"
+    (text_zip,) = common.fetch("flickr8k", cfg.data_dir, dataclasses.replace(FLICKR8K, files=FLICKR8K.files[:1]))
+    captions, train, test = read_flickr8k_text(text_zip)
+    cache = folder / f"images-{cfg.image_size}.npz"
+    if not cache.is_file():
+        (image_zip,) = common.fetch("flickr8k", cfg.data_dir, dataclasses.replace(FLICKR8K, files=FLICKR8K.files[1:]))
+        try:
+            with zipfile.ZipFile(image_zip) as archive:
+                present = {m[len(FLICKR8K_IMAGES):] for m in archive.namelist() if m.startswith(FLICKR8K_IMAGES)}
+                names = sorted(n for n in set(train + test) if n in present)
+                images = read_images(lambda name: archive.open(FLICKR8K_IMAGES + name), names, cfg.image_size,
+                                     "decoding Flickr8k")
+        except zipfile.BadZipFile as error:
+            raise common.UserError(f"{image_zip} is not a zip archive: {error}") from None
+        common._atomic_write(cache, lambda tmp: np.savez(open(tmp, "wb"), names=np.array(names), images=images.numpy()))
+    try:
+        with np.load(cache, allow_pickle=False) as stored:
+            names, images = list(stored["names"]), torch.from_numpy(stored["images"])
+    except (OSError, ValueError, KeyError) as error:
+        raise common.UserError(f"{cache} is corrupt ({error}); delete it to decode the images again") from None
+    row = {name: i for i, name in enumerate(names)}
+    skipped = Counter()
+
+    def split(wanted):
+        usable = []
+        for name in wanted:
+            if name not in row:
+                skipped["image missing from the zip"] += 1
+            elif not captions.get(name):
+                skipped["image without captions"] += 1
+            else:
+                usable.append(name)
+        return images[[row[n] for n in usable]], [captions[n] for n in usable]
+
+    (x_train, c_train), (x_test, c_test) = split(train), split(test)
+    common.check(len(x_train) >= 2 and len(x_test) >= 1, f"Flickr8k in {folder} has too few usable images")
+    return build_caption_data("flickr8k", x_train, c_train, x_test, c_test, dict(skipped), device)
+
+
+def load_data(cfg, device):
+    data = {"shapes": load_shapes, "flickr8k": load_flickr8k, "captions": load_caption_folder}[cfg.dataset](cfg, device)
+    if cfg.paired:
+        data.train = data.train.subset(slice(0, cfg.paired))
+    common.check(len(data.train) >= cfg.batch_size,
+                 f"{len(data.train)} training images but --batch-size {cfg.batch_size}: use a smaller batch")
+    return data
+
+
+# ---- 2. Tokenisation: byte-pair encoding, learned from the training captions ----
+#
+# A tokenizer decides what the text encoder's units are. Characters make long sequences of meaningless
+# units; whole words cannot spell a word never seen. BPE (Sennrich et al., Algorithm 1) starts from the 256
+# byte values, so any UTF-8 string can be written, and repeatedly merges the most frequent adjacent pair into
+# a new token: frequent words become one token, rare ones stay spelled out in pieces. --vocab-size sets how
+# far the merging goes, trading sequence length (compute, attention span) against vocabulary (parameters).
+
+# Text is first cut into chunks that merges may not cross: a word with its leading space, a run of
+# punctuation, or spaces (GPT-2's rule, with \w standing in for letters and digits). Each chunk is encoded
+# on its own, so "red" in "a red star" and in "a red moon" always gets the same tokens.
+CHUNK = re.compile(r" ?\w+| ?[^\w\s]+|\s+(?!\S)|\s+")
+
+
+class BPETokenizer:
+    """Token ids: 0-255 are bytes, 256 + r is the r-th merge, and vocab_size - 1 is the end-of-text token.
+    NOTE: when no pair occurs twice any more, training stops early and ids between the last merge and the
+    end-of-text token stay unused (their embedding rows are never read)."""
+
+    def __init__(self, merges, vocab_size):
+        common.check(vocab_size >= 257 + len(merges), f"a vocabulary of {vocab_size} cannot hold 256 bytes, "
+                                                      f"{len(merges)} merges and the end-of-text token")
+        self.merges = [tuple(pair) for pair in merges]           # in the order they were learned
+        self.vocab_size = vocab_size
+        self.eot = vocab_size - 1
+        self.rank = {pair: 256 + r for r, pair in enumerate(self.merges)}    # pair -> the id it merges into
+        self.pieces = [bytes([b]) for b in range(256)]
+        for a, b in self.merges:
+            self.pieces.append(self.pieces[a] + self.pieces[b])
+        self._cache = {}
+
+    @classmethod
+    def train(cls, texts, vocab_size):
+        """Learn vocab_size - 257 merges from texts (fewer if no pair occurs twice any more). The most
+        frequent pair wins; ties go to the pair of smallest ids, so training is deterministic."""
+        chunks = Counter(chunk for text in texts for chunk in CHUNK.findall(text))
+        words = [list(chunk.encode("utf-8")) for chunk in chunks]     # each distinct chunk once,
+        frequency = list(chunks.values())                             # weighted by how often it occurs
+        counts, where = Counter(), defaultdict(set)                   # pair -> occurrences, pair -> words with it
+        for w, ids in enumerate(words):
+            for pair in zip(ids, ids[1:]):
+                counts[pair] += frequency[w]
+                where[pair].add(w)
+        merges = []
+        for new_id in range(256, vocab_size - 1):
+            if not counts:
+                break
+            pair, count = max(counts.items(), key=lambda item: (item[1], -item[0][0], -item[0][1]))
+            if count < 2:
+                break
+            merges.append(pair)
+            for w in where.pop(pair):                 # only the words holding the pair change their counts
+                old, new = words[w], cls._merge(words[w], pair, new_id)
+                for p in zip(old, old[1:]):
+                    counts[p] -= frequency[w]
+                    if counts[p] <= 0:
+                        del counts[p]
+                for p in zip(new, new[1:]):
+                    counts[p] += frequency[w]
+                    where[p].add(w)
+                words[w] = new
+        return cls(merges, vocab_size)
+
+    @staticmethod
+    def _merge(ids, pair, new_id):
+        """Replace each non-overlapping occurrence of pair in ids, left to right, by new_id."""
+        out, i = [], 0
+        while i < len(ids):
+            if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
+                out.append(new_id)
+                i += 2
+            else:
+                out.append(ids[i])
+                i += 1
+        return out
+
+    def _encode_chunk(self, chunk):
+        if chunk not in self._cache:
+            ids = list(chunk.encode("utf-8"))
+            while len(ids) >= 2:
+                # apply merges in the order they were learned: the earliest learned pair present goes first
+                pair = min(zip(ids, ids[1:]), key=lambda p: self.rank.get(p, math.inf))
+                if pair not in self.rank:
+                    break
+                ids = self._merge(ids, pair, self.rank[pair])
+            self._cache[chunk] = ids
+        return self._cache[chunk]
+
+    def encode(self, text):
+        """str -> list of token ids (without the end-of-text token)."""
+        return [i for chunk in CHUNK.findall(text) for i in self._encode_chunk(chunk)]
+
+    def decode(self, ids):
+        """list of ids -> str; the end-of-text token is dropped."""
+        return b"".join(self.pieces[i] for i in ids if i != self.eot).decode("utf-8", errors="replace")
+
+    def encode_batch(self, texts, context):
+        """(tokens (M, L) int64, number of captions cut) with L = min(context, longest + 1). Each row ends in
+        the end-of-text token, which also fills the rest of the row; a caption longer than context - 1 tokens
+        is cut there, so its end-of-text token is always present."""
+        encoded = [self.encode(text)[:context - 1] + [self.eot] for text in texts]
+        cut = sum(len(self.encode(text)) > context - 1 for text in texts)
+        length = max(len(ids) for ids in encoded)
+        tokens = torch.full((len(texts), length), self.eot, dtype=torch.int64)
+        for row, ids in enumerate(encoded):
+            tokens[row, :len(ids)] = torch.tensor(ids)
+        return tokens, cut
+
+
+# ---- 3. Model: two encoders into one space ----
+
+def causal_mask(length, device=None):
+    """(L, L) bool, True where token t may attend to token s: s <= t, never a later token."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()
+
+
+class TextTransformer(nn.Module):
+    """Tokens (B, L) -> features (B, W): 04's pre-norm Blocks under a causal mask, read at the end-of-text token.
+    CLIP masks its text encoder causally (Sec. 2.4) so that it could start from, or be trained with, a language
+    model. Under that mask only the last token has read the whole caption, so it is the one pooled; and
+    whatever follows it (padding) cannot change it."""
+
+    def __init__(self, vocab_size, context, dim, depth, heads, mlp_ratio=4):
+        super().__init__()
+        self.dim, self.eot = dim, vocab_size - 1
+        self.token_embedding = nn.Embedding(vocab_size, dim)
+        self.position_embedding = nn.Parameter(torch.zeros(context, dim))   # learned, one per position
+        self.blocks = nn.ModuleList(vit.Block(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = vit.LayerNorm(dim)
+        self.apply(vit.ViT._init_weights)            # 04's init: small normal weights, zero biases
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.position_embedding, std=0.01)
+
+    def hidden(self, tokens):                                        # (B, L) -> (B, L, W)
+        L = tokens.shape[1]
+        x = self.token_embedding(tokens) + self.position_embedding[:L]  # (B, L, W) + (L, W)
+        mask = causal_mask(L, tokens.device)                          # (L, L), broadcast over B and heads
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x)
+
+    def forward(self, tokens):                                       # (B, L) -> (B, W)
+        end = (tokens == self.eot).int().argmax(dim=1)                # (B,) the first end-of-text position
+        return self.hidden(tokens)[torch.arange(len(tokens), device=tokens.device), end]
+
+
+MAX_SCALE = 100.0     # CLIP Sec. 2.5: the logit scale is clipped at 100 "to prevent training instability"
+
+
+class CLIP(nn.Module):
+    """encode_image (B, 3, S, S) uint8 -> (B, K) and encode_text (B, L) -> (B, K), unit vectors of one space."""
+
+    def __init__(self, image_encoder, text_encoder, embed_dim):
+        super().__init__()
+        self.visual, self.text = image_encoder, text_encoder
+        # linear maps into the shared space (CLIP uses no bias and no non-linearity here)
+        self.image_projection = nn.Linear(image_encoder.dim, embed_dim, bias=False)
+        self.text_projection = nn.Linear(text_encoder.dim, embed_dim, bias=False)
+        nn.init.normal_(self.image_projection.weight, std=image_encoder.dim ** -0.5)
+        nn.init.normal_(self.text_projection.weight, std=text_encoder.dim ** -0.5)
+        # the temperature is learned as a log, so it stays positive and moves by ratios; 1/0.07 at the start
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # per-channel pixel statistics of the training images (04's normalisation), saved with the weights
+        self.register_buffer("pixel_mean", torch.zeros(1, 3, 1, 1))
+        self.register_buffer("pixel_std", torch.ones(1, 3, 1, 1))
+
+    def set_pixel_stats(self, images):                       # (N, 3, S, S) uint8
+        mean, std = vit.channel_stats(images)
+        self.pixel_mean.copy_(mean)
+        self.pixel_std.copy_(std)
+
+    def image_features(self, images):                        # (B, 3, S, S) uint8 -> (B, E)
+        return self.visual.features(vit.normalise(images.float() / 255, (self.pixel_mean, self.pixel_std)))
+
+    def embed_image_features(self, features):                # (B, E) -> (B, K) on the unit sphere
+        return F.normalize(self.image_projection(features), dim=-1)
+
+    def encode_image(self, images):                          # (B, 3, S, S) uint8 -> (B, K)
+        return self.embed_image_features(self.image_features(images))
+
+    def encode_text(self, tokens):                           # (B, L) -> (B, K)
+        return F.normalize(self.text_projection(self.text(tokens)), dim=-1)
+
+    def scale(self):
+        """exp(logit_scale), at most 100. The clamp also stops the gradient past the cap, so the scale rests there."""
+        return self.logit_scale.clamp(max=math.log(MAX_SCALE)).exp()
+
+    def forward(self, images, tokens):
+        """(logits_per_image (B, B), logits_per_text (B, B)): scaled cosine similarity of every image to every caption."""
+        logits = clip_logits(self.encode_image(images), self.encode_text(tokens), self.scale())
+        return logits, logits.T
+
+
+def image_encoder(cfg, device):
+    """04's ViT: random, or from 04's checkpoint (whose saved constructor arguments then set its shape)."""
+    arch = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, dim=cfg.image_dim, depth=cfg.image_depth,
+                heads=cfg.image_heads, num_classes=0)
+    if cfg.init_image:
+        try:
+            stored = torch.load(cfg.init_image, map_location="cpu", weights_only=True)
+            arch = {**stored["arch"], "num_classes": 0} if stored.get("kind") == "vit" else arch
+        except Exception:  # a missing or foreign file: common.load_checkpoint below says what is wrong
+            pass
+    encoder = vit.ViT(**arch)
+    if cfg.init_image:
+        common.load_checkpoint(cfg.init_image, encoder, kind="vit", device="cpu")
+    common.check(encoder.arch["in_channels"] == 3, "the image encoder must take 3-channel images")
+    return encoder.to(device)
+
+
+# ---- 4. Objective: the symmetric contrastive loss (CLIP Fig. 3) ----
+#
+#   logits = exp(t) * I_e @ T_e^T                 (B, B): image i against caption j, both unit vectors
+#   loss   = (CE(logits, rows) + CE(logits, columns)) / 2,  labels = arange(B): the pair sits on the diagonal
+# Rows ask "which caption is this image's?", columns "which image is this caption's?". The temperature
+# 1/exp(t) sets how peaked the softmax is; it is learned, since a fixed one must be tuned by hand.
+
+def clip_logits(image_embeddings, text_embeddings, scale):
+    """(B, K) and (M, K) unit vectors, a scalar scale -> (B, M) logits."""
+    return scale * image_embeddings @ text_embeddings.T          # (B, K) @ (K, M) -> (B, M)
+
+
+def clip_loss(logits, positives=None):
+    """CLIP's loss on logits_per_image (B, B), with the matching caption of image i at column i.
+    positives (B, B) bool, optional: True where caption j is also right for image i (e.g. the same string).
+    Those other right answers are taken out of both softmaxes, so they are never pushed apart as negatives;
+    with positives=None (or the identity) this is exactly the loss of the paper's Fig. 3."""
+    B = logits.shape[0]
+    common.check(B >= 2, f"the contrastive loss needs at least 2 pairs (1 has no negatives), got {B}")
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))           # bf16 is too coarse for logits up to 100
+    diagonal = torch.eye(B, dtype=torch.bool, device=logits.device)
+    if positives is not None:
+        logits = logits.masked_fill(positives & ~diagonal, float("-inf"))          # exp(-inf) = 0: out of the sum
+    correct = logits.diagonal()                                                    # (B,)
+    loss_images = (torch.logsumexp(logits, dim=1) - correct).mean()                # CE over each row (image -> captions)
+    loss_texts = (torch.logsumexp(logits, dim=0) - correct).mean()                 # CE over each column (caption -> images)
+    return (loss_images + loss_texts) / 2
+
+
+def same_caption(caption_ids):
+    """(B,) caption ids -> (B, B) bool: pairs whose captions are the same string."""
+    return caption_ids[:, None] == caption_ids[None, :]
+
+
+# ---- 5. Training ----
+#
+# A batch holds B different images, each with one of its captions drawn at random, so two captions of the
+# same image never meet in one batch. Different images may still carry the same caption string (the embedded
+# set's "a red star"); same_caption marks those, and the loss does not treat them as negatives.
+
+def batches(n, batch_size, generator, device):
+    """Image indices (B,), epoch after epoch: every image once per epoch, in a fresh random order."""
+    while True:
+        order = torch.randperm(n, generator=generator, device=device)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield order[start:start + batch_size]
+
+
+def pick_captions(pairs, index, generator):
+    """One random caption id per image: (B,) image indices -> (B,) caption ids."""
+    draw = torch.rand(len(index), generator=generator, device=index.device)
+    return pairs.captions[index, (draw * pairs.counts[index]).long()]
+
+
+def clip_step_loss(model, inputs, tokens, caption_ids, device, frozen):
+    """The loss of one batch. inputs: images (B, 3, S, S) uint8, or frozen image features (B, E)."""
+    with common.autocast(device):
+        image_embeddings = model.embed_image_features(inputs) if frozen else model.encode_image(inputs)
+        text_embeddings = model.encode_text(tokens)
+    logits = clip_logits(image_embeddings.float(), text_embeddings.float(), model.scale())
+    return clip_loss(logits, same_caption(caption_ids))
+
+
+def make_optimizer(model, cfg):
+    """AdamW with CLIP's betas; weight decay on matrices only (gains, biases and the scale are left alone)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    warm_then_cosine = lambda step: min(1.0, (step + 1) / max(cfg.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warm_then_cosine)
+
+
+@torch.no_grad()
+def embed_all(function, inputs, device, batch_size=1024):
+    """function over inputs in chunks, under autocast, as float32: (N, ...) -> (N, D)."""
+    with common.autocast(device):
+        return torch.cat([function(chunk).float() for chunk in inputs.split(batch_size)])
+
+
+def train(model, data, tokens, cfg, device):
+    """Returns (loss per step, scale per step, pairs per second) as CPU tensors and a float."""
+    frozen = cfg.freeze_image
+    if frozen:
+        # a fixed encoder and no augmentation: every image has one feature vector, so compute it once (LiT)
+        model.visual.requires_grad_(False).eval()
+        inputs = embed_all(model.image_features, data.train.images, device)        # (N, E)
+    else:
+        inputs = data.train.images
+    optimizer, schedule = make_optimizer(model, cfg)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    losses, scales = torch.zeros(cfg.steps, device=device), torch.zeros(cfg.steps, device=device)
+    bar = common.progress(cfg.steps * cfg.batch_size, "training CLIP", unit="pair")
+    clock = common.Stopwatch(device)
+    for step, index in zip(range(cfg.steps), batches(len(data.train), cfg.batch_size, generator, device)):
+        caption_ids = pick_captions(data.train, index, generator)                  # (B,)
+        loss = clip_step_loss(model, inputs[index], tokens[caption_ids], caption_ids, device, frozen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses[step], scales[step] = loss.detach(), model.scale().detach()   # kept on the device: no sync per step
+        bar.update(cfg.batch_size)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{model.scale().item():.1f}")
+    seconds = clock.seconds()
+    bar.close()
+    model.requires_grad_(True)
+    return losses.cpu(), scales.cpu(), cfg.steps * cfg.batch_size / seconds
+
+
+# ---- 6. Evaluation: zero-shot classification, compositional zero-shot, retrieval ----
+
+def recall_at_k(similarity, relevant, ks=(1, 5, 10)):
+    """Share of queries with a relevant item among their k most similar. similarity, relevant (Q, N)."""
+    top = similarity.topk(min(max(ks), similarity.shape[1]), dim=1).indices      # (Q, k)
+    hits = relevant.gather(1, top)                                                # (Q, k) bool
+    return {f"r{k}": hits[:, :k].any(1).float().mean().item() for k in ks}
+
+
+# Prompts for zero-shot classification. CLIP (Sec. 3.1.4) wraps a class name in a sentence like its training
+# captions ("a photo of a {}"), and averages the embeddings of many such sentences (ensembling). Here the
+# captions always name a colour and a size, so templates that name one are in-distribution; averaging over all
+# colours, sizes, textures and places leaves the shape as the common part. "a photo of a {}" is CLIP's own:
+# its words never occur in our captions, and BPE spells them from pieces the text encoder barely trained.
+TEMPLATES = (["a {}", "a photo of a {}"] + [f"a {size} {{}}" for size in common.SIZES]
+             + [f"a {texture} {{}}" for texture in common.TEXTURES[1:]] + [f"a {colour} {{}}" for colour in common.COLOURS]
+             + [f"a large {{}} {place}" for place in common.PLACES])
+PAIR_TEMPLATES = ["a {}"] + [f"a {size} {{}}" for size in common.SIZES]     # {} is a pair like "red star"
+
+
+def zero_shot_weights(model, tokenizer, names, templates, context, device):
+    """(C, K) class embeddings: each name in every template, embedded, normalised, averaged, normalised again."""
+    texts = [template.format(name) for name in names for template in templates]
+    tokens = tokenizer.encode_batch(texts, context)[0].to(device)
+    embeddings = embed_all(model.encode_text, tokens, device).reshape(len(names), len(templates), -1)  # (C, P, K)
+    return F.normalize(F.normalize(embeddings, dim=-1).mean(1), dim=-1)                                # (C, K)
+
+
+def retrieval(image_embeddings, pairs, text_embeddings):
+    """Image->text and text->image recall@1/5/10 over the pool's images and all of their captions.
+    A text counts as right for every image that has that exact caption."""
+    ids = pairs.captions.unique()
+    ids = ids[ids >= 0]                                                            # (M,) the pool's captions
+    relevant = (pairs.captions[:, :, None] == ids[None, None, :]).any(1)           # (N, M) bool
+    similarity = image_embeddings @ text_embeddings[ids].T                         # (N, K) @ (K, M) -> (N, M)
+    image_to_text = recall_at_k(similarity, relevant)
+    text_to_image = recall_at_k(similarity.T, relevant.T)
+    chance = {f"r{k}": min(1.0, k / relevant.shape[0]) for k in (1, 5, 10)}       # one right image per text
+    return ({**{f"i2t_{k}": v for k, v in image_to_text.items()}, **{f"t2i_{k}": v for k, v in text_to_image.items()}},
+            {f"t2i_{k}": v for k, v in chance.items()})
+
+
+@torch.no_grad()
+def evaluate(model, data, tokenizer, cfg, device):
+    """Retrieval on the first --eval-images test images; zero-shot and compositional tests on the embedded set."""
+    pool = data.test.subset(slice(0, cfg.eval_images))
+    tokens = tokenizer.encode_batch(data.texts, cfg.context)[0].to(device)
+    text_embeddings = embed_all(model.encode_text, tokens, device)                # (all captions, K)
+    metrics, chance = retrieval(embed_all(model.encode_image, pool.images, device), pool, text_embeddings)
+    metrics = {"retrieval": metrics, "retrieval_chance": chance}
+    if data.classes:
+        images = embed_all(model.encode_image, data.test.images, device)          # (N, K)
+        shape_weights = zero_shot_weights(model, tokenizer, data.classes, TEMPLATES, cfg.context, device)
+        single_weights = zero_shot_weights(model, tokenizer, data.classes, TEMPLATES[:1], cfg.context, device)
+        labels = data.test.labels
+        metrics["zero_shot"] = evaluation.topk_accuracy(images @ shape_weights.T, labels)
+        metrics["zero_shot_single_template"] = evaluation.topk_accuracy(images @ single_weights.T, labels)
+        metrics["compositional"] = compositional(model, tokenizer, images, data.test, cfg, device, shape_weights)
+    return metrics
+
+
+def colour_shape_names():
+    return [f"{colour} {shape}" for colour in common.COLOURS for shape in common.SHAPES]   # index: colour * 10 + shape
+
+
+def compositional(model, tokenizer, images, test, cfg, device, shape_weights):
+    """Test images whose colour-shape pair was never seen in training, against those whose pair was:
+    shape zero-shot accuracy, 80-way colour-shape accuracy, and precision@10 of text->image retrieval
+    for a query naming the pair ("a red star")."""
+    holdout = parse_holdout(cfg.holdout)
+    if not holdout:
+        return {}
+    held = is_heldout(test.factors, holdout)                                               # (N,)
+    pair_label = test.factors["colour"] * len(common.SHAPES) + test.labels                  # (N,)
+    pair_weights = zero_shot_weights(model, tokenizer, colour_shape_names(), PAIR_TEMPLATES, cfg.context, device)  # (80, K)
+    pair_scores = images @ pair_weights.T                                                  # (N, 80)
+    shape_right = (images @ shape_weights.T).argmax(1) == test.labels
+    pair_right = pair_scores.argmax(1) == pair_label
+    heldout_ids = torch.tensor([c * len(common.SHAPES) + s for c, s in sorted(holdout)], device=device)
+    seen_ids = torch.tensor([i for i in range(len(common.COLOURS) * len(common.SHAPES)) if i not in heldout_ids],
+                            device=device)
+    top10 = pair_scores.T.topk(min(10, len(images)), dim=1).indices                        # (80, 10) images per query
+    precision = (pair_label[top10] == torch.arange(len(pair_scores.T), device=device)[:, None]).float().mean(1)  # (80,)
+    share = lambda right, mask: right[mask].float().mean().item() if mask.any() else float("nan")
+    return {"heldout_images": int(held.sum()),
+            "heldout_shape_top1": share(shape_right, held), "seen_shape_top1": share(shape_right, ~held),
+            "heldout_pair_top1": share(pair_right, held), "seen_pair_top1": share(pair_right, ~held),
+            "heldout_pair_p10": precision[heldout_ids].mean().item(), "seen_pair_p10": precision[seen_ids].mean().item(),
+            "pair_chance": 1 / len(pair_weights)}
+
+
+def probe_baseline(model, data, cfg, device):
+    """What a classifier trained WITH labels gets from the same image features: 01's linear probe."""
+    train = data.train.subset(slice(0, 10_000))
+    features = lambda images: embed_all(model.image_features, images, device)
+    return evaluation.linear_probe(features(train.images), train.labels, features(data.test.images), data.test.labels,
+                                   len(data.classes), min_steps=cfg.probe_steps)
+
+
+# ---- 7. Figures ----
+
+def show(ax, image):
+    ax.imshow(image.permute(1, 2, 0).cpu().numpy())
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_training(losses, scales, path):
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    steps = np.arange(1, len(losses) + 1)
+    ax.plot(steps, losses.numpy(), lw=0.8, color="tab:blue")
+    ax.set_xlabel("step")
+    ax.set_ylabel("symmetric contrastive loss", color="tab:blue")
+    ax.set_yscale("log")
+    twin = ax.twinx()
+    twin.plot(steps, 1 / scales.numpy(), color="tab:red")
+    twin.set_ylabel("learned temperature 1 / scale", color="tab:red")
+    ax.set_title("Training: loss, and the temperature CLIP learns (starts at 0.07, floor 0.01)")
+    common.save_figure(fig, path)
+
+
+@torch.no_grad()
+def plot_similarity(model, data, tokenizer, cfg, device, path, n=8):
+    """Cosine similarity of n test images with their own captions: the diagonal should stand out."""
+    import matplotlib.pyplot as plt
+    n = min(n, len(data.test))
+    pairs = data.test.subset(slice(0, n))
+    texts = [data.texts[int(pairs.captions[i, 0])] for i in range(n)]
+    similarity = (embed_all(model.encode_image, pairs.images, device)
+                  @ embed_all(model.encode_text, tokenizer.encode_batch(texts, cfg.context)[0].to(device), device).T)
+    fig = plt.figure(figsize=(1.1 * n + 4, 1.1 * n + 1.3))
+    grid = fig.add_gridspec(n + 1, n + 1, width_ratios=[4] + [1] * n, height_ratios=[1] + [1] * n, wspace=0.05, hspace=0.05)
+    for j in range(n):
+        show(fig.add_subplot(grid[0, j + 1]), pairs.images[j])
+    ax = fig.add_subplot(grid[1:, 1:])
+    ax.imshow(similarity.T.cpu().numpy(), cmap="viridis")
+    for (row, column), value in np.ndenumerate(similarity.T.cpu().numpy()):
+        ax.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white")
+    ax.set_xticks([])
+    ax.set_yticks(range(n), [text if len(text) < 45 else text[:42] + "..." for text in texts], fontsize=8)
+    ax.yaxis.tick_left()
+    fig.add_subplot(grid[0, 0]).axis("off")
+    fig.suptitle("Cosine similarity of test images (columns) and their captions (rows)")
+    common.save_figure(fig, path)
+
+
+@torch.no_grad()
+def plot_predictions(model, data, tokenizer, cfg, device, path, n=6):
+    """Test images with the 3 candidate texts nearest to each: colour-shape prompts on the embedded set
+    (held-out pairs first), the pool's captions on real data."""
+    import matplotlib.pyplot as plt
+    if data.classes:
+        candidates = colour_shape_names()
+        weights = zero_shot_weights(model, tokenizer, candidates, PAIR_TEMPLATES, cfg.context, device)
+        held = is_heldout(data.test.factors, parse_holdout(cfg.holdout))
+        order = torch.cat([held.nonzero().squeeze(1)[: n // 2], (~held).nonzero().squeeze(1)])[:n]
+        candidates = [f"a {c}" + (" (held out)" if (list(common.COLOURS).index(c.split()[0]), common.SHAPES.index(c.split()[1]))
+                                  in parse_holdout(cfg.holdout) else "") for c in candidates]
+    else:
+        pool = data.test.subset(slice(0, cfg.eval_images))
+        ids = pool.captions[:, 0]
+        candidates = [data.texts[int(i)] for i in ids]
+        weights = embed_all(model.encode_text, tokenizer.encode_batch(candidates, cfg.context)[0].to(device), device)
+        order = torch.arange(min(n, len(pool)), device=device)
+    images = data.test.images[order]
+    probabilities = (model.scale() * embed_all(model.encode_image, images, device) @ weights.T).softmax(1)  # (n, C)
+    top = probabilities.topk(min(3, len(candidates)), dim=1)
+    fig, axes = plt.subplots(2, len(images), figsize=(2.6 * len(images), 4.6), gridspec_kw={"height_ratios": [2, 1]})
+    axes = np.array(axes).reshape(2, -1)
+    for i in range(len(images)):
+        show(axes[0, i], images[i])
+        labels = [candidates[int(j)][:38] for j in top.indices[i]]
+        axes[1, i].barh(range(len(labels)), top.values[i].cpu().numpy()[::-1], color="tab:green")
+        axes[1, i].set_yticks(range(len(labels)), labels[::-1], fontsize=7)
+        axes[1, i].set_xlim(0, 1)
+    fig.suptitle("Zero-shot: each test image's three nearest texts, softmax over all candidates")
+    fig.tight_layout()
+    common.save_figure(fig, path)
+
+
+@torch.no_grad()
+def plot_retrieval(model, data, tokenizer, cfg, device, path, top=6):
+    """Text queries and the test images nearest to each."""
+    import matplotlib.pyplot as plt
+    pool = data.test.subset(slice(0, cfg.eval_images))
+    if data.classes:
+        held = sorted(parse_holdout(cfg.holdout))[:2]
+        queries = [f"a {list(common.COLOURS)[c]} {common.SHAPES[s]}" for c, s in held]
+        queries += ["a large green checked ring on the left", "a small white triangle", "a heart at the top"][:4 - len(queries)]
+    else:
+        queries = [data.texts[int(pool.captions[i, 0])] for i in range(min(4, len(pool)))]
+    query_embeddings = embed_all(model.encode_text, tokenizer.encode_batch(queries, cfg.context)[0].to(device), device)
+    nearest = (query_embeddings @ embed_all(model.encode_image, pool.images, device).T).topk(min(top, len(pool)), dim=1)
+    fig, axes = plt.subplots(len(queries), nearest.indices.shape[1], figsize=(1.5 * nearest.indices.shape[1] + 0.5, 1.7 * len(queries)))
+    axes = np.array(axes).reshape(len(queries), -1)
+    for q, query in enumerate(queries):
+        for j in range(nearest.indices.shape[1]):
+            show(axes[q, j], pool.images[nearest.indices[q, j]])
+            axes[q, j].set_xlabel(f"{nearest.values[q, j]:.2f}", fontsize=7)
+        axes[q, 0].set_title(query if len(query) < 70 else query[:67] + "...", loc="left", fontsize=9)
+    fig.suptitle(f"Text -> image retrieval over {len(pool)} test images (cosine similarity under each)")
+    fig.tight_layout()
+    common.save_figure(fig, path)
+
+
+# ---- 8. Putting it together ----
+
+def main(argv=None):
+    cfg = common.parse_config(Config, argv, __doc__, quick=QUICK)
+    validate(cfg)
+    device, out = common.setup(cfg, __file__)
+    clock = common.Stopwatch(device)
+    encoder = image_encoder(cfg, device)        # first: a wrong --init-image fails before any data is made
+    if cfg.dataset != "shapes" or cfg.init_image:
+        cfg = dataclasses.replace(cfg, image_size=encoder.arch["image_size"])
+    common.check(cfg.dataset != "shapes" or encoder.arch["image_size"] == 32,
+                 f"the embedded set is 32x32, but the image encoder takes {encoder.arch['image_size']}x{encoder.arch['image_size']}")
+    data = load_data(cfg, device)
+    tokenizer = BPETokenizer.train([data.texts[i] for i in data.train.captions[data.train.captions >= 0].unique().tolist()],
+                                   cfg.vocab_size)
+    tokens, cut = tokenizer.encode_batch(data.texts, cfg.context)                  # (all captions, L)
+    lengths = (tokens != tokenizer.eot).sum(1).float() + 1
+    print(f"{data.name}: {len(data.train)} training images with {int(data.train.counts.sum())} captions, "
+          f"{len(data.test)} test images; BPE: {len(tokenizer.merges)} merges, {lengths.mean():.1f} tokens per caption"
+          + (f", {cut} captions cut at --context {cfg.context}" if cut else ""))
+    text_encoder = TextTransformer(cfg.vocab_size, cfg.context, cfg.text_dim, cfg.text_depth, cfg.text_heads)
+    model = CLIP(encoder, text_encoder, cfg.embed_dim).to(device)
+    model.set_pixel_stats(data.train.images)
+    before = evaluate(model, data, tokenizer, cfg, device)
+    losses, scales, pairs_per_second = train(model, data, tokens.to(device), cfg, device)
+    metrics = evaluate(model, data, tokenizer, cfg, device)
+    metrics.update(dataset=data.name, train_images=len(data.train), train_captions=int(data.train.counts.sum()),
+                   test_images=len(data.test), merges=len(tokenizer.merges), tokens_per_caption=lengths.mean().item(),
+                   captions_cut=cut, loss_first=losses[:10].mean().item(), loss_last=losses[-10:].mean().item(),
+                   temperature_last=1 / scales[-1].item(), pairs_per_second=pairs_per_second, before_training=before,
+                   skipped=data.skipped or {})
+    if data.classes:
+        metrics["linear_probe"] = probe_baseline(model, data, cfg, device)
+    plot_training(losses, scales, out / "training.png")
+    plot_similarity(model, data, tokenizer, cfg, device, out / "similarity.png")
+    plot_predictions(model, data, tokenizer, cfg, device, out / "predictions.png")
+    plot_retrieval(model, data, tokenizer, cfg, device, out / "retrieval.png")
+    common.save_checkpoint(out / "clip.pt", model, cfg, kind="clip", merges=[list(p) for p in tokenizer.merges],
+                           image_arch=encoder.arch)
+    metrics["seconds"] = clock.seconds()
+    common.save_json(out / "metrics.json", metrics)
+    print(summary(metrics))
+    return model, metrics
+
+
+def summary(m):
+    r, c = m["retrieval"], m["retrieval_chance"]
+    line = (f"05_clip {m['dataset']}: loss {m['loss_first']:.2f} -> {m['loss_last']:.2f}, T {m['temperature_last']:.3f} | "
+            f"retrieval R@1/5/10 i2t {r['i2t_r1']:.3f}/{r['i2t_r5']:.3f}/{r['i2t_r10']:.3f} "
+            f"t2i {r['t2i_r1']:.3f}/{r['t2i_r5']:.3f}/{r['t2i_r10']:.3f} (chance t2i@1 {c['t2i_r1']:.3f})")
+    if "zero_shot" in m:
+        z, b, k = m["zero_shot"], m["before_training"]["zero_shot"], m.get("compositional", {})
+        line += (f" | zero-shot top1 {z['top1']:.3f} (1 template {m['zero_shot_single_template']['top1']:.3f}, "
+                 f"untrained {b['top1']:.3f}, probe with labels {m['linear_probe']['top1']:.3f})")
+        if k:
+            line += (f" | held-out pairs: shape {k['heldout_shape_top1']:.3f} (seen {k['seen_shape_top1']:.3f}), "
+                     f"colour+shape {k['heldout_pair_top1']:.3f} (seen {k['seen_pair_top1']:.3f}, chance {k['pair_chance']:.3f})")
+    return line + f" | {m['pairs_per_second'] / 1e3:.1f}k pairs/s, {m['seconds']:.0f} s"
+
+
+if __name__ == "__main__":
+    common.run(main)

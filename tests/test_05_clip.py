@@ -1,0 +1,446 @@
+"""05_clip: the loss against CLIP's pseudo-code, BPE, the causal text encoder, retrieval and zero-shot metrics,
+the caption loaders (a folder, and Flickr8k from a loopback server), and whole runs with --quick."""
+import csv
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import zipfile
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+from test_common import Server
+
+clip = common.import_script("05_clip")
+vit = common.import_script("04_vit")
+
+
+# ---- the loss ----
+
+def numpy_clip_loss(image_features, text_features, w_image, w_text, t):
+    """CLIP's Fig. 3, line by line in numpy."""
+    l2_normalize = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    def cross_entropy_loss(logits, labels, axis):
+        log_probabilities = logits - np.log(np.exp(logits).sum(axis=axis, keepdims=True))
+        return -log_probabilities[labels, labels].mean()     # the pair (i, i) sits on the diagonal
+
+    i_e, t_e = l2_normalize(image_features @ w_image), l2_normalize(text_features @ w_text)
+    logits = i_e @ t_e.T * np.exp(t)
+    labels = np.arange(len(logits))
+    return (cross_entropy_loss(logits, labels, axis=0) + cross_entropy_loss(logits, labels, axis=1)) / 2
+
+
+@pytest.mark.parametrize("batch", [2, 5, 16])
+def test_loss_matches_clip_pseudocode_and_cross_entropy(batch):
+    g = torch.Generator().manual_seed(batch)
+    i_f, t_f = torch.randn(batch, 7, generator=g, dtype=torch.float64), torch.randn(batch, 9, generator=g, dtype=torch.float64)
+    w_i, w_t = torch.randn(7, 4, generator=g, dtype=torch.float64), torch.randn(9, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor(np.log(1 / 0.07), dtype=torch.float64)
+    expected = numpy_clip_loss(i_f.numpy(), t_f.numpy(), w_i.numpy(), w_t.numpy(), t.item())
+
+    def ours(i_f, t_f):
+        return clip.clip_loss(clip.clip_logits(F.normalize(i_f @ w_i, dim=1), F.normalize(t_f @ w_t, dim=1), t.exp()))
+
+    def reference(i_f, t_f):
+        logits = F.normalize(i_f @ w_i, dim=1) @ F.normalize(t_f @ w_t, dim=1).T * t.exp()
+        labels = torch.arange(batch)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+    inputs = [x.clone().requires_grad_() for x in (i_f, t_f)]
+    value = ours(*inputs)
+    value.backward()
+    references = [x.clone().requires_grad_() for x in (i_f, t_f)]
+    reference_value = reference(*references)
+    reference_value.backward()
+    assert value.item() == pytest.approx(expected, rel=1e-10)
+    torch.testing.assert_close(value, reference_value)
+    for a, b in zip(inputs, references):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def masked_loss_loop(logits, positives):
+    """Plain loops: each row (and column) is a softmax over its own pair and every entry that is not a positive."""
+    B, total = len(logits), 0.0
+    for i in range(B):
+        for line in (logits[i], logits[:, i]):                       # image i over captions, caption i over images
+            allowed = [j for j in range(B) if j == i or not (positives[i, j] if line is logits[i] else positives[j, i])]
+            total += -(line[i] - torch.logsumexp(line[allowed], dim=0)) / (2 * B)
+    return total
+
+
+@pytest.mark.parametrize("batch", [3, 8])
+def test_identical_captions_are_never_negatives(batch):
+    g = torch.Generator().manual_seed(10 + batch)
+    logits = (5 * torch.randn(batch, batch, generator=g, dtype=torch.float64)).requires_grad_()
+    caption_ids = torch.randint(0, 3, (batch,), generator=g)                 # repeats: several images share a caption
+    positives = clip.same_caption(caption_ids)
+    value = clip.clip_loss(logits, positives)
+    value.backward()
+    reference_logits = logits.detach().clone().requires_grad_()
+    reference = masked_loss_loop(reference_logits, positives)
+    reference.backward()
+    torch.testing.assert_close(value, reference)
+    torch.testing.assert_close(logits.grad, reference_logits.grad)
+    # the identity marks no other positive: the plain loss of the paper
+    torch.testing.assert_close(clip.clip_loss(logits.detach(), torch.eye(batch, dtype=torch.bool)), clip.clip_loss(logits.detach()))
+
+
+def test_swapping_modalities_leaves_the_loss_unchanged():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    positives = clip.same_caption(torch.tensor([0, 1, 0, 2, 3, 1]))
+    torch.testing.assert_close(clip.clip_loss(logits.T, positives.T), clip.clip_loss(logits, positives))
+    torch.testing.assert_close(clip.clip_loss(logits.T), clip.clip_loss(logits))
+
+
+def tiny_clip(vocab_size=300, context=12):
+    torch.manual_seed(0)
+    image = vit.ViT(image_size=8, patch_size=4, dim=16, depth=1, heads=2)
+    text = clip.TextTransformer(vocab_size, context, dim=16, depth=2, heads=2)
+    return clip.CLIP(image, text, embed_dim=8)
+
+
+def test_scale_starts_at_one_over_007_and_clamps_at_100():
+    model = tiny_clip()
+    assert model.scale().item() == pytest.approx(1 / 0.07)
+    with torch.no_grad():
+        model.logit_scale.fill_(np.log(1000.0))
+    scale = model.scale()
+    scale.backward()
+    assert scale.item() == pytest.approx(100.0) and model.logit_scale.grad.item() == 0.0
+    images, tokens = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), torch.randint(0, 299, (4, 5))
+    logits_per_image, logits_per_text = model(images, tokens)
+    torch.testing.assert_close(logits_per_text, logits_per_image.T)
+    assert logits_per_image.abs().max().item() <= 100.0 + 1e-4             # cosines in [-1, 1] times at most 100
+
+
+def test_batch_of_one_is_refused():
+    with pytest.raises(common.UserError, match="at least 2"):
+        clip.clip_loss(torch.zeros(1, 1))
+
+
+# ---- the tokenizer ----
+
+def test_bpe_hand_worked_example():
+    # "aaabdaaabac": 'aa' occurs 4 times -> Z; then 'Za' and 'ab' twice each, the tie goes to the smaller ids:
+    # 'ab' -> Y; then 'ZY' twice -> X. So the text is X d X a c (the example of Wikipedia's "Byte pair encoding").
+    tokenizer = clip.BPETokenizer.train(["aaabdaaabac"], vocab_size=256 + 3 + 1)
+    assert tokenizer.merges == [(97, 97), (97, 98), (256, 257)]
+    assert tokenizer.encode("aaabdaaabac") == [258, 100, 258, 97, 99]
+    assert tokenizer.decode([258, 100, 258, 97, 99, tokenizer.eot]) == "aaabdaaabac"
+    assert tokenizer.pieces[258] == b"aaab"
+
+
+def test_bpe_round_trips_any_utf8_string():
+    tokenizer = clip.BPETokenizer.train(["a small red star in the top left", "a large blue ring"] * 3, vocab_size=300)
+    rng = np.random.default_rng(0)
+    alphabet = [chr(c) for c in list(range(32, 127)) + [9, 10, 0xe9, 0x4e2d, 0x1f600, 0x10ffff, 0x00a0, 0x2028]]
+    texts = ["", " ", "  two  spaces ", "a red star\n", "ünïcödé 中文 🙂 tab\there", "__under_score__"]
+    texts += ["".join(rng.choice(alphabet, size=rng.integers(1, 40))) for _ in range(200)]
+    for text in texts:
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert len(tokenizer.encode("a small red star")) < len("a small red star".encode())   # merges shorten seen text
+    assert all(i < 256 for i in tokenizer.encode("🙂"))                                       # unseen: spelled in bytes
+
+
+def bpe_by_full_recount(texts, merges_wanted):
+    """Reference BPE: recount every pair of every chunk occurrence before each merge."""
+    sequences = [list(chunk.encode()) for text in texts for chunk in clip.CHUNK.findall(text)]
+    merges = []
+    for new_id in range(256, 256 + merges_wanted):
+        counts = {}
+        for ids in sequences:
+            for pair in zip(ids, ids[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts or max(counts.values()) < 2:
+            break
+        best = max(sorted(counts), key=lambda p: counts[p])      # sorted: ties go to the smallest ids
+        merges.append(best)
+        sequences = [clip.BPETokenizer._merge(ids, best, new_id) for ids in sequences]
+    return merges
+
+
+def test_bpe_training_matches_a_full_recount():
+    rng = np.random.default_rng(1)
+    words = ["red", "reed", "read", "star", "start", "tar", "a", "aa", "aaa"]
+    texts = [" ".join(rng.choice(words, size=rng.integers(1, 8))) for _ in range(60)]
+    tokenizer = clip.BPETokenizer.train(texts, vocab_size=256 + 40 + 1)
+    assert tokenizer.merges == bpe_by_full_recount(texts, 40)
+
+
+def test_encode_batch_ends_every_row_with_end_of_text_and_cuts_long_captions():
+    tokenizer = clip.BPETokenizer.train(["ab ab ab"], vocab_size=260)
+    tokens, cut = tokenizer.encode_batch(["ab", "abcdefghij"], context=5)
+    assert tokens.shape == (2, 5) and cut == 1
+    assert (tokens == tokenizer.eot).int().argmax(1).tolist() == [len(tokenizer.encode("ab")), 4]
+
+
+# ---- the text encoder ----
+
+def test_causal_mask_keeps_outputs_independent_of_later_tokens():
+    torch.manual_seed(0)
+    text = clip.TextTransformer(vocab_size=50, context=10, dim=16, depth=2, heads=2).double()
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 49, (3, 10), generator=g)
+    changed = tokens.clone()
+    changed[:, 6:] = torch.randint(0, 49, (3, 4), generator=g)
+    torch.testing.assert_close(text.hidden(tokens)[:, :6], text.hidden(changed)[:, :6])
+    assert not torch.allclose(text.hidden(tokens)[:, 6:], text.hidden(changed)[:, 6:])
+    # and by gradient: the output at position 4 does not depend on the embeddings at positions 5..9
+    x = (text.token_embedding(tokens) + text.position_embedding).detach().requires_grad_()
+    mask = clip.causal_mask(10)
+    h = x
+    for block in text.blocks:
+        h = block(h, mask)
+    h[:, 4].sum().backward()
+    assert x.grad[:, 5:].abs().max().item() == 0 and x.grad[:, :5].abs().max().item() > 0
+    # padding after the end-of-text token cannot change the pooled feature
+    padded = torch.tensor([[5, 7, 49, 49, 49], [5, 7, 49, 3, 8]])
+    pooled = text(padded)
+    torch.testing.assert_close(pooled[0], pooled[1])
+
+
+def test_causal_mask_equals_torch_reference_attention():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 7, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    torch.testing.assert_close(vit.attention(q, k, v, clip.causal_mask(7)),
+                               F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+# ---- the metrics ----
+
+def test_recall_at_k_equals_a_brute_force_loop():
+    g = torch.Generator().manual_seed(2)
+    similarity = torch.randn(40, 25, generator=g, dtype=torch.float64)
+    relevant = torch.rand(40, 25, generator=g) < 0.08
+    relevant[torch.arange(25), torch.arange(25)] = True                   # most queries have a right answer
+    got = clip.recall_at_k(similarity, relevant, ks=(1, 5, 10))
+    for k in (1, 5, 10):
+        hits = 0
+        for q in range(len(similarity)):
+            ranked = sorted(range(similarity.shape[1]), key=lambda j: -similarity[q, j].item())[:k]
+            hits += any(relevant[q, j] for j in ranked)
+        assert got[f"r{k}"] == pytest.approx(hits / len(similarity))
+
+
+class MatchedEncoders:
+    """Text and image embeddings identical by construction: any text naming class c, and any image of class c,
+    embed as class c's basis vector (the text plus a template-dependent wobble, which ensembling averages)."""
+
+    def __init__(self, tokenizer, names):
+        self.tokenizer, self.names = tokenizer, names
+        self.basis = torch.eye(len(names) + 3)[: len(names)]
+
+    def encode_text(self, tokens):
+        rows = []
+        for row in tokens:
+            text = self.tokenizer.decode(row.tolist())
+            c = next(i for i, name in enumerate(self.names) if f" {name}" in f" {text}")
+            wobble = torch.tensor([len(text) % 3, len(text) % 5, 1.0]) * 0.05
+            rows.append(F.normalize(torch.cat([self.basis[c][:-3], self.basis[c][-3:] + wobble]), dim=0))
+        return torch.stack(rows)
+
+    def encode_image(self, labels):
+        return self.basis[labels]
+
+
+def test_zero_shot_is_perfect_when_embeddings_match_by_construction():
+    names = list(common.SHAPES)
+    tokenizer = clip.BPETokenizer.train([f"a {name}" for name in names], vocab_size=300)
+    encoders = MatchedEncoders(tokenizer, names)
+    weights = clip.zero_shot_weights(encoders, tokenizer, names, clip.TEMPLATES, 64, torch.device("cpu"))
+    labels = torch.arange(len(names)).repeat(7)
+    accuracy = clip.evaluation.topk_accuracy(encoders.encode_image(labels) @ weights.T, labels)
+    assert accuracy["top1"] == 1.0 and accuracy["top5"] == 1.0
+
+
+# ---- whole runs ----
+
+OUTPUTS = ["metrics.json", "config.json", "clip.pt", "training.png", "similarity.png", "predictions.png", "retrieval.png"]
+
+
+def test_quick_run_learns_to_align_images_and_captions(tmp_path):
+    model, metrics = clip.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+    for name in OUTPUTS:
+        assert (tmp_path / name).stat().st_size > 0
+    assert metrics["loss_last"] < metrics["loss_first"] - 0.8
+    retrieval, chance = metrics["retrieval"], metrics["retrieval_chance"]
+    assert retrieval["i2t_r5"] > 4 * chance["t2i_r5"] and retrieval["t2i_r5"] > 4 * chance["t2i_r5"]
+    assert retrieval["t2i_r5"] > 2 * metrics["before_training"]["retrieval"]["t2i_r5"]
+    assert 0 <= metrics["zero_shot"]["top1"] <= 1 and metrics["compositional"]["heldout_images"] > 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["train_images"] == metrics["train_images"]
+    state = torch.load(tmp_path / "clip.pt", weights_only=True)
+    assert state["kind"] == "clip" and state["merges"]
+    # the held-out colour-shape pairs never reach training
+    held = clip.parse_holdout(clip.Config.holdout)
+    data = clip.load_shapes(clip.Config(n_train=3000, n_test=10), torch.device("cpu"))
+    assert not clip.is_heldout(data.train.factors, held).any()
+    assert not any(f"a {pair}" in data.texts for pair in ("red star", "blue circle"))
+
+
+def save_vit_checkpoint(path, **arch):
+    encoder = vit.ViT(**arch)
+    common.save_checkpoint(path, encoder, clip.Config(), kind="vit", arch=encoder.arch)
+    return encoder
+
+
+def test_init_from_04_checkpoint_and_freeze(tmp_path):
+    encoder = save_vit_checkpoint(tmp_path / "vit.pt", image_size=32, patch_size=8, dim=24, depth=1, heads=2)
+    model, metrics = clip.main(["--quick", "--device", "cpu", "--out", str(tmp_path / "run"), "--init-image",
+                                str(tmp_path / "vit.pt"), "--freeze-image", "--steps", "30", "--probe-steps", "20"])
+    assert model.visual.arch == encoder.arch                                 # the checkpoint's shape, not --image-dim
+    for name, value in encoder.state_dict().items():                        # frozen: the loaded weights, unchanged
+        torch.testing.assert_close(model.visual.state_dict()[name], value)
+    assert metrics["loss_last"] < metrics["loss_first"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "1"], "at least 2"),
+    (["--vocab-size", "200"], "too small to hold the 256 bytes"),
+    (["--dataset", "imagenet"], "invalid choice"),
+    (["--holdout", "red dragon"], "not 'colour shape'"),
+    (["--freeze-image"], "needs --init-image"),
+    (["--init-image", "no/such/file.pt"], "does not exist"),
+    (["--batch-size", "5000"], "use a smaller batch"),
+])
+def test_bad_options_fail_with_one_line(tmp_path, argv, message):
+    with pytest.raises(common.UserError, match=message):
+        clip.main(["--quick", "--device", "cpu", "--out", str(tmp_path), *argv])
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    common.save_checkpoint(tmp_path / "other.pt", torch.nn.Linear(2, 2), clip.Config(), kind="cnn-classifier")
+    with pytest.raises(common.UserError, match="holds a 'cnn-classifier' model, not a 'vit'"):
+        clip.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--init-image", str(tmp_path / "other.pt")])
+    result = subprocess.run([sys.executable, "05_clip.py", "--quick", "--device", "cpu", "--out", str(tmp_path),
+                             "--init-image", str(tmp_path / "other.pt")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and "'vit'" in result.stderr
+
+
+# ---- reading captioned images: a folder, and Flickr8k ----
+
+def write_image(path, rng, side=12, kind="png"):
+    matplotlib.image.imsave(path, rng.integers(0, 256, (side, side + 3, 3), dtype=np.uint8), format=kind)
+
+
+def make_caption_folder(folder, rng, n=30):
+    """n PNG images with two captions each (of their index and colour), plus a missing image and an empty caption."""
+    folder.mkdir()
+    rows = [("image", "caption")]
+    for i in range(n):
+        colour = ["red", "blue", "green"][i % 3]
+        matplotlib.image.imsave(folder / f"{i}.png", np.full((10 + i % 4, 12, 3), [(200, 30, 30), (30, 30, 200),
+                                                                                     (30, 200, 30)][i % 3], np.uint8))
+        rows += [(f"{i}.png", f"a {colour} square number {i}"), (f"{i}.png", f"{colour}, plain, number {i}")]
+    rows += [("gone.png", "an image that is not there"), ("0.png", "   ")]
+    with open(folder / "captions.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+def test_caption_folder_trains_end_to_end_and_counts_skips(tmp_path):
+    make_caption_folder(tmp_path / "pics", np.random.default_rng(0))
+    model, metrics = clip.main(["--quick", "--device", "cpu", "--out", str(tmp_path / "run"), "--dataset", "captions",
+                                "--data-dir", str(tmp_path / "pics"), "--batch-size", "8", "--steps", "15"])
+    assert metrics["skipped"] == {"missing image": 1, "empty caption": 1}
+    assert metrics["train_images"] + metrics["test_images"] == 30 and metrics["test_images"] == 3
+    assert metrics["train_captions"] == 2 * metrics["train_images"]
+    assert "zero_shot" not in metrics and (tmp_path / "run" / "retrieval.png").is_file()
+
+
+def test_caption_folder_splits_by_image_or_by_subfolder(tmp_path):
+    make_caption_folder(tmp_path / "pics", np.random.default_rng(0))
+    cfg = clip.Config(dataset="captions", data_dir=str(tmp_path / "pics"), batch_size=2)
+    data = clip.load_data(cfg, torch.device("cpu"))
+    number = lambda pairs: {data.texts[int(i)].rsplit(" ", 1)[1] for i in pairs.captions.flatten() if i >= 0}
+    assert not number(data.train) & number(data.test)                       # both captions of an image on one side
+    assert data.train.images.shape[1:] == (3, 32, 32) and data.train.images.dtype == torch.uint8
+    (tmp_path / "split").mkdir()
+    make_caption_folder(tmp_path / "split" / "train", np.random.default_rng(1), n=5)
+    make_caption_folder(tmp_path / "split" / "test", np.random.default_rng(2), n=4)
+    cfg = clip.Config(dataset="captions", data_dir=str(tmp_path / "split"), batch_size=2)
+    data = clip.load_data(cfg, torch.device("cpu"))
+    assert (len(data.train), len(data.test)) == (5, 4) and data.skipped == {"missing image": 2, "empty caption": 2}
+
+
+@pytest.mark.parametrize("row, message", [('3.png,"a, b",extra', "line 2: expected 2 fields"),
+                                          ("3.png", "line 2: expected 2 fields")])
+def test_malformed_csv_row_is_an_error_with_its_line(tmp_path, row, message):
+    make_caption_folder(tmp_path / "pics", np.random.default_rng(0), n=4)
+    lines = (tmp_path / "pics" / "captions.csv").read_text().splitlines()
+    (tmp_path / "pics" / "captions.csv").write_text("\n".join([lines[0], row] + lines[1:]) + "\n")
+    with pytest.raises(common.UserError, match=message):
+        clip.read_captions_csv(tmp_path / "pics", 16)
+
+
+def test_corrupt_image_is_an_error(tmp_path):
+    make_caption_folder(tmp_path / "pics", np.random.default_rng(0), n=4)
+    (tmp_path / "pics" / "2.png").write_bytes(b"not a png")
+    with pytest.raises(common.UserError, match="2.png cannot be read"):
+        clip.read_captions_csv(tmp_path / "pics", 16)
+
+
+def flickr8k_zips(rng, train=6, test=3):
+    """The two published archives in their real layout, small: (files for the server, the image names)."""
+    names = [f"{1000 + i}_{i:04x}ab.jpg" for i in range(train + test + 1)]          # the last one is a dev image
+    images = io.BytesIO()
+    with zipfile.ZipFile(images, "w") as archive:
+        for name in names:
+            picture = io.BytesIO()
+            matplotlib.image.imsave(picture, rng.integers(0, 256, (15, 20, 3), dtype=np.uint8), format="jpg")
+            archive.writestr(clip.FLICKR8K_IMAGES + name, picture.getvalue())
+            archive.writestr("__MACOSX/" + clip.FLICKR8K_IMAGES + "._" + name, b"\0\5\26\7")   # macOS resource forks
+    lines = [f"{name}#{k}\tA dog number {i} runs , take {k} ." for i, name in enumerate(names) for k in range(5)]
+    lines.append("2258277193_586949ec62.jpg.1#0\tAn entry whose image is in no split .")   # as in the real file
+    text = io.BytesIO()
+    with zipfile.ZipFile(text, "w") as archive:
+        archive.writestr("Flickr8k.token.txt", "\n".join(lines) + "\n")
+        archive.writestr("Flickr_8k.trainImages.txt", "\n".join(names[:train] + ["missing_0000.jpg"]) + "\n")
+        archive.writestr("Flickr_8k.devImages.txt", names[-1] + "\n")
+        archive.writestr("Flickr_8k.testImages.txt", "\n".join(names[train:train + test]) + "\n")
+        archive.writestr("__MACOSX/._Flickr8k.token.txt", b"\0")
+    return {"Flickr8k_Dataset.zip": images.getvalue(), "Flickr8k_text.zip": text.getvalue()}, names
+
+
+@pytest.fixture
+def flickr_server(monkeypatch):
+    files, names = flickr8k_zips(np.random.default_rng(0))
+    server = Server(files)
+    remote = [common.RemoteFile(r.name, hashlib.md5(files[r.name]).hexdigest()) for r in clip.FLICKR8K.files]
+    monkeypatch.setattr(clip, "FLICKR8K", common.RemoteDataset([server.url], remote, []))
+    yield server, names
+    server.close()
+
+
+def test_flickr8k_downloads_verifies_caches_and_reads(tmp_path, flickr_server):
+    server, names = flickr_server
+    cfg = clip.Config(dataset="flickr8k", data_dir=str(tmp_path), batch_size=2, image_size=16)
+    data = clip.load_data(cfg, torch.device("cpu"))
+    assert sorted(server.requests) == ["Flickr8k_Dataset.zip", "Flickr8k_text.zip"]
+    assert (len(data.train), len(data.test)) == (6, 3) and data.train.images.shape[1:] == (3, 16, 16)
+    assert data.train.counts.tolist() == [5] * 6 and data.skipped == {"image missing from the zip": 1}
+    assert data.texts[int(data.test.captions[0, 2])] == "A dog number 6 runs , take 2 ."
+    assert (tmp_path / "flickr8k" / "images-16.npz").is_file() and not list(tmp_path.rglob("*.part"))
+    first = data.train.images.clone()
+    # second time: the text archive is checked on disk, the images come from the cache: nothing is fetched
+    again = clip.load_data(cfg, torch.device("cpu"))
+    assert len(server.requests) == 2 and torch.equal(again.train.images, first)
+
+
+def test_flickr8k_bad_checksum_or_offline_leaves_nothing(tmp_path, flickr_server, monkeypatch):
+    server, _ = flickr_server
+    server.files["Flickr8k_text.zip"] = server.files["Flickr8k_text.zip"][:-1] + b"x"
+    cfg = clip.Config(dataset="flickr8k", data_dir=str(tmp_path), batch_size=2, image_size=16)
+    with pytest.raises(common.UserError, match="MD5"):
+        clip.load_data(cfg, torch.device("cpu"))
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+    monkeypatch.setattr(clip, "FLICKR8K", common.RemoteDataset(["http://127.0.0.1:9/"], clip.FLICKR8K.files, []))
+    with pytest.raises(common.UserError, match="cannot download Flickr8k_text.zip"):
+        clip.load_data(cfg, torch.device("cpu"))
