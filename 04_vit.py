@@ -1,17 +1,147 @@
-"""A Vision Transformer from matrix products: patches as tokens, self-attention, and what depth buys.
+"""04 -- A Vision Transformer from matrix products: patches as tokens, self-attention, and what depth buys.
 
-(work in progress: the model section below is final, other scripts may import it; the rest is being written)
+An image is cut into P x P patches; each patch becomes a token by one linear map, a learned class token and
+learned position embeddings are added, and a stack of pre-norm Transformer blocks (self-attention, then a
+per-token MLP) lets the tokens exchange information. The class token's final state is the representation.
+This script writes all of it from tensor operations, trains it, and then looks inside:
+  - a linear probe on the class token after every block: how linearly separable the classes become with depth;
+  - where the class token attends, per head and rolled out over the layers, and what the position embeddings learned;
+  - inductive bias: a CNN of about the same size under the same budget, on all labels and on a few
+    (--sweep), and the symmetries each architecture has built in, measured on real images;
+  - self-supervised pre-training (--pretrain simclr, with 03's augmentations and NT-Xent) against training
+    from scratch when labels are few.
+
+Papers:
+  Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words" (ViT): Eqs. 1-4 are the model.
+  Vaswani et al. 2017, "Attention Is All You Need": Eq. 1 scaled dot-product attention, Eq. 5 multi-head.
+  Ba, Kiros, Hinton 2016, "Layer Normalization": Eq. 4.
+  Abnar, Zuidema 2020, "Quantifying Attention Flow in Transformers": attention rollout (Eq. 1 there).
+  Loshchilov, Hutter 2019, "Decoupled Weight Decay Regularization" (AdamW); Szegedy et al. 2016 (label smoothing).
+  Chen et al. 2020 (SimCLR), Eq. 1, for --pretrain simclr.
+
+Run:  python 04_vit.py            (the embedded shapes set; --dataset fashion-mnist|cifar10 for real data)
+      python 04_vit.py --model cnn  (the CNN baseline)   --sweep 0.01,0.1,1   --pretrain simclr --train-fraction 0.02
+Measured on one H100: (filled in from the GPU run)
 
 Shapes legend: B batch, C channels, P patch size, N patches, T tokens (1 + N), E embedding width,
-H heads, D head size (E / H).
+H heads, D head size (E / H), L layers.
 """
+import copy
 import math
+from dataclasses import dataclass
 
+import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+
+autoencoder = common.import_script("01_autoencoder")    # linear_probe, knn_classify, topk_accuracy
+contrastive = common.import_script("03_contrastive")    # augment, nt_xent
+
+
+@dataclass
+class Config(common.RunConfig):
+    model: str = common.arg("vit", "the model trained and examined: vit | cnn (the baseline)", choices=["vit", "cnn"])
+    image_size: int = common.arg(32, "images are padded or resized to this many pixels a side")
+    patch_size: int = common.arg(4, "P: pixels per patch side; image_size must be a multiple of it")
+    dim: int = common.arg(192, "E: token width of the ViT; the CNN's stage widths are E/2, E, 2E (about as many parameters)")
+    depth: int = common.arg(6, "L: number of Transformer blocks")
+    heads: int = common.arg(3, "H: attention heads per block; dim must be a multiple of it")
+    mlp_ratio: int = common.arg(4, "hidden width of each block's MLP, as a multiple of dim")
+    epochs: int = common.arg(15, "passes over the full training set; fewer labels (--train-fraction) get the same steps")
+    batch_size: int = common.arg(512, "images per step")
+    lr: float = common.arg(2e-3, "peak learning rate of AdamW, reached after the warm-up")
+    warmup: float = common.arg(0.1, "share of the steps over which the learning rate rises linearly from 0")
+    weight_decay: float = common.arg(0.05, "AdamW's decoupled weight decay, on weight matrices only")
+    label_smoothing: float = common.arg(0.1, "share of each target's probability spread evenly over all classes")
+    clip_grad: float = common.arg(1.0, "gradients are rescaled to at most this global norm (0 = no clipping)")
+    crop: float = common.arg(0.3, "03's random resized crop while training: the share of the area it may cut away (0 = none)")
+    train_fraction: float = common.arg(1.0, "share of the labelled training images used, in (0, 1]")
+    sweep: str = common.arg("", "comma-separated shares of the training set, e.g. 0.01,0.1,1: train a ViT and a CNN on "
+                                "each with the same steps and plot test accuracy against the number of labels")
+    pretrain: str = common.arg("", "simclr: pre-train the ViT on the unlabelled training images first", choices=["", "simclr"])
+    pretrain_epochs: int = common.arg(15, "passes over the training images for --pretrain simclr")
+    temperature: float = common.arg(0.2, "NT-Xent temperature for --pretrain simclr")
+    init: str = common.arg("", "start the ViT from a checkpoint saved by --pretrain (kind 'vit'), e.g. runs/04_vit/vit_simclr.pt")
+    compile: bool = common.arg(False, "torch.compile the model for training: faster steps after a compile of ~half a minute")
+    n_train: int = common.arg(0, "training images to load (0 = all of the dataset's)")
+    n_test: int = common.arg(0, "test images to load (0 = all of the dataset's)")
+    probe_samples: int = common.arg(10_000, "training images the per-layer linear probes are fitted on")
+    probe_steps: int = common.arg(1000, "Adam steps of each linear probe (01's linear_probe runs at least this many)")
+
+
+QUICK = dict(n_train=1200, n_test=400, patch_size=8, dim=48, depth=2, heads=2, mlp_ratio=2, epochs=6, batch_size=100,
+             lr=3e-3, pretrain_epochs=3, probe_samples=600, probe_steps=100)
+
+
+def validate(cfg):
+    """Every option checked before any work is done, so a mistake costs nothing."""
+    common.check(cfg.dataset in ["shapes", *common.DATASETS],
+                 f"unknown dataset {cfg.dataset!r}; choose shapes, {', '.join(common.DATASETS)}")
+    common.check(cfg.image_size > 0 and cfg.patch_size > 0, "image_size and patch_size must be positive")
+    common.check(cfg.image_size % cfg.patch_size == 0,
+                 f"the image size {cfg.image_size} is not divisible by the patch size {cfg.patch_size}")
+    common.check(cfg.dim > 0 and cfg.heads > 0 and cfg.dim % cfg.heads == 0,
+                 f"the embedding width {cfg.dim} is not divisible by the number of heads {cfg.heads}")
+    common.check(cfg.model == "vit" or cfg.dim % 2 == 0, f"the CNN's widths are dim/2, dim, 2*dim: dim must be even, got {cfg.dim}")
+    for name in ("depth", "mlp_ratio", "epochs", "batch_size", "pretrain_epochs", "probe_samples", "probe_steps"):
+        common.check(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    common.check(cfg.n_train >= 0 and cfg.n_test >= 0, "--n-train and --n-test must be >= 0 (0 = all)")
+    common.check(cfg.lr > 0 and 0 <= cfg.warmup < 1, "--lr must be > 0 and --warmup in [0, 1)")
+    common.check(0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    common.check(0 <= cfg.crop < 1, f"--crop must be in [0, 1), got {cfg.crop}")
+    common.check(0 < cfg.train_fraction <= 1, f"--train-fraction must be in (0, 1], got {cfg.train_fraction}")
+    common.check(cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}")
+    common.check(not cfg.pretrain or cfg.model == "vit", "--pretrain simclr pre-trains the ViT; drop --model cnn")
+    common.check(not cfg.init or (cfg.model == "vit" and not cfg.pretrain), "--init starts a ViT without --pretrain")
+    fractions = sweep_fractions(cfg.sweep)
+    common.check(all(0 < f <= 1 for f in fractions), f"--sweep shares must be in (0, 1], got {cfg.sweep!r}")
+
+
+def sweep_fractions(text):
+    try:
+        return sorted(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise common.UserError(f"--sweep takes comma-separated numbers such as 0.01,0.1,1, got {text!r}") from None
+
+
+# ---- 1. Data: images stay on the device as uint8; each batch is converted, augmented and normalised there ----
+
+def load_data(cfg, device):
+    """The dataset as 3-channel uint8 images of image_size pixels, resident on device."""
+    return common.load_images(cfg.dataset, cfg.data_dir, device, n_train=cfg.n_train or None, n_test=cfg.n_test or None,
+                              seed=cfg.seed, size=cfg.image_size, channels=3)
+
+
+def channel_stats(images):
+    """Per-channel mean and std of uint8 images (N, C, H, W) in [0, 1] units, each (1, C, 1, 1)."""
+    x = images.float() / 255
+    return x.mean((0, 2, 3), keepdim=True), x.std((0, 2, 3), keepdim=True) + 1e-3
+
+
+def normalise(x, stats):
+    """Floats in [0, 1] (B, C, H, W) -> zero mean, unit variance per channel, as the models expect."""
+    mean, std = stats
+    return (x - mean) / std
+
+
+def subset(n, fraction, seed, device):
+    """A fixed random share of the indices 0..n-1 (at least one image): the labelled images a run may use."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    return torch.randperm(n, generator=generator)[:max(1, round(fraction * n))].to(device)
+
+
+def index_batches(pool, batch_size, steps, generator):
+    """`steps` batches of indices from pool, each pass over pool in a fresh random order. Every batch has the
+    same size (a pass's remainder is dropped), so torch.compile compiles one graph."""
+    batch_size = min(batch_size, len(pool))
+    per_pass = len(pool) // batch_size
+    for step in range(steps):
+        if step % per_pass == 0:
+            order = pool[torch.randperm(len(pool), generator=generator).to(pool.device)]
+        yield order[(step % per_pass) * batch_size:(step % per_pass + 1) * batch_size]
 
 
 # ---- 2. Model: a Vision Transformer, built up from its smallest parts ----
@@ -221,3 +351,422 @@ class ConvNet(nn.Module):
     def forward(self, images):
         features = self.features(images)
         return self.head(features) if self.head is not None else features
+
+
+def build_model(kind, cfg, num_classes, pos_embedding=True):
+    """The ViT of the config, or the CNN baseline of about the same number of parameters."""
+    if kind == "vit":
+        return ViT(cfg.image_size, cfg.patch_size, 3, cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, num_classes, pos_embedding)
+    return ConvNet(3, cfg.dim // 2, num_classes)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---- 3. Training, as practitioners train small ViTs: AdamW, warm-up then cosine, label smoothing, clipping ----
+
+def learning_rate(step, steps, peak, warmup):
+    """A linear warm-up over the first `warmup` share of the steps, then a cosine decay to 0 (SGDR, Eq. 5 of
+    Loshchilov & Hutter 2017, one cycle). Adam's early steps rest on poor second-moment estimates, and
+    attention logits can blow up then: the warm-up keeps those first steps small."""
+    warmup_steps = int(warmup * steps)
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW (decoupled weight decay) with the decay on the weight matrices of linear and conv layers only:
+    pulling norms' gains, biases, the class token or the position embeddings towards 0 makes no simpler model."""
+    decay = [p for p in model.parameters() if p.ndim in (2, 4)]
+    rest = [p for p in model.parameters() if p.ndim not in (2, 4)]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+
+
+def fit(model, loss_of_batch, pool, steps, steps_per_epoch, cfg, device, desc, evaluate=None):
+    """The loop shared by supervised training and SimCLR pre-training. loss_of_batch(indices) -> scalar loss.
+    After every epoch's worth of steps, records the mean loss, the training seconds so far (evaluation
+    excluded) and whatever evaluate() returns. Returns that history, a list of dicts."""
+    optimizer = make_optimizer(model, cfg, device)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    history, running, count, seconds = [], torch.zeros((), device=device), 0, 0.0
+    batch_size = min(cfg.batch_size, len(pool))
+    bar = common.progress(steps * batch_size, desc)
+    model.train()
+    watch = common.Stopwatch(device)
+    for step, indices in enumerate(index_batches(pool, cfg.batch_size, steps, generator)):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, cfg.lr, cfg.warmup)
+        loss = loss_of_batch(indices)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_grad > 0:
+            # one bad batch cannot throw the weights far: the step is rescaled when the gradient norm is large
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        optimizer.step()
+        running += loss.detach()                               # summed on the device: no synchronisation per step
+        count += 1
+        bar.update(len(indices))
+        if (step + 1) % steps_per_epoch == 0 or step + 1 == steps:
+            seconds += watch.seconds()
+            record = {"epoch": round((step + 1) / steps_per_epoch, 3), "loss": (running / count).item(),
+                      "seconds": seconds, "images": (step + 1) * batch_size}
+            if evaluate is not None:
+                model.eval()
+                record.update(evaluate())
+                model.train()
+            history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", **{k: f"{v:.3f}" for k, v in record.items() if k == "test_top1"})
+            running, count = torch.zeros((), device=device), 0
+            watch = common.Stopwatch(device)
+    bar.close()
+    model.eval()
+    return history
+
+
+def train_classifier(model, data, stats, pool, cfg, device, desc):
+    """Supervised training on the labelled images `pool` for cfg.epochs passes' worth of steps over the full
+    training set (fewer labels: more passes over them, the same compute). Returns the history."""
+    forward = torch.compile(model) if cfg.compile else model    # the same parameters, fused kernels
+
+    def loss_of_batch(indices):
+        x = data.x_train[indices].float() / 255                                # (B, C, H, W) in [0, 1]
+        # 03's GPU augmentations, mild for supervised training: a crop and a mirror, no colour changes
+        x = contrastive.augment(x, crop=cfg.crop, flip=0.5, jitter=0, grayscale=0, blur=0)
+        with common.autocast(device):
+            logits = forward(normalise(x, stats))                               # (B, classes)
+        # label smoothing (Szegedy et al. 2016, Sec. 7): the target is 1 - eps on the class and eps / classes
+        # everywhere, so the logits need not grow without bound to fit the training set
+        return F.cross_entropy(logits.float(), data.y_train[indices], label_smoothing=cfg.label_smoothing)
+
+    steps_per_epoch = max(1, len(data.x_train) // cfg.batch_size)
+    evaluate = lambda: {"test_top1": test_accuracy(model, data, stats)["top1"]}
+    return fit(model, loss_of_batch, pool, cfg.epochs * steps_per_epoch, steps_per_epoch, cfg, device, desc, evaluate)
+
+
+def pretrain_simclr(vit, data, stats, cfg, device):
+    """SimCLR without labels: two views of every image from 03's augment, the ViT's class token h through
+    a small projector g, and NT-Xent (Eq. 1 of SimCLR) on g(h). The probe later reads h, not g(h).
+    Returns the history of the loss."""
+    projector = nn.Sequential(nn.Linear(vit.dim, vit.dim), nn.GELU(), nn.Linear(vit.dim, 128)).to(device)
+    both = nn.ModuleDict({"encoder": vit, "projector": projector})
+    encode = torch.compile(vit) if cfg.compile else vit
+
+    def loss_of_batch(indices):
+        x = data.x_train[indices].float() / 255                                 # (B, C, H, W)
+        views = torch.cat([contrastive.augment(x), contrastive.augment(x)])     # (2B, C, H, W)
+        with common.autocast(device):
+            z = projector(encode(normalise(views, stats)))                      # (2B, 128)
+        z1, z2 = z.float().chunk(2)                                             # (B, 128) each
+        return contrastive.nt_xent(z1, z2, cfg.temperature)
+
+    everything = torch.arange(len(data.x_train), device=device)                 # no labels used: all images
+    steps_per_epoch = max(1, len(data.x_train) // cfg.batch_size)
+    return fit(both, loss_of_batch, everything, cfg.pretrain_epochs * steps_per_epoch, steps_per_epoch, cfg, device,
+               "SimCLR pre-training")
+
+
+# ---- 4. Evaluation: accuracy, what each layer knows, where attention looks, which symmetries hold ----
+
+@torch.no_grad()
+def predict(model, images, stats, batch_size=1024):
+    """Logits (N, classes) of uint8 images (N, C, H, W), in eval mode."""
+    model.eval()
+    with common.autocast(images.device):
+        return torch.cat([model(normalise(x.float() / 255, stats)).float() for x in images.split(batch_size)])
+
+
+def test_accuracy(model, data, stats):
+    return autoencoder.topk_accuracy(predict(model, data.x_test, stats), data.y_test)
+
+
+@torch.no_grad()
+def layer_features(vit, images, stats, batch_size=1024):
+    """The class token and the mean of the patch tokens, after the embedding and after every block:
+    two tensors (L + 1, n, E)."""
+    cls, patches = [], []
+    for x in images.split(batch_size):
+        with common.autocast(images.device):
+            states = vit.hidden_states(normalise(x.float() / 255, stats))       # L + 1 of (b, T, E)
+        cls.append(torch.stack([s[:, 0] for s in states]).float())              # (L + 1, b, E)
+        patches.append(torch.stack([s[:, 1:].mean(1) for s in states]).float())
+    return torch.cat(cls, 1), torch.cat(patches, 1)
+
+
+def depth_probes(vit, data, stats, pool, cfg):
+    """A linear probe (01's) on the class token and on the mean patch token after every block, fitted on up
+    to probe_samples labelled training images. Raw pixels are the baseline. Before block 1 the class token
+    is the same vector for every image (x_class + E_pos^0), so its probe is at chance by construction:
+    everything it knows later, attention brought to it."""
+    train = pool[:cfg.probe_samples]
+    y_train, classes = data.y_train[train], len(data.classes)
+    cls_train, patch_train = layer_features(vit, data.x_train[train], stats)
+    cls_test, patch_test = layer_features(vit, data.x_test, stats)
+    probe = lambda a, b: autoencoder.linear_probe(a, y_train, b, data.y_test, classes, seed=cfg.seed,
+                                                  min_steps=cfg.probe_steps)["top1"]
+    pixels = lambda images: images.flatten(1).float() / 255
+    return {"class_token": [probe(a, b) for a, b in zip(cls_train, cls_test)],
+            "mean_patch_token": [probe(a, b) for a, b in zip(patch_train, patch_test)],
+            "pixels": probe(pixels(data.x_train[train]), pixels(data.x_test)),
+            "chance": 1 / classes}
+
+
+@torch.no_grad()
+def attention_maps(vit, images):
+    """Every block's attention weights for normalised images (n, C, H, W): L tensors (n, H, T, T), computed by
+    the blocks' own layers on the tokens that enter them."""
+    x, maps = vit.embed(images), []
+    for block in vit.blocks:
+        maps.append(block.attn.weights(block.norm1(x)))
+        x = block(x)
+    return maps
+
+
+def attention_rollout(maps):
+    """Abnar & Zuidema 2020: how much each input patch flows into the final class token. Each layer mixes
+    tokens by its head-averaged attention plus the residual (counted as 0.5 A + 0.5 I, rows renormalised),
+    and the layers compose by matrix products. Returns (n, N)."""
+    T = maps[0].shape[-1]
+    identity = torch.eye(T, device=maps[0].device)
+    joint = identity
+    for weights in maps:
+        mixing = 0.5 * weights.mean(1) + 0.5 * identity                          # (n, T, T)
+        mixing = mixing / mixing.sum(-1, keepdim=True)
+        joint = mixing @ joint                                                  # (n,T,T) @ (n,T,T) -> (n,T,T)
+    return joint[:, 0, 1:]                                                      # class token's row, patches only
+
+
+def relative_error(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@torch.no_grad()
+def equivariance(vit, cnn, images, seed):
+    """Symmetries built into each architecture, measured in float64 on real normalised images (n, C, H, W) as
+    ||f(g x) - g f(x)|| / ||g f(x)||, for g = a random permutation of the patches, and g = a cyclic shift of
+    the image by one patch (which is a particular permutation of them).
+      ViT without position embeddings (the same weights, E_pos removed): attention is a function of a set,
+        so both errors are rounding, and the class token is invariant;
+      ViT with them: a token knows where it sits, so neither holds;
+      CNN's first stage (two 3x3 convs): any shift commutes with it away from the zero-padded border, but a
+        patch shuffle does not (new edges appear between the shuffled patches)."""
+    vit = copy.deepcopy(vit).double().eval()
+    without = ViT(**{**vit.arch, "pos_embedding": False}).to(images.device).double().eval()
+    without.load_state_dict({k: v for k, v in vit.state_dict().items() if k != "pos_embedding"})
+    stage = copy.deepcopy(cnn.stages[0]).double().eval()
+    x = images.double()
+    n, C, side_pixels = x.shape[0], x.shape[1], x.shape[-1]
+    P, N = vit.patch_size, vit.num_patches
+    side = side_pixels // P
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed)).to(x.device)
+    permute = lambda imgs: unpatchify(patchify(imgs, P)[:, perm], P, imgs.shape[1])
+    shift = lambda imgs: imgs.roll(P, dims=-1)                                  # one patch right, wrapping around
+    shift_tokens = lambda t: t.reshape(n, side, side, -1).roll(1, dims=2).reshape(n, N, -1)
+
+    def token_errors(model):
+        tokens = model.tokens(x)                                                # (n, T, E)
+        moved, shifted = model.tokens(permute(x)), model.tokens(shift(x))
+        return {"permute_patches": relative_error(moved[:, 1:], tokens[:, 1:, :][:, perm]),
+                "shift_one_patch": relative_error(shifted[:, 1:], shift_tokens(tokens[:, 1:])),
+                "class_token_after_permutation": relative_error(moved[:, 0], tokens[:, 0])}
+
+    maps = stage(x)                                                             # (n, width, H, W)
+    margin = 2                                                                  # two 3x3 convs see 2 pixels out
+    inside = slice(P + margin, side_pixels - margin)                            # columns no padding reaches
+    return {"vit_without_positions": token_errors(without), "vit": token_errors(vit),
+            "cnn_first_stage": {"permute_patches": relative_error(stage(permute(x)), permute(maps)),
+                                "shift_one_patch": relative_error(stage(shift(x))[..., inside], shift(maps)[..., inside])}}
+
+
+# ---- 5. Figures ----
+
+def plot_curves(histories, path):
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, history in histories.items():
+        epochs = [r["epoch"] for r in history]
+        ax_loss.plot(epochs, [r["loss"] for r in history], label=name)
+        if "test_top1" in history[0]:
+            ax_acc.plot(epochs, [100 * r["test_top1"] for r in history], label=name)
+    ax_loss.set(xlabel="epoch (passes' worth of steps over the full training set)", ylabel="training loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="test top-1 (%)", title="test accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    common.save_figure(fig, path)
+
+
+def plot_depth(probes, path):
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    layers = range(len(probes["class_token"]))
+    ax.plot(layers, [100 * a for a in probes["class_token"]], "o-", label="class token")
+    ax.plot(layers, [100 * a for a in probes["mean_patch_token"]], "s-", label="mean of patch tokens")
+    ax.axhline(100 * probes["pixels"], color="gray", ls="--", label="raw pixels")
+    ax.axhline(100 * probes["chance"], color="gray", ls=":", label="chance")
+    ax.set(xlabel="after block (0 = embeddings)", ylabel="linear probe test top-1 (%)", xticks=list(layers),
+           title="linear separability grows with depth")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    common.save_figure(fig, path)
+
+
+def show_image(ax, image):
+    ax.imshow(image.permute(1, 2, 0).cpu().numpy())
+    ax.set_axis_off()
+
+
+def plot_attention(vit, images, stats, class_names, labels, path):
+    """For a few test images: the class token's attention over the patches in the last block, per head,
+    and the attention rolled out over all blocks, each over the image."""
+    maps = attention_maps(vit, normalise(images.float() / 255, stats))
+    side = math.isqrt(vit.num_patches)
+    last = maps[-1][:, :, 0, 1:].reshape(len(images), -1, side, side)            # (n, H, side, side)
+    rolled = attention_rollout(maps).reshape(len(images), side, side)            # (n, side, side)
+    heads = last.shape[1]
+    fig, axes = plt.subplots(len(images), heads + 2, figsize=(1.6 * (heads + 2), 1.6 * len(images)), squeeze=False)
+    size = images.shape[-1]
+    for i, image in enumerate(images):
+        show_image(axes[i, 0], image)
+        axes[i, 0].set_title(class_names[int(labels[i])], fontsize=8)
+        for j, heat in enumerate([*last[i], rolled[i]]):
+            show_image(axes[i, j + 1], image)
+            axes[i, j + 1].imshow(heat.cpu().numpy(), cmap="inferno", alpha=0.65, extent=(-0.5, size - 0.5, size - 0.5, -0.5))
+            if i == 0:
+                axes[i, j + 1].set_title(f"last block, head {j + 1}" if j < heads else "rollout", fontsize=8)
+    common.save_figure(fig, path)
+
+
+def plot_positions(vit, path):
+    """Cosine similarity of each patch's position embedding to every other's, laid out on the patch grid
+    (as Fig. 7 of the ViT paper): learned from scratch, nearby positions end up alike."""
+    pos = F.normalize(vit.pos_embedding[0, 1:].detach().float(), dim=1)          # (N, E)
+    side = math.isqrt(vit.num_patches)
+    similarity = (pos @ pos.T).reshape(side, side, side, side)                   # (row, col) -> a side x side map
+    mosaic = F.pad(similarity, (0, 1, 0, 1), value=float("nan"))                 # a gap between the small maps
+    mosaic = mosaic.permute(0, 2, 1, 3).reshape(side * (side + 1), side * (side + 1)).cpu().numpy()
+    fig, ax = plt.subplots(figsize=(5, 4.4))
+    shown = ax.imshow(mosaic, cmap="viridis", vmin=-1, vmax=1)
+    ax.set_axis_off()
+    ax.set_title("position embeddings: cosine similarity,\none small map per patch position", fontsize=9)
+    fig.colorbar(shown, ax=ax, fraction=0.046)
+    common.save_figure(fig, path)
+
+
+def plot_sweep(results, path):
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for kind, name in (("vit", "ViT"), ("cnn", "CNN")):
+        rows = [r for r in results if r["model"] == kind]
+        ax.plot([r["train_images"] for r in rows], [100 * r["test_top1"] for r in rows], "o-", label=name)
+    ax.set(xscale="log", xlabel="labelled training images (same number of steps each)", ylabel="test top-1 (%)",
+           title="inductive bias pays when data is scarce")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    common.save_figure(fig, path)
+
+
+# ---- 6. Main ----
+
+def init_from_checkpoint(model, path, cfg, device):
+    """Copy a pre-trained ViT (kind 'vit', no head) into model; its head stays freshly initialised."""
+    backbone = build_model("vit", cfg, num_classes=0)
+    common.load_checkpoint(path, backbone, kind="vit", device="cpu")
+    model.load_state_dict({**model.state_dict(), **{k: v.to(device) for k, v in backbone.state_dict().items()}})
+
+
+def probe_features(encoder, data, stats, pool, cfg):
+    """01's linear probe on encoder(images) (B, E): fitted on the labelled pool, scored on the test set."""
+    encode = lambda images: torch.cat([predict(encoder, x, stats) for x in images.split(4096)])
+    return autoencoder.linear_probe(encode(data.x_train[pool]), data.y_train[pool], encode(data.x_test), data.y_test,
+                                    len(data.classes), seed=cfg.seed, min_steps=cfg.probe_steps)["top1"]
+
+
+def main(argv=None):
+    cfg = common.parse_config(Config, argv, __doc__, quick=QUICK)
+    validate(cfg)
+    device, out = common.setup(cfg, __file__)
+    wall = common.Stopwatch(device)
+    data = load_data(cfg, device)
+    classes = len(data.classes)
+    stats = channel_stats(data.x_train)
+    pool = subset(len(data.x_train), cfg.train_fraction, cfg.seed, device)        # the labels this run may use
+    model = build_model(cfg.model, cfg, classes).to(device)
+    metrics = {"dataset": cfg.dataset, "model": cfg.model, "parameters": count_parameters(model),
+               "labelled_images": len(pool), "epochs": cfg.epochs, "compile": cfg.compile}
+    print(f"{cfg.model}: {metrics['parameters'] / 1e6:.2f}M parameters; {len(pool)} labelled of {len(data.x_train)} "
+          f"training images, {len(data.x_test)} test images")
+    histories = {}
+    if cfg.init:
+        init_from_checkpoint(model, cfg.init, cfg, device)
+    if cfg.pretrain:
+        backbone = build_model("vit", cfg, num_classes=0).to(device)
+        random_probe = probe_features(backbone, data, stats, pool, cfg)
+        pretrain_history = pretrain_simclr(backbone, data, stats, cfg, device)
+        checkpoint = out / "vit_simclr.pt"
+        common.save_checkpoint(checkpoint, backbone, cfg, kind="vit", arch=backbone.arch)
+        print(f"pre-trained ViT saved to {checkpoint}")
+        metrics["pretrain"] = {"loss": [r["loss"] for r in pretrain_history], "seconds": pretrain_history[-1]["seconds"],
+                               "probe_top1": probe_features(backbone, data, stats, pool, cfg),
+                               "random_encoder_probe_top1": random_probe, "checkpoint": str(checkpoint)}
+        model.load_state_dict({**model.state_dict(), **backbone.state_dict()})
+        scratch = build_model("vit", cfg, classes).to(device)
+        histories["ViT from scratch"] = train_classifier(scratch, data, stats, pool, cfg, device, "ViT from scratch")
+        metrics["pretrain"]["scratch_test_top1"] = histories["ViT from scratch"][-1]["test_top1"]
+    name = {"vit": "ViT", "cnn": "CNN"}[cfg.model] + (" fine-tuned from SimCLR" if cfg.pretrain else "")
+    histories[name] = history = train_classifier(model, data, stats, pool, cfg, device, name)
+    common.save_checkpoint(out / f"{cfg.model}.pt", model, cfg, kind=f"{cfg.model}-classifier")
+    metrics.update(test_accuracy(model, data, stats), train_seconds=history[-1]["seconds"],
+                   train_images_per_second=history[-1]["images"] / history[-1]["seconds"], history=history)
+    if cfg.pretrain:
+        metrics["pretrain"]["finetune_test_top1"] = metrics["top1"]
+    plot_curves(histories, out / "curves.png")
+
+    vit = model if cfg.model == "vit" else build_model("vit", cfg, classes).to(device)
+    cnn = model if cfg.model == "cnn" else build_model("cnn", cfg, classes).to(device)
+    sample = normalise(data.x_test[:64].float() / 255, stats)
+    metrics["equivariance"] = equivariance(vit, cnn, sample, cfg.seed)
+    if cfg.model == "vit":
+        metrics["depth_probe"] = depth_probes(model, data, stats, pool, cfg)
+        plot_depth(metrics["depth_probe"], out / "depth.png")
+        plot_attention(model, data.x_test[:6], stats, data.classes, data.y_test[:6], out / "attention.png")
+        plot_positions(model, out / "positions.png")
+
+    if cfg.sweep:
+        metrics["sweep"] = []
+        for fraction in sweep_fractions(cfg.sweep):
+            labelled = subset(len(data.x_train), fraction, cfg.seed, device)
+            for kind in ("vit", "cnn"):
+                candidate = build_model(kind, cfg, classes).to(device)
+                run = train_classifier(candidate, data, stats, labelled, cfg, device, f"{kind} on {len(labelled)} labels")
+                metrics["sweep"].append({"model": kind, "fraction": fraction, "train_images": len(labelled),
+                                         "test_top1": run[-1]["test_top1"]})
+        plot_sweep(metrics["sweep"], out / "sweep.png")
+    metrics["wall_seconds"] = wall.seconds()
+    common.save_json(out / "metrics.json", metrics)
+    print(summary(cfg, metrics))
+    return model, metrics
+
+
+def summary(cfg, metrics):
+    """The one line a run ends with."""
+    parts = [f"04_vit: {cfg.model} ({metrics['parameters'] / 1e6:.2f}M) on {cfg.dataset}, {metrics['labelled_images']} labels: "
+             f"test top-1 {metrics['top1']:.3f} after {cfg.epochs} epochs ({metrics['train_seconds']:.1f} s training, "
+             f"{metrics['train_images_per_second'] / 1e3:.1f}k img/s{', compiled' if cfg.compile else ''})"]
+    if "depth_probe" in metrics:
+        probe = metrics["depth_probe"]["class_token"]
+        parts.append(f"class-token probe by block {' '.join(f'{a:.2f}' for a in probe)} (pixels {metrics['depth_probe']['pixels']:.2f})")
+    eq = metrics["equivariance"]
+    parts.append(f"patch-permutation error {eq['vit_without_positions']['permute_patches']:.0e} without positions, "
+                 f"{eq['vit']['permute_patches']:.2f} with; CNN shift error {eq['cnn_first_stage']['shift_one_patch']:.0e}")
+    if "pretrain" in metrics:
+        p = metrics["pretrain"]
+        parts.append(f"SimCLR probe {p['probe_top1']:.3f} (random encoder {p['random_encoder_probe_top1']:.3f}), "
+                     f"fine-tuned {p['finetune_test_top1']:.3f} vs scratch {p['scratch_test_top1']:.3f}")
+    if "sweep" in metrics:
+        parts.append("sweep " + " ".join(f"{r['model']}@{r['train_images']}={r['test_top1']:.3f}" for r in metrics["sweep"]))
+    return "; ".join(parts) + f"; {metrics['wall_seconds']:.0f} s"
+
+
+if __name__ == "__main__":
+    common.run(main)
