@@ -1,19 +1,80 @@
-"""03 -- Contrastive learning (SimCLR): learn features by telling two views of an image apart from all others.
+"""03 -- Contrastive learning (SimCLR): learn features without labels by telling two views of an image apart
+from the views of every other image in the batch.
 
-(work in progress: sections 1 (augmentations) and 3 (objective) are final; the rest of the lecture is being written)
+What it teaches
+  1. Two random views of each image (crop, flip, colour jitter, grayscale, blur), made on the GPU as batched
+     tensor ops: the augmentations decide what the representation learns to ignore.
+  2. An encoder f (a small ResNet) and a projection head g; downstream tasks use h = f(x), not z = g(h).
+  3. NT-Xent: a softmax over cosine similarities in which each view must pick out its partner.
+  4. Honest evaluation of the frozen encoder: linear probe, weighted kNN and few-shot probes, each against a
+     randomly initialised encoder and raw pixels.
+  5. Geometry: alignment and uniformity, effective rank and per-dimension spread, and the collapse that comes
+     when the negatives are removed (--negatives none); a temperature sweep (--temperatures 0.05,0.1,0.2,0.5,1).
+  6. Invariance: how far the representation moves under each augmentation, and under a change of one recorded
+     factor of the embedded set (colour, position, ...), against a change of class.
 
-Papers:
+Papers
   Chen, Kornblith, Norouzi, Hinton 2020, "A Simple Framework for Contrastive Learning of Visual Representations"
-  (SimCLR): Eq. 1 is the NT-Xent loss; Appendix A lists the augmentations.
+    (SimCLR): Eq. 1 is the NT-Xent loss, Section 2.1 the framework, Appendix A the augmentations.
+  Wang and Isola 2020, "Understanding Contrastive Representation Learning through Alignment and Uniformity on
+    the Hypersphere": Eqs. 4 and 5 (alignment, uniformity).
+  Roy and Vetterli 2007, "The effective rank: a measure of effective dimensionality": Eq. 1.
+  Wu, Xiong, Yu, Lin 2018, "Unsupervised Feature Learning via Non-Parametric Instance Discrimination": Eq. 7,
+    the weighted kNN (k = 20, temperature 0.07) used to evaluate the features.
+  He, Zhang, Ren, Sun 2016, "Deep Residual Learning for Image Recognition": the residual block.
+
+Run
+  python 03_contrastive.py                                   # embedded shapes, about a minute on one H100
+  python 03_contrastive.py --dataset fashion-mnist --epochs 100 --width 48 --crop 0.5 --blur 0
+  python 03_contrastive.py --negatives none                  # no negatives: watch it collapse
+  python 03_contrastive.py --temperatures 0.05,0.1,0.2,0.5,1 # temperature sweep after the main run
+
+Results on one H100: see the README section of this script (measured numbers, with their baselines).
 """
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import common
 
-# Shape legend: B images in a batch, V = 2B views, C channels, H x W pixels, D feature size.
+autoencoder = common.import_script("01_autoencoder")   # linear_probe, knn_classify: the shared evaluation
+
+# Shape legend: B images in a batch, V = 2B views, C channels, H x W pixels, w encoder width,
+# D feature size (h: D = 4w), P projection size (z), N images in an evaluation set.
+
+
+@dataclass
+class Config(common.RunConfig):
+    epochs: int = common.arg(40, "passes over the training images during pre-training")
+    batch_size: int = common.arg(1024, "images per step (each gives 2 views, so 2B - 2 negatives per anchor)")
+    lr: float = common.arg(2e-3, "peak AdamW learning rate (linear warm-up, then cosine decay to 0)")
+    weight_decay: float = common.arg(1e-4, "AdamW weight decay")
+    temperature: float = common.arg(0.2, "NT-Xent temperature tau > 0: lower sharpens the softmax over negatives")
+    negatives: str = common.arg("all", "all: NT-Xent | none: positives only (the ablation that collapses)",
+                                choices=["all", "none"])
+    width: int = common.arg(32, "encoder width w: stages of w, 2w and 4w channels; h has D = 4w features")
+    hidden: int = common.arg(512, "hidden width of the projection head")
+    projection: int = common.arg(128, "size P of the projection z that the loss sees")
+    augmentations: str = common.arg("crop,flip,jitter,grayscale,blur", "comma-separated augmentations to use "
+                                    "(the others are switched off): crop, flip, jitter, grayscale, blur")
+    crop: float = common.arg(0.6, "random resized crop: share of the area it may cut away, in [0, 1)")
+    flip: float = common.arg(0.5, "probability of a left-right flip")
+    jitter: float = common.arg(0.5, "colour jitter strength s (SimCLR's CIFAR-10 value is 0.5), on 80%% of views")
+    grayscale: float = common.arg(0.2, "probability of dropping colour")
+    blur: float = common.arg(0.5, "probability of a Gaussian blur")
+    temperatures: str = common.arg("", "comma-separated temperatures to sweep after the main run, e.g. 0.05,0.1,0.5")
+    n_train: int = common.arg(0, "training images to use (0: all)")
+    n_test: int = common.arg(0, "test images to use (0: all)")
+    image_size: int = common.arg(0, "resize images to this side (0: the dataset's own)")
+    probe_steps: int = common.arg(2000, "least number of Adam steps of each linear probe")
+
+
+QUICK = dict(epochs=4, batch_size=128, width=8, hidden=64, projection=32, n_train=1024, n_test=512,
+             image_size=16, probe_steps=150)
+AUGMENTATIONS = ("crop", "flip", "jitter", "grayscale", "blur")
 
 
 # ---- 1. Data: two random views of every image, made on the GPU as batched tensor ops ----
@@ -130,6 +191,13 @@ def random_blur(x, probability, generator=None):
     return torch.where(_per_image(chosen), gaussian_blur(x, sigma), x)
 
 
+def check_strengths(crop, flip, jitter, grayscale, blur):
+    common.check(0 <= crop < 1, f"crop must be in [0, 1) (the share of the area a crop may remove), got {crop}")
+    common.check(jitter >= 0, f"jitter strength must be >= 0, got {jitter}")
+    for name, p in (("flip", flip), ("grayscale", grayscale), ("blur", blur)):
+        common.check(0 <= p <= 1, f"{name} is a probability and must be in [0, 1], got {p}")
+
+
 def augment(x, crop=0.6, flip=0.5, jitter=0.5, grayscale=0.2, blur=0.5, generator=None):
     """One random view of each image, SimCLR's chain in SimCLR's order (Appendix A).
     x: float (B, C, H, W) in [0, 1], on any device -> a view of the same shape, in [0, 1].
@@ -140,10 +208,7 @@ def augment(x, crop=0.6, flip=0.5, jitter=0.5, grayscale=0.2, blur=0.5, generato
       blur       probability of a Gaussian blur, sigma in BLUR_SIGMA pixels            (0 = never)
     Defaults: SimCLR's CIFAR-10 recipe, with a gentler crop (area >= 0.4, not 0.08) so that the small shapes
     of the embedded set survive it, and blur on half the views. Every strength at 0 returns x itself."""
-    common.check(0 <= crop < 1, f"crop must be in [0, 1) (the share of the area a crop may remove), got {crop}")
-    common.check(jitter >= 0, f"jitter strength must be >= 0, got {jitter}")
-    for name, p in (("flip", flip), ("grayscale", grayscale), ("blur", blur)):
-        common.check(0 <= p <= 1, f"{name} is a probability and must be in [0, 1], got {p}")
+    check_strengths(crop, flip, jitter, grayscale, blur)
     if crop > 0:
         x = random_resized_crop(x, crop, generator)
     if flip > 0:
@@ -155,6 +220,88 @@ def augment(x, crop=0.6, flip=0.5, jitter=0.5, grayscale=0.2, blur=0.5, generato
     if blur > 0:
         x = random_blur(x, blur, generator)
     return x
+
+
+def strengths(cfg):
+    """The augment() keywords of a config: each augmentation not listed in cfg.augmentations is set to 0."""
+    chosen = set(cfg.augmentations.split(","))
+    return {name: getattr(cfg, name) if name in chosen else 0.0 for name in AUGMENTATIONS}
+
+
+def two_views(images, strength, generator=None):
+    """Two independent views of each image: uint8 (B, C, H, W) -> two float (B, C, H, W) in [0, 1]."""
+    x = images.float() / 255
+    both = augment(torch.cat([x, x]), **strength, generator=generator)   # one call: each row draws its own
+    return both.chunk(2)
+
+
+# ---- 2. Model: an encoder f and a projection head g (SimCLR Section 2.1) ----
+
+def conv_bn(c_in, c_out, stride=1):
+    """3x3 convolution and BatchNorm; no conv bias, since BatchNorm's shift would cancel it."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out))
+
+
+class ResidualBlock(nn.Module):
+    """He et al. 2016's basic block, y = ReLU(x + F(x)) with F = conv-BN-ReLU-conv-BN: the identity path
+    lets the gradient reach early layers undiminished, and F only learns a correction."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.residual = nn.Sequential(conv_bn(channels, channels), nn.ReLU(inplace=True), conv_bn(channels, channels))
+
+    def forward(self, x):                                          # (B, c, H, W) -> (B, c, H, W)
+        return F.relu(x + self.residual(x))
+
+
+class Encoder(nn.Module):
+    """f: a small ResNet. Three stages of w, 2w, 4w channels at full, half and quarter resolution (a stride-2
+    convolution halves the side and doubles the channels), then the average over positions.
+    (B, C, H, W) -> h (B, D), D = 4w: the representation every evaluation uses."""
+
+    def __init__(self, in_channels=3, width=32):
+        super().__init__()
+        w = width
+        self.stages = nn.Sequential(
+            conv_bn(in_channels, w), nn.ReLU(inplace=True), ResidualBlock(w),              # (B, w, H, W)
+            conv_bn(w, 2 * w, stride=2), nn.ReLU(inplace=True), ResidualBlock(2 * w),        # (B, 2w, H/2, W/2)
+            conv_bn(2 * w, 4 * w, stride=2), nn.ReLU(inplace=True), ResidualBlock(4 * w))    # (B, 4w, H/4, W/4)
+        self.dim = 4 * w
+
+    def forward(self, x):                                          # (B, C, H, W) -> (B, D)
+        return self.stages(x).mean((2, 3))                          # global average pool: position is forgotten
+
+
+class ProjectionHead(nn.Module):
+    """g: z = W2 ReLU(BN(W1 h)) (SimCLR Section 2.1, with the BatchNorm of SimCLR v2). The loss acts on z,
+    so z is pushed to drop whatever the augmentations change; h, one layer back, keeps more of it, which is
+    why downstream tasks read h (SimCLR Section 4.2, Fig. 8; the linear probe on both shows it)."""
+
+    def __init__(self, dim, hidden=512, out=128):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                                    nn.Linear(hidden, out))
+
+    def forward(self, h):                                          # (B, D) -> (B, P)
+        return self.layers(h)
+
+
+class SimCLR(nn.Module):
+    """The encoder and the head, one module so that one checkpoint holds both. forward: x -> (h, z)."""
+
+    def __init__(self, in_channels=3, width=32, hidden=512, projection=128):
+        super().__init__()
+        self.encoder = Encoder(in_channels, width)
+        self.head = ProjectionHead(self.encoder.dim, hidden, projection)
+
+    def forward(self, x):                                          # (B, C, H, W) -> (B, D), (B, P)
+        h = self.encoder(x)
+        return h, self.head(h)
+
+
+def build_model(cfg, in_channels, device):
+    # channels_last: the layout that the tensor cores' convolution kernels read without a transpose
+    return SimCLR(in_channels, cfg.width, cfg.hidden, cfg.projection).to(device, memory_format=torch.channels_last)
 
 
 # ---- 3. Objective: NT-Xent, the normalised temperature-scaled cross-entropy ----
@@ -178,3 +325,429 @@ def nt_xent(z1, z2, temperature):
         positive = logits[torch.arange(2 * B, device=z.device), partner]        # (V,)
         # -log softmax at the positive = log sum_k exp(s_ik / tau) - s_i,partner / tau
         return (torch.logsumexp(logits, dim=1) - positive).mean()
+
+
+def positives_only(z1, z2, temperature):
+    """The ablation --negatives none: Eq. 1 without its denominator, -cos(z_i, z_partner) / tau averaged.
+    Nothing pushes different images apart, so the cheapest minimum maps every image to one point: collapse."""
+    with torch.autocast(z1.device.type, enabled=False):
+        z1, z2 = (F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1) for z in (z1, z2))
+        return -(z1 * z2).sum(1).mean() / temperature
+
+
+LOSSES = {"all": nt_xent, "none": positives_only}
+
+
+# ---- 4. Training: pre-training without labels ----
+
+def contrastive_step(model, optimizer, view1, view2, temperature, loss_fn, device):
+    """One optimisation step on a batch of view pairs (B, C, H, W) each; returns the loss, still on the device
+    (reading it would make the CPU wait for the GPU)."""
+    views = torch.cat([view1, view2]).contiguous(memory_format=torch.channels_last)   # (V, C, H, W)
+    with common.autocast(device):
+        _, z = model(views)                                         # both views in one batch: one set of BN statistics
+    loss = loss_fn(*z.chunk(2), temperature)                        # z[:B] and z[B:] are partners, row by row
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def warmup_cosine(step, total, warmup):
+    """Learning-rate multiplier: linear warm-up over `warmup` steps, then a cosine decay to 0 (SGDR)."""
+    return min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+TRACK_POINTS = 25          # geometry measurements per pre-training run
+TRACK_IMAGES = 512         # test images whose views are measured, the same ones each time
+
+
+def pretrain(cfg, data, device, temperature, negatives, desc="pre-train"):
+    """SimCLR pre-training on data.x_train (labels unused). Returns (model, history, stats)."""
+    model = build_model(cfg, data.shape[0], device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    n, B = len(data.x_train), cfg.batch_size
+    steps_per_epoch = n // B                                        # the last partial batch is dropped
+    total = cfg.epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, steps_per_epoch))
+    strength, loss_fn = strengths(cfg), LOSSES[negatives]
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    tracked = data.x_test[: min(TRACK_IMAGES, B)]                    # at most a batch: cheap next to training
+    track_every = max(1, total // TRACK_POINTS)
+    history = {"step": [], "loss": [], "alignment": [], "uniformity": [], "effective_rank": [], "std": []}
+    bar = common.progress(total * B, desc)
+    watch = common.Stopwatch(device)
+    step = 0
+    for _ in range(cfg.epochs):
+        order = torch.randperm(n, device=device, generator=generator)[: steps_per_epoch * B]
+        for idx in order.view(steps_per_epoch, B):
+            view1, view2 = two_views(data.x_train[idx], strength, generator)
+            loss = contrastive_step(model, optimizer, view1, view2, temperature, loss_fn, device)
+            schedule.step()
+            step += 1
+            bar.update(B)
+            if step % track_every == 0 or step == 1 or step == total:
+                history["step"].append(step)
+                history["loss"].append(loss.item())
+                for key, value in geometry(model, tracked, strength, device, cfg.seed).items():
+                    history[key].append(value)
+                bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
+    seconds = watch.seconds()
+    bar.close()
+    return model, history, {"seconds": seconds, "images_per_second": total * B / seconds, "steps": total}
+
+
+# ---- 5. Evaluation: geometry of the embedding, and what a frozen encoder is good for ----
+
+def alignment(a, b, alpha=2):
+    """Wang and Isola 2020, Eq. 4: E ||f(x) - f(y)||^alpha over positive pairs, rows normalised first.
+    a, b (N, D) -> scalar; 0 when each pair maps to one point."""
+    a, b = F.normalize(a.float(), dim=1), F.normalize(b.float(), dim=1)
+    return (a - b).norm(dim=1).pow(alpha).mean()
+
+
+def uniformity(x, t=2):
+    """Wang and Isola 2020, Eq. 5: log E exp(-t ||f(x) - f(y)||^2) over all pairs of distinct rows, normalised
+    first. x (N, D) -> scalar; 0 when everything collapses to one point, lower when spread over the sphere."""
+    x = F.normalize(x.float(), dim=1)
+    squared = (2 - 2 * x @ x.T).clamp(min=0)                        # (N, N) ||x_i - x_j||^2 of unit vectors
+    distinct = ~torch.eye(len(x), dtype=torch.bool, device=x.device)
+    return torch.logsumexp(-t * squared[distinct], 0) - math.log(distinct.sum().item())
+
+
+def effective_rank(x):
+    """Roy and Vetterli 2007, Eq. 1: exp(entropy) of the covariance's normalised eigenvalues. x (N, D) ->
+    a number between 1 (all variance along one direction: collapse) and D (variance spread evenly)."""
+    x = x.double() - x.double().mean(0)
+    eigenvalues = torch.linalg.eigvalsh(x.T @ x / len(x)).clamp(min=0)    # (D,)
+    p = eigenvalues / eigenvalues.sum()
+    return torch.exp(-(p * torch.log(p.clamp(min=1e-30))).sum())
+
+
+def feature_std(x):
+    """Mean over dimensions of the standard deviation across rows of the normalised features (SimSiam's collapse
+    monitor): about 1/sqrt(D) for points spread over the sphere, 0 when collapsed."""
+    return F.normalize(x.float(), dim=1).std(0).mean()
+
+
+@torch.no_grad()
+def embed(model, images, device, batch=2048):
+    """h (N, D) and z (N, P) in float32 for images (N, C, H, W), uint8 or float in [0, 1], in eval mode
+    (BatchNorm uses its running statistics, so an image's features do not depend on the rest of the batch)."""
+    was_training = model.training
+    model.eval()
+    hs, zs = [], []
+    for chunk in images.split(batch):
+        with common.autocast(device):
+            x = chunk.float() / 255 if chunk.dtype == torch.uint8 else chunk
+            h, z = model(x.contiguous(memory_format=torch.channels_last))
+        hs.append(h.float())
+        zs.append(z.float())
+    model.train(was_training)
+    return torch.cat(hs), torch.cat(zs)
+
+
+@torch.no_grad()
+def geometry(model, images, strength, device, seed):
+    """Alignment of the two views' z, and uniformity, effective rank and spread of the first views' z,
+    on the same views each time (a fixed seed), so a curve over training compares like with like."""
+    generator = torch.Generator(device).manual_seed(seed + 1)
+    view1, view2 = two_views(images, strength, generator)
+    was_training = model.training
+    model.eval()
+    with common.autocast(device):
+        _, z = model(torch.cat([view1, view2]).contiguous(memory_format=torch.channels_last))
+    model.train(was_training)
+    z1, z2 = z.float().chunk(2)
+    return {"alignment": alignment(z1, z2).item(), "uniformity": uniformity(z1).item(),
+            "effective_rank": effective_rank(z1).item(), "std": feature_std(z1).item()}
+
+
+def per_class_subset(labels, shots, num_classes, seed):
+    """Indices of `shots` random training images of each class (all of a class's images if it has fewer)."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = labels.cpu()
+    picked = []
+    for c in range(num_classes):
+        members = (labels == c).nonzero().squeeze(1)
+        picked.append(members[torch.randperm(len(members), generator=generator)[:shots]])
+    return torch.cat(picked)
+
+
+FEW_SHOTS = (1, 10, 100)
+
+
+def evaluate_features(train_f, test_f, data, cfg, few_shot=True):
+    """Linear probe (top-1, top-5), weighted kNN (k = 20, tau = 0.07; top-1, top-5) and few-shot linear
+    probes of frozen features train_f (N, D), test_f (M, D)."""
+    classes = len(data.classes)
+    linear = autoencoder.linear_probe(train_f, data.y_train, test_f, data.y_test, classes, seed=cfg.seed,
+                                      min_steps=cfg.probe_steps)
+    knn = autoencoder.knn_classify(train_f, data.y_train, test_f, data.y_test, classes)
+    result = {"linear_top1": linear["top1"], "linear_top5": linear["top5"], "knn_top1": knn["top1"], "knn_top5": knn["top5"]}
+    if few_shot:
+        for shots in FEW_SHOTS:
+            idx = per_class_subset(data.y_train, shots, classes, cfg.seed).to(train_f.device)
+            probe = autoencoder.linear_probe(train_f[idx], data.y_train[idx], test_f, data.y_test, classes,
+                                             seed=cfg.seed, min_steps=cfg.probe_steps)
+            result[f"{shots}_shot_top1"] = probe["top1"]
+    return result
+
+
+def final_geometry(h, z):
+    """Effective rank and spread of the clean test images' h and z (N, D), (N, P)."""
+    return {"h_effective_rank": effective_rank(h).item(), "h_std": feature_std(h).item(),
+            "z_effective_rank": effective_rank(z).item(), "z_std": feature_std(z).item(),
+            "z_uniformity": uniformity(z[:TRACK_IMAGES]).item()}
+
+
+# ---- 6. Invariance: what does the representation ignore? ----
+#
+# The cosine distance 1 - cos(h(x), h(x')) between an image and a changed copy, averaged over test images.
+# The copy is an augmented view (one augmentation at a time), or, on the embedded set, the same image
+# re-rendered with one recorded factor taken from another image; the yardstick is a change of class.
+
+FACTORS = {"colour": ["colour"], "texture": ["texture", "stripe_angle"], "position": ["x", "y"], "scale": ["scale"],
+           "rotation": ["rotation"], "brightness": ["brightness"], "background": ["background"], "noise": ["noise"],
+           "class": ["label"]}
+INVARIANCE_IMAGES = 2048
+
+
+def cosine_distance(a, b, centre):
+    """Mean 1 - cos between rows of a and b (N, D), measured about `centre` (D,): features after a ReLU all
+    lie in one orthant, where every cosine is near 1; about the mean they spread over the whole sphere."""
+    return (1 - F.cosine_similarity(a - centre, b - centre, dim=1)).mean().item()
+
+
+@torch.no_grad()
+def invariance(model, data, strength, device, seed):
+    """{change: mean cosine distance of h} for each augmentation on its own, and for each factor of the
+    embedded set (or, on real data, for another image of another class)."""
+    images = data.x_test[:INVARIANCE_IMAGES]
+    h, _ = embed(model, images, device)
+    centre = h.mean(0)
+    generator = torch.Generator(device).manual_seed(seed + 2)
+    distances = {}
+    for name in AUGMENTATIONS:
+        if strength[name] > 0:
+            alone = {other: (strength[name] if other == name else 0.0) for other in AUGMENTATIONS}
+            view = augment(images.float() / 255, **alone, generator=generator)
+            distances[f"augment: {name}"] = cosine_distance(h, embed(model, view, device)[0], centre)
+    shuffle = torch.randperm(len(images), device=device, generator=generator)
+    if data.factors_test is not None:
+        for factor, keys in FACTORS.items():
+            changed = {k: v[: len(images)] for k, v in data.factors_test.items()}
+            changed.update({k: changed[k][shuffle] for k in keys})       # this factor from another image
+            changed["seed"] = seed
+            rendered = common.to_format(common.render_shapes(changed), size=images.shape[-1])   # as load_images does
+            distances[f"factor: {factor}"] = cosine_distance(h, embed(model, rendered, device)[0], centre)
+    else:
+        labels = data.y_test[: len(images)]
+        other = labels != labels[shuffle]                                   # pairs of different classes
+        distances["another class"] = cosine_distance(h[other], h[shuffle][other], centre)
+    return distances
+
+
+# ---- 7. Figures ----
+
+def tile(images, columns):
+    """A grid image (rows*H, columns*W, C) in [0, 1] from images (N, C, H, W), for imshow."""
+    N, C, H, W = images.shape
+    rows = -(-N // columns)
+    padded = torch.cat([images.float(), images.new_zeros(rows * columns - N, C, H, W, dtype=torch.float)])
+    grid = padded.reshape(rows, columns, C, H, W).permute(0, 3, 1, 4, 2)       # (rows, H, columns, W, C)
+    return grid.reshape(rows * H, columns * W, C).clamp(0, 1).cpu().numpy()
+
+
+def show(ax, grid, title):
+    ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_views(ax, images, strength, device, seed, count=8):
+    """Each column: an image, then its two views (rows)."""
+    view1, view2 = two_views(images[:count], strength, torch.Generator(device).manual_seed(seed + 3))
+    show(ax, tile(torch.cat([images[:count].float() / 255, view1, view2]), count), "originals, view 1, view 2")
+
+
+def plot_similarity(ax, model, images, strength, device, seed, count=16):
+    """Cosine similarities of z for `count` images x 2 views: the positives are the two off-diagonal lines."""
+    view1, view2 = two_views(images[:count], strength, torch.Generator(device).manual_seed(seed + 4))
+    _, z = embed(model, torch.cat([view1, view2]), device)
+    z = F.normalize(z, dim=1)
+    shown = ax.imshow((z @ z.T).cpu().numpy(), cmap="RdBu_r", vmin=-1, vmax=1)   # (V, V)
+    ax.set_title(f"cos(z_i, z_j): {count} images, views 1 then 2", fontsize=9)
+    ax.figure.colorbar(shown, ax=ax, fraction=0.046)
+
+
+def plot_training(ax, history, projection):
+    ax.plot(history["step"], history["loss"], color="black", label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    twin = ax.twinx()
+    twin.plot(history["step"], history["alignment"], label="alignment (lower: views agree)")
+    twin.plot(history["step"], history["uniformity"], label="uniformity (lower: spread out)")
+    twin.plot(history["step"], [r / projection for r in history["effective_rank"]], label="effective rank of z / P")
+    twin.legend(fontsize=7, loc="upper right")
+    ax.set_title("pre-training", fontsize=9)
+
+
+def plot_invariance(ax, distances):
+    names = list(distances["simclr"])
+    rows = torch.arange(len(names)).numpy()
+    ax.barh(rows - 0.2, [distances["simclr"][n] for n in names], height=0.4, label="SimCLR encoder")
+    ax.barh(rows + 0.2, [distances["random"][n] for n in names], height=0.4, label="random encoder")
+    ax.set_yticks(rows, names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("mean cosine distance of h")
+    ax.legend(fontsize=7)
+    ax.set_title("how far h moves under each change", fontsize=9)
+
+
+def plot_map(ax, h, labels, classes, count=3000):
+    """The first two principal components of the normalised features, coloured by class."""
+    x = F.normalize(h[:count], dim=1)
+    x = x - x.mean(0)
+    _, _, v = torch.linalg.svd(x, full_matrices=False)             # v (D, D): rows are principal directions
+    xy = (x @ v[:2].T).cpu().numpy()                                # (N, 2)
+    points = ax.scatter(xy[:, 0], xy[:, 1], c=labels[:count].cpu().numpy(), cmap="tab10", s=3, vmin=-0.5, vmax=9.5)
+    ax.legend(points.legend_elements()[0], classes, fontsize=6, markerscale=0.8, loc="best")
+    ax.set_title("h of test images, first two principal components", fontsize=9)
+
+
+def plot_sweep(ax, sweep):
+    temperatures = [row["temperature"] for row in sweep]
+    ax.plot(temperatures, [row["linear_top1"] for row in sweep], "o-", label="linear probe top-1")
+    ax.plot(temperatures, [row["knn_top1"] for row in sweep], "s-", label="kNN top-1")
+    ax.set_xscale("log")
+    ax.set_xlabel("temperature")
+    ax.legend(fontsize=8)
+    ax.set_title("temperature sweep", fontsize=9)
+
+
+def save_figures(out, model, data, history, distances, h_test, sweep, cfg, device):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    strength = strengths(cfg)
+    single = lambda: plt.subplots(figsize=(6, 4.5))
+    fig, ax = single()
+    plot_training(ax, history, cfg.projection)
+    common.save_figure(fig, out / "training.png")
+    fig, ax = single()
+    plot_views(ax, data.x_test, strength, device, cfg.seed)
+    common.save_figure(fig, out / "views.png")
+    fig, ax = single()
+    plot_map(ax, h_test, data.y_test, data.classes)
+    common.save_figure(fig, out / "embedding_map.png")
+    fig, ax = single()
+    plot_similarity(ax, model, data.x_test, strength, device, cfg.seed)
+    common.save_figure(fig, out / "similarity.png")
+    fig, ax = single()
+    plot_invariance(ax, distances)
+    common.save_figure(fig, out / "invariance.png")
+    if sweep:
+        fig, ax = single()
+        plot_sweep(ax, sweep)
+        common.save_figure(fig, out / "temperature_sweep.png")
+    fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
+    plot_views(axes[0, 0], data.x_test, strength, device, cfg.seed)
+    plot_similarity(axes[0, 1], model, data.x_test, strength, device, cfg.seed)
+    plot_map(axes[0, 2], h_test, data.y_test, data.classes)
+    plot_training(axes[1, 0], history, cfg.projection)
+    plot_invariance(axes[1, 1], distances)
+    if sweep:
+        plot_sweep(axes[1, 2], sweep)
+    else:
+        axes[1, 2].axis("off")
+    fig.suptitle(f"SimCLR on {data.name}", fontsize=11)
+    fig.tight_layout()
+    common.save_figure(fig, out / "overview.png")
+
+
+# ---- 8. Putting it together ----
+
+def validate(cfg):
+    """Check the options before any expensive work; returns the temperatures to sweep."""
+    common.check(cfg.dataset in ("shapes", *common.DATASETS),
+                 f"unknown dataset {cfg.dataset!r}; choose shapes, {', '.join(common.DATASETS)}")
+    common.check(cfg.batch_size >= 2, f"--batch-size must be at least 2 (one image has no negatives), got {cfg.batch_size}")
+    common.check(cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}")
+    for name in ("epochs", "width", "hidden", "projection", "probe_steps"):
+        common.check(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("n_train", "n_test", "weight_decay"):
+        common.check(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    common.check(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
+    common.check(cfg.image_size == 0 or cfg.image_size >= 8, f"--image-size must be 0 or at least 8, got {cfg.image_size}")
+    unknown = [name for name in cfg.augmentations.split(",") if name not in AUGMENTATIONS]
+    common.check(not unknown, f"unknown augmentation {', '.join(map(repr, unknown))} in --augmentations; "
+                              f"choose from {', '.join(AUGMENTATIONS)}")
+    check_strengths(*(getattr(cfg, name) for name in AUGMENTATIONS))
+    try:
+        sweep = [float(t) for t in cfg.temperatures.split(",")] if cfg.temperatures else []
+    except ValueError:
+        raise common.UserError(f"--temperatures must be comma-separated numbers, got {cfg.temperatures!r}") from None
+    common.check(all(t > 0 for t in sweep), f"every temperature in --temperatures must be > 0, got {cfg.temperatures!r}")
+    return sweep
+
+
+def main(argv=None):
+    cfg = common.parse_config(Config, argv, __doc__, quick=QUICK)
+    sweep_temperatures = validate(cfg)
+    device, out = common.setup(cfg, __file__)
+    torch.backends.cudnn.benchmark = True           # fixed shapes: let cuDNN time its kernels once and keep the fastest
+    watch = common.Stopwatch(device)
+    data = common.load_images(cfg.dataset, cfg.data_dir, device, n_train=cfg.n_train or None,
+                              n_test=cfg.n_test or None, seed=cfg.seed, size=cfg.image_size or None)
+    common.check(cfg.batch_size <= len(data.x_train),
+                 f"--batch-size {cfg.batch_size} is larger than the {len(data.x_train)} training images")
+    strength = strengths(cfg)
+
+    model, history, stats = pretrain(cfg, data, device, cfg.temperature, cfg.negatives)
+    common.save_checkpoint(out / "model.pt", model, cfg, kind="simclr")
+
+    # Baselines: the same architecture with its random initial weights, and the pixels themselves
+    torch.manual_seed(cfg.seed)
+    random_model = build_model(cfg, data.shape[0], device)
+    h_train, z_train = embed(model, data.x_train, device)
+    h_test, z_test = embed(model, data.x_test, device)
+    r_train, _ = embed(random_model, data.x_train, device)
+    r_test, rz_test = embed(random_model, data.x_test, device)
+    pixels = lambda images: images.flatten(1).float() / 255
+    evaluation = {"simclr_h": evaluate_features(h_train, h_test, data, cfg),
+                  "simclr_z": evaluate_features(z_train, z_test, data, cfg, few_shot=False),
+                  "random_h": evaluate_features(r_train, r_test, data, cfg),
+                  "pixels": evaluate_features(pixels(data.x_train), pixels(data.x_test), data, cfg)}
+    shape = {"simclr": final_geometry(h_test, z_test), "random": final_geometry(r_test, rz_test)}
+    distances = {"simclr": invariance(model, data, strength, device, cfg.seed),
+                 "random": invariance(random_model, data, strength, device, cfg.seed)}
+
+    sweep = []
+    for temperature in sweep_temperatures:
+        swept, swept_history, swept_stats = pretrain(cfg, data, device, temperature, cfg.negatives, f"tau={temperature:g}")
+        train_h, _ = embed(swept, data.x_train, device)
+        test_h, _ = embed(swept, data.x_test, device)
+        scores = evaluate_features(train_h, test_h, data, cfg, few_shot=False)
+        sweep.append({"temperature": temperature, **scores, "seconds": swept_stats["seconds"],
+                      **{key: swept_history[key][-1] for key in ("alignment", "uniformity", "effective_rank", "std")}})
+
+    save_figures(out, model, data, history, distances, h_test, sweep, cfg, device)
+    total = watch.seconds()
+    metrics = {"dataset": data.name, "epochs": cfg.epochs, "pretrain": stats, "total_seconds": total,
+               "evaluation": evaluation, "geometry": shape, "history": history, "invariance": distances,
+               "temperature_sweep": sweep, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
+    common.save_json(out / "metrics.json", metrics)
+    ours, rand, raw = evaluation["simclr_h"], evaluation["random_h"], evaluation["pixels"]
+    print(f"03_contrastive {data.name}: linear probe top-1 {ours['linear_top1']:.3f} (on z {evaluation['simclr_z']['linear_top1']:.3f}, "
+          f"random encoder {rand['linear_top1']:.3f}, pixels {raw['linear_top1']:.3f}) | kNN top-1 {ours['knn_top1']:.3f} "
+          f"(random {rand['knn_top1']:.3f}, pixels {raw['knn_top1']:.3f}) | 10-shot {ours['10_shot_top1']:.3f} "
+          f"(pixels {raw['10_shot_top1']:.3f}) | z effective rank {shape['simclr']['z_effective_rank']:.1f}/{cfg.projection} | "
+          f"{cfg.epochs} epochs in {stats['seconds']:.1f} s, {stats['images_per_second'] / 1e3:.1f}k img/s | total {total:.1f} s")
+    return model, metrics
+
+
+if __name__ == "__main__":
+    common.run(main)

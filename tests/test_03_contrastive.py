@@ -1,0 +1,287 @@
+"""03_contrastive: augmentations, NT-Xent, geometry measures and evaluation against references; an end-to-end
+--quick run that must learn; bad input that must fail with one line."""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+
+contrastive = common.import_script("03_contrastive")
+autoencoder = common.import_script("01_autoencoder")
+ROOT = Path(__file__).resolve().parents[1]
+OFF = dict(crop=0.0, flip=0.0, jitter=0.0, grayscale=0.0, blur=0.0)
+
+
+def images(seed, shape=(4, 3, 12, 10), dtype=torch.float32):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+# ---- NT-Xent ----
+
+def nt_xent_loop(z1, z2, temperature):
+    """SimCLR's Eq. 1 written as in the paper: l(i, j) = -log exp(s_ij/t) / sum_{k != i} exp(s_ik/t), averaged
+    over the 2N ordered positive pairs (views 2k-1, 2k become rows k and k + N here)."""
+    z = torch.cat([z1, z2])
+    n = len(z)
+    sim = lambda i, k: torch.dot(z[i], z[k]) / (z[i].norm() * z[k].norm()) / temperature
+    total = 0
+    for i in range(n):
+        j = (i + n // 2) % n
+        denominator = sum(torch.exp(sim(i, k)) for k in range(n) if k != i)
+        total = total - torch.log(torch.exp(sim(i, j)) / denominator)
+    return total / n
+
+
+@pytest.mark.parametrize("batch, dim, temperature", [(2, 3, 0.1), (3, 5, 0.5), (7, 4, 1.0), (8, 16, 0.2)])
+def test_nt_xent_matches_the_papers_formula(batch, dim, temperature):
+    g = torch.Generator().manual_seed(batch * 100 + dim)
+    z1 = torch.randn(batch, dim, generator=g, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(batch, dim, generator=g, dtype=torch.float64, requires_grad=True)
+    ours = contrastive.nt_xent(z1, z2, temperature)
+    reference = nt_xent_loop(z1, z2, temperature)
+    torch.testing.assert_close(ours, reference)
+    torch.testing.assert_close(torch.autograd.grad(ours, (z1, z2)), torch.autograd.grad(reference, (z1, z2)))
+
+
+def test_nt_xent_is_symmetric_scale_free_and_passes_gradcheck():
+    g = torch.Generator().manual_seed(1)
+    z1 = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(contrastive.nt_xent(z1, z2, 0.3), contrastive.nt_xent(z2, z1, 0.3))
+    torch.testing.assert_close(contrastive.nt_xent(3 * z1, 0.5 * z2, 0.3), contrastive.nt_xent(z1, z2, 0.3))
+    assert torch.autograd.gradcheck(lambda a, b: contrastive.nt_xent(a, b, 0.3), (z1, z2))
+
+
+def test_nt_xent_rewards_matching_views_and_rejects_bad_input():
+    z = torch.eye(4, dtype=torch.float64)
+    perfect = contrastive.nt_xent(z, z, 0.1)
+    assert perfect < 0.01 < contrastive.nt_xent(z, z.roll(1, 0), 0.1)
+    with pytest.raises(common.UserError, match="no negatives"):
+        contrastive.nt_xent(z[:1], z[:1], 0.1)
+    with pytest.raises(common.UserError, match="temperature"):
+        contrastive.nt_xent(z, z, 0.0)
+
+
+def test_positives_only_is_minus_mean_cosine_over_temperature():
+    g = torch.Generator().manual_seed(2)
+    z1, z2 = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(contrastive.positives_only(z1, z2, 0.5), -F.cosine_similarity(z1, z2).mean() / 0.5)
+
+
+# ---- Geometry ----
+
+def test_alignment_and_uniformity_match_brute_force():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(9, 4, generator=g, dtype=torch.float64), torch.randn(9, 4, generator=g, dtype=torch.float64)
+    na, nb = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
+    expected_alignment = sum(float((na[i] - nb[i]).norm() ** 2) for i in range(9)) / 9
+    pairs = [math.exp(-2 * float((na[i] - na[j]).norm() ** 2)) for i in range(9) for j in range(9) if i != j]
+    assert contrastive.alignment(a, b).item() == pytest.approx(expected_alignment, rel=1e-5)
+    assert contrastive.uniformity(a).item() == pytest.approx(math.log(sum(pairs) / len(pairs)), rel=1e-4, abs=1e-5)
+    assert contrastive.uniformity(torch.ones(5, 3)).item() == pytest.approx(0.0, abs=1e-6)   # collapsed
+
+
+def test_effective_rank_and_spread_detect_collapse():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(50, 6, generator=g, dtype=torch.float64)
+    singular = torch.linalg.svdvals(x - x.mean(0)) ** 2                 # eigenvalues of the covariance, up to N
+    p = singular / singular.sum()
+    assert contrastive.effective_rank(x).item() == pytest.approx(math.exp(-(p * p.log()).sum().item()), rel=1e-8)
+    line = torch.randn(50, 1, generator=g) * torch.tensor([[1.0, 2.0, -1.0]])
+    assert contrastive.effective_rank(line).item() == pytest.approx(1.0, abs=1e-3)
+    assert contrastive.feature_std(torch.ones(10, 4) + 1e-3 * torch.randn(10, 4, generator=g)) < 1e-3
+
+
+# ---- Evaluation (01's shared functions, as this script uses them) ----
+
+def test_knn_matches_a_brute_force_loop():
+    g = torch.Generator().manual_seed(5)
+    train, test = torch.randn(40, 5, generator=g), torch.randn(7, 5, generator=g)
+    train_y, test_y = torch.randint(0, 3, (40,), generator=g), torch.randint(0, 3, (7,), generator=g)
+    votes = torch.zeros(7, 3)
+    for q in range(7):
+        sims = [(F.cosine_similarity(test[q], train[i], dim=0).item(), i) for i in range(40)]
+        for s, i in sorted(sims, reverse=True)[:5]:
+            votes[q, train_y[i]] += math.exp(s / 0.1)
+    expected = autoencoder.topk_accuracy(votes, test_y, ks=(1, 2))
+    assert autoencoder.knn_classify(train, train_y, test, test_y, 3, k=5, temperature=0.1, ks=(1, 2)) == expected
+
+
+def test_linear_probe_separates_separable_data():
+    g = torch.Generator().manual_seed(6)
+    centres = torch.randn(4, 8, generator=g) * 6
+    y = torch.randint(0, 4, (400,), generator=g)
+    x = centres[y] + torch.randn(400, 8, generator=g)
+    result = autoencoder.linear_probe(x[:300], y[:300], x[300:], y[300:], 4, min_steps=300)
+    assert result["top1"] == 1.0
+
+
+def test_per_class_subset_takes_that_many_of_each_class():
+    labels = torch.arange(30) % 3
+    idx = contrastive.per_class_subset(labels, 4, 3, seed=0)
+    assert torch.bincount(labels[idx]).tolist() == [4, 4, 4] and len(set(idx.tolist())) == 12
+
+
+# ---- Augmentations ----
+
+@pytest.mark.parametrize("shape", [(4, 3, 12, 10), (3, 1, 9, 9)])
+def test_augmentations_identity_range_shape_and_reproducibility(shape):
+    x = images(7, shape)
+    assert contrastive.augment(x, **OFF) is x
+    for name, strength in dict(crop=0.9, flip=1.0, jitter=1.5, grayscale=1.0, blur=1.0).items():
+        settings = {**OFF, name: strength}
+        first = contrastive.augment(x, **settings, generator=torch.Generator().manual_seed(8))
+        again = contrastive.augment(x, **settings, generator=torch.Generator().manual_seed(8))
+        other = contrastive.augment(x, **settings, generator=torch.Generator().manual_seed(9))
+        assert first.shape == x.shape and first.dtype == x.dtype, name
+        assert 0 <= first.min() and first.max() <= 1, name
+        assert torch.equal(first, again), name
+        if not (name == "grayscale" and shape[1] == 1):                  # grayscale of gray is gray
+            assert not torch.equal(first, x), name
+        if name in ("crop", "jitter", "blur"):
+            assert not torch.equal(first, other), name
+    default = contrastive.augment(x)
+    assert default.shape == x.shape and 0 <= default.min() and default.max() <= 1
+
+
+def test_flip_and_grayscale_equal_their_definitions():
+    x = images(10)
+    torch.testing.assert_close(contrastive.augment(x, **{**OFF, "flip": 1.0}), x.flip(-1))
+    gray = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    torch.testing.assert_close(contrastive.augment(x, **{**OFF, "grayscale": 1.0}), gray[:, None].expand_as(x))
+
+
+def test_gaussian_blur_matches_conv2d():
+    x = images(11, (3, 2, 9, 11), torch.float64)
+    sigma = torch.tensor([0.3, 0.8, 1.0], dtype=torch.float64)
+    r = contrastive.BLUR_RADIUS
+    expected = []
+    for b in range(3):
+        t = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float64) ** 2 / (2 * sigma[b] ** 2))
+        kernel = (t[:, None] * t[None, :]) / t.sum() ** 2                # (K, K) outer product, sums to 1
+        padded = F.pad(x[b:b + 1], (r, r, r, r), mode="reflect")
+        expected.append(F.conv2d(padded, kernel.expand(2, 1, -1, -1), groups=2))
+    torch.testing.assert_close(contrastive.gaussian_blur(x, sigma), torch.cat(expected))
+
+
+def test_random_resized_crop_matches_a_bilinear_loop():
+    x = images(12, (2, 1, 6, 8), torch.float64)
+    ours = contrastive.random_resized_crop(x, 0.7, torch.Generator().manual_seed(13))
+    g = torch.Generator().manual_seed(13)                                # replay the same draws
+    area = 1 - 0.7 * torch.rand(2, generator=g, dtype=torch.float32)
+    bound = torch.clamp(-area.log(), max=math.log(4 / 3))
+    ratio = (bound * (2 * torch.rand(2, generator=g) - 1)).exp()
+    w, h = (area * ratio).sqrt(), (area / ratio).sqrt()
+    cx, cy = (1 - w) * (2 * torch.rand(2, generator=g) - 1), (1 - h) * (2 * torch.rand(2, generator=g) - 1)
+    H, W = 6, 8
+    pixel = lambda b, r, c: x[b, 0, min(max(r, 0), H - 1), min(max(c, 0), W - 1)]
+    for b in range(2):
+        for i in range(H):
+            for j in range(W):
+                u = ((w[b].item() * ((2 * j + 1) / W - 1) + cx[b].item()) + 1) * W / 2 - 0.5   # input column
+                v = ((h[b].item() * ((2 * i + 1) / H - 1) + cy[b].item()) + 1) * H / 2 - 0.5   # input row
+                c0, r0 = math.floor(u), math.floor(v)
+                fu, fv = u - c0, v - r0
+                value = ((1 - fv) * ((1 - fu) * pixel(b, r0, c0) + fu * pixel(b, r0, c0 + 1))
+                         + fv * ((1 - fu) * pixel(b, r0 + 1, c0) + fu * pixel(b, r0 + 1, c0 + 1)))
+                assert ours[b, 0, i, j].item() == pytest.approx(value.item(), abs=1e-5)
+
+
+def test_hue_rotation_keeps_luminance_and_a_full_turn_is_identity():
+    x = images(14, dtype=torch.float64)
+    angle = torch.tensor([0.5, 1.0, -2.0, 3.0], dtype=torch.float64)
+    turned = contrastive.rotate_hue(x, angle)
+    torch.testing.assert_close(contrastive.to_gray(turned), contrastive.to_gray(x))
+    torch.testing.assert_close(contrastive.rotate_hue(x, torch.full((4,), 2 * math.pi, dtype=torch.float64)), x)
+
+
+def test_augment_rejects_impossible_strengths():
+    for bad in (dict(crop=1.0), dict(flip=1.5), dict(jitter=-1.0), dict(grayscale=-0.1), dict(blur=2.0)):
+        with pytest.raises(common.UserError):
+            contrastive.augment(images(15), **bad)
+
+
+def test_encoder_shapes_for_gray_and_colour_images():
+    for channels, side in ((1, 28), (3, 32), (3, 20)):
+        model = contrastive.SimCLR(channels, width=4, hidden=16, projection=8)
+        h, z = model(torch.rand(2, channels, side, side))
+        assert h.shape == (2, 16) and z.shape == (2, 8)
+
+
+# ---- End to end ----
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory):
+    runs = {}
+    for negatives in ("all", "none"):
+        out = tmp_path_factory.mktemp(f"quick_{negatives}")
+        model, metrics = contrastive.main(["--quick", "--device", "cpu", "--out", str(out), "--negatives", negatives])
+        runs[negatives] = (out, model, metrics)
+    return runs
+
+
+def test_quick_run_learns_and_writes_everything(quick_runs):
+    out, model, metrics = quick_runs["all"]
+    loss = metrics["history"]["loss"]
+    assert loss[-1] < loss[0] - 0.3
+    ours, rand = metrics["evaluation"]["simclr_h"], metrics["evaluation"]["random_h"]
+    assert ours["linear_top1"] > rand["linear_top1"] + 0.05
+    assert ours["knn_top1"] > rand["knn_top1"] + 0.05
+    for name in ("metrics.json", "config.json", "model.pt", "training.png", "views.png", "embedding_map.png",
+                 "similarity.png", "invariance.png", "overview.png"):
+        assert (out / name).is_file(), name
+    reloaded = contrastive.SimCLR(3, 8, 64, 32)
+    common.load_checkpoint(out / "model.pt", reloaded, kind="simclr")
+    torch.testing.assert_close(reloaded.state_dict(), model.state_dict())
+    assert set(metrics["invariance"]["simclr"]) >= {"augment: crop", "factor: colour", "factor: class"}
+
+
+def test_without_negatives_the_representation_collapses(quick_runs):
+    normal, collapsed = quick_runs["all"][2], quick_runs["none"][2]
+    assert collapsed["geometry"]["simclr"]["z_effective_rank"] < 0.5 * normal["geometry"]["simclr"]["z_effective_rank"]
+    assert collapsed["history"]["uniformity"][-1] > normal["history"]["uniformity"][-1]
+
+
+def test_temperature_sweep_runs(tmp_path):
+    _, metrics = contrastive.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--epochs", "1",
+                                   "--n-train", "256", "--temperatures", "0.1,1"])
+    assert [row["temperature"] for row in metrics["temperature_sweep"]] == [0.1, 1.0]
+    assert (tmp_path / "temperature_sweep.png").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "1"], "no negatives"),
+    (["--temperature", "0"], "temperature"),
+    (["--temperature", "-0.5"], "temperature"),
+    (["--augmentations", "crop,rotate"], "unknown augmentation"),
+    (["--dataset", "imagenet"], "unknown dataset"),
+    (["--temperatures", "0.1,x"], "comma-separated"),
+    (["--crop", "1"], "crop"),
+    (["--batch-size", "5000"], "larger than"),
+    (["--no-such-option"], "unrecognized"),
+])
+def test_bad_input_is_a_user_error(tmp_path, argv, message):
+    with pytest.raises(common.UserError, match=message):
+        contrastive.main(["--quick", "--device", "cpu", "--out", str(tmp_path), *argv])
+
+
+def test_corrupt_data_is_a_user_error(tmp_path):
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (folder / name).write_bytes(b"\0\0\x08\x03garbage")
+    with pytest.raises(common.UserError, match="truncated or corrupt"):
+        contrastive.main(["--quick", "--device", "cpu", "--out", str(tmp_path / "out"), "--dataset", "fashion-mnist",
+                          "--data-dir", str(tmp_path)])
+
+
+def test_command_line_error_is_one_line_and_nonzero(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "03_contrastive.py"), "--batch-size", "1", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
