@@ -899,32 +899,44 @@ def plot_retrieval(model, data, tokenizer, cfg, device, path, top=6):
 
 # ---- 8. Putting it together ----
 
-def main(argv=None):
-    cfg = common.parse_config(Config, argv, __doc__, quick=QUICK)
-    validate(cfg)
-    device, out = common.setup(cfg, __file__)
-    clock = common.Stopwatch(device)
-    encoder = image_encoder(cfg, device)        # first: a wrong --init-image fails before any data is made
+def prepare(cfg, device):
+    """The image encoder (first, so that a wrong --init-image fails before any data is made), the data, the
+    tokenizer learned from the training captions, the tokens of every caption (M, L) with the number cut at
+    --context, and the model. The config comes back too: with --init-image its image_size is the encoder's."""
+    encoder = image_encoder(cfg, device)
     if cfg.dataset != "shapes" or cfg.init_image:
         cfg = dataclasses.replace(cfg, image_size=encoder.arch["image_size"])
     common.check(cfg.dataset != "shapes" or encoder.arch["image_size"] == 32,
                  f"the embedded set is 32x32, but the image encoder takes {encoder.arch['image_size']}x{encoder.arch['image_size']}")
     data = load_data(cfg, device)
-    tokenizer = BPETokenizer.train([data.texts[i] for i in data.train.captions[data.train.captions >= 0].unique().tolist()],
-                                   cfg.vocab_size)
-    tokens, cut = tokenizer.encode_batch(data.texts, cfg.context)                  # (all captions, L)
-    lengths = (tokens != tokenizer.eot).sum(1).float() + 1
+    train_texts = [data.texts[i] for i in data.train.captions[data.train.captions >= 0].unique().tolist()]
+    tokenizer = BPETokenizer.train(train_texts, cfg.vocab_size)
+    tokens, cut = tokenizer.encode_batch(data.texts, cfg.context)                  # (M, L)
     print(f"{data.name}: {len(data.train)} training images with {int(data.train.counts.sum())} captions, "
-          f"{len(data.test)} test images; BPE: {len(tokenizer.merges)} merges, {lengths.mean():.1f} tokens per caption"
-          + (f", {cut} captions cut at --context {cfg.context}" if cut else ""))
+          f"{len(data.test)} test images; BPE: {len(tokenizer.merges)} merges, {tokens_per_caption(tokens, tokenizer):.1f} "
+          "tokens per caption" + (f", {cut} captions cut at --context {cfg.context}" if cut else ""))
     text_encoder = TextTransformer(cfg.vocab_size, cfg.context, cfg.text_dim, cfg.text_depth, cfg.text_heads)
     model = CLIP(encoder, text_encoder, cfg.embed_dim).to(device)
     model.set_pixel_stats(data.train.images)
+    return cfg, data, tokenizer, tokens.to(device), cut, model
+
+
+def tokens_per_caption(tokens, tokenizer):
+    """Mean length of the captions in tokens, their end-of-text token included."""
+    return ((tokens != tokenizer.eot).sum(1).float() + 1).mean().item()
+
+
+def main(argv=None):
+    cfg = common.parse_config(Config, argv, __doc__, quick=QUICK)
+    validate(cfg)
+    device, out = common.setup(cfg, __file__)
+    clock = common.Stopwatch(device)
+    cfg, data, tokenizer, tokens, cut, model = prepare(cfg, device)
     before = evaluate(model, data, tokenizer, cfg, device)
-    losses, scales, pairs_per_second = train(model, data, tokens.to(device), cfg, device)
+    losses, scales, pairs_per_second = train(model, data, tokens, cfg, device)
     metrics = evaluate(model, data, tokenizer, cfg, device)
     metrics.update(dataset=data.name, train_images=len(data.train), train_captions=int(data.train.counts.sum()),
-                   test_images=len(data.test), merges=len(tokenizer.merges), tokens_per_caption=lengths.mean().item(),
+                   test_images=len(data.test), merges=len(tokenizer.merges), tokens_per_caption=tokens_per_caption(tokens, tokenizer),
                    captions_cut=cut, loss_first=losses[:10].mean().item(), loss_last=losses[-10:].mean().item(),
                    temperature_last=1 / scales[-1].item(), pairs_per_second=pairs_per_second, before_training=before,
                    skipped=data.skipped or {})
@@ -935,7 +947,7 @@ def main(argv=None):
     plot_predictions(model, data, tokenizer, cfg, device, out / "predictions.png")
     plot_retrieval(model, data, tokenizer, cfg, device, out / "retrieval.png")
     common.save_checkpoint(out / "clip.pt", model, cfg, kind="clip", merges=[list(p) for p in tokenizer.merges],
-                           image_arch=encoder.arch)
+                           image_arch=model.visual.arch)
     metrics["seconds"] = clock.seconds()
     common.save_json(out / "metrics.json", metrics)
     print(summary(metrics))
