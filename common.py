@@ -7,6 +7,7 @@
 5. Reusing an earlier script      import_script
 6. The embedded image set         make_shapes, caption
 7. Real datasets                  DATASETS, load_images (MNIST, Fashion-MNIST, CIFAR-10)
+8. Several GPUs (torchrun)        rank, world_size, is_main, gather_with_grad, mean_over_ranks
 """
 import argparse
 import dataclasses
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -365,10 +367,11 @@ def render_shapes(factors, size=32):
     return (image.clamp(0, 1) * 255).round().to(torch.uint8).reshape(n, 3, size, size)
 
 
-def make_shapes(n, seed=0, split="train", device="cpu", size=32, chunk=8192):
-    """n images of the embedded set: (images (n, 3, size, size) uint8, labels (n,), factors dict of (n,))."""
+def make_shapes(n, seed=0, split="train", device="cpu", size=32, chunk=8192, first=0):
+    """n images of the embedded set, from image number `first` of the split:
+    (images (n, 3, size, size) uint8, labels (n,), factors dict of (n,))."""
     check(n > 0, f"the embedded set needs a positive number of images, got {n}")
-    start = 0 if split == "train" else TEST_OFFSET
+    start = (0 if split == "train" else TEST_OFFSET) + first
     index = torch.arange(start, start + n, device=device, dtype=torch.int64)
     factors = _shape_factors(index, seed)
     factors["index"], factors["seed"] = index, seed
@@ -596,17 +599,81 @@ def to_format(images, size=None, channels=None):
     return images.contiguous()
 
 
-def load_images(name, data_dir="data", device="cpu", n_train=None, n_test=None, seed=0, size=None, channels=None):
+def load_images(name, data_dir="data", device="cpu", n_train=None, n_test=None, seed=0, size=None, channels=None,
+                shard=False):
     """A dataset by name, on device. `shapes` is generated (n_train defaults to 50 000, n_test to 10 000);
-    real ones are read from data_dir (downloaded once) and cut to n_train / n_test when given."""
+    real ones are read from data_dir (downloaded once) and cut to n_train / n_test when given.
+    shard=True under torchrun: this rank keeps only its contiguous share of the training split."""
+    part = lambda n: (rank() * (n // world_size()), n // world_size()) if shard else (0, n)
     if name == "shapes":
-        x_train, y_train, f_train = make_shapes(n_train or 50_000, seed, "train", device)
+        first, count = part(n_train or 50_000)
+        x_train, y_train, f_train = make_shapes(count, seed, "train", device, first=first)
         x_test, y_test, f_test = make_shapes(n_test or 10_000, seed, "test", device)
         data = ImageData(name, x_train, y_train, x_test, y_test, list(SHAPES), f_train, f_test)
     else:
         x_train, y_train, x_test, y_test = _load_arrays(name, data_dir)
-        as_tensor = lambda a, n: torch.from_numpy(np.array(a[:n])).to(device)
-        data = ImageData(name, as_tensor(x_train, n_train), as_tensor(y_train, n_train).long(),
-                         as_tensor(x_test, n_test), as_tensor(y_test, n_test).long(), DATASETS[name].classes)
+        first, count = part(min(n_train or len(x_train), len(x_train)))
+        as_tensor = lambda a, lo, n: torch.from_numpy(np.array(a[lo:lo + n])).to(device)
+        data = ImageData(name, as_tensor(x_train, first, count), as_tensor(y_train, first, count).long(),
+                         as_tensor(x_test, 0, n_test or len(x_test)), as_tensor(y_test, 0, n_test or len(y_test)).long(), DATASETS[name].classes)
     data.x_train, data.x_test = to_format(data.x_train, size, channels), to_format(data.x_test, size, channels)
     return data
+
+
+# ---- 8. Several GPUs: torchrun starts one process per GPU and sets RANK, LOCAL_RANK, WORLD_SIZE ----
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main():
+    """Only rank 0 prints results and writes files."""
+    return rank() == 0
+
+
+def init_distributed(device):
+    """Join the process group when started by torchrun with more than one process; returns this process's
+    device (its own GPU). Without torchrun it returns device unchanged and nothing else happens."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes == 1 or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        gpus = torch.cuda.device_count()
+        local, per_machine = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", processes))
+        check(per_machine <= gpus, f"{per_machine} processes per machine asked for, but it has {gpus} GPUs; "
+                                   f"use --nproc_per_node={gpus} or fewer")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)   # NCCL between GPUs
+    else:
+        dist.init_process_group("gloo")                     # gloo between CPU processes (the tests use it)
+    return device
+
+
+def gather_with_grad(x):
+    """Stack every rank's (B, D) rows into (W*B, D), rank order, keeping this rank's rows in the autograd graph.
+    NOTE: dist.all_gather writes into fresh tensors that autograd knows nothing about, so a loss built on its
+    output alone would give this rank's encoder no gradient at all, and nothing would warn. Putting the
+    local tensor back at its own slice restores that path. Every rank computes the loss over the whole
+    gathered batch, so every term that involves its own rows is in its graph, and its rows get exactly the
+    gradient of the full-batch loss; other ranks' rows are constants here and get theirs on their own rank."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[rank()] = x
+    return torch.cat(parts)                                          # (W*B, D)
+
+
+def mean_over_ranks(value):
+    """A float averaged over all ranks (every rank must call it)."""
+    if world_size() == 1:
+        return float(value)
+    tensor = torch.tensor([float(value)], dtype=torch.float64,
+                          device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor)
+    return tensor.item() / world_size()
