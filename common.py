@@ -61,6 +61,9 @@ def run(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # ---- 2. Configuration: a dataclass turned into argparse options ----
@@ -132,15 +135,17 @@ def seed_everything(seed):
 def setup(cfg, script_file):
     """Device, seeds, TF32 and the output folder for a parsed config. Returns (device, out_dir)
     and saves the resolved config beside the outputs."""
-    device = pick_device(cfg.device)
-    seed_everything(cfg.seed)
+    device = init_distributed(pick_device(cfg.device))
+    seed_everything(cfg.seed + rank())     # ranks draw different augmentations; DDP copies rank 0's weights
     if device.type == "cuda":
         # TF32 matrix units for the float32 matmuls that autocast leaves alone (10-bit mantissa is plenty here)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     out = prepare_out(cfg.out or ROOT / "runs" / Path(script_file).stem)
-    save_json(out / "config.json", dataclasses.asdict(cfg))
-    print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()) + f" -> {device}")
+    if is_main():
+        save_json(out / "config.json", dataclasses.asdict(cfg))
+        print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items())
+              + f" -> {device}" + (f" x {world_size()} processes" if world_size() > 1 else ""))
     return device, out
 
 
