@@ -1,6 +1,343 @@
-"""(work in progress: the evaluation section below is final; the rest of the lecture is being written)"""
+"""01 -- Autoencoders: a representation is what survives a bottleneck.
+
+An autoencoder squeezes each image x through a code z of a few numbers and asks a decoder to rebuild x from z
+alone, so the code must keep what explains the image and drop the rest ("compact and explanatory"). This
+script writes three of them from tensor operations, shares one interface between them (--model), and asks
+what the code is worth:
+  - ae:  the bottleneck autoencoder, trained on squared error;
+  - dae: the denoising autoencoder, which sees a corrupted image (Gaussian noise and masked pixels) and must
+         rebuild the clean one, so it has to learn what images look like rather than copy pixels;
+  - vae: the variational autoencoder, whose encoder gives a Gaussian over codes; trained on the ELBO with a
+         closed-form KL to N(0, I) (--beta > 1 is the beta-VAE), so codes drawn from N(0, I) decode to images.
+Every run also trains a *linear* autoencoder and computes PCA with the same width: with no nonlinearity and
+squared error the two reach the same error (Baldi and Hornik), and the nonlinear model is measured against both.
+Then the frozen code is probed: a linear classifier and a kNN classifier on the code, against the same on PCA's
+code and on raw pixels; on the embedded set, also how linearly the code gives colour, size and position.
+
+Papers:
+  Baldi, Hornik 1989, "Neural networks and principal component analysis": a linear autoencoder's error
+      surface has PCA's subspace as its only minimum (Fact 4 there).
+  Hinton, Salakhutdinov 2006, "Reducing the Dimensionality of Data with Neural Networks": deep autoencoders beat PCA.
+  Vincent et al. 2008, "Extracting and Composing Robust Features with Denoising Autoencoders" (masking noise),
+      and Vincent et al. 2010, JMLR (Gaussian noise).
+  Kingma, Welling 2014, "Auto-Encoding Variational Bayes": Eq. 3 the ELBO, Sec. 2.4 the reparameterisation
+      trick, Eq. 10 the estimator with the Gaussian KL in closed form (Appendix B), Appendix C the decoders.
+  Higgins et al. 2017, "beta-VAE": Eq. 4, the KL term weighted by beta.
+  Burda, Grosse, Salakhutdinov 2016, "Importance Weighted Autoencoders": active units (Sec. 5.2).
+
+Run:  python 01_autoencoder.py                   (the embedded shapes set, --model ae)
+      python 01_autoencoder.py --model vae --beta 4    --dataset fashion-mnist
+Measured on one H100: (filled in from the GPU run)
+
+Shapes legend: B batch, C channels, H x W image, P pixels (C*H*W), L latent (code) width, N images, K classes.
+"""
+import math
+from dataclasses import dataclass
+
+import matplotlib.pyplot as plt
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+
+import common
+
+
+@dataclass
+class Config(common.RunConfig):
+    model: str = common.arg("ae", "ae (bottleneck) | dae (denoising) | vae (variational)", choices=["ae", "dae", "vae"])
+    latent_dim: int = common.arg(32, "L: width of the code, and PCA's number of components")
+    hidden: int = common.arg(512, "width of the encoder's first hidden layer; the second has half; the decoder mirrors them")
+    epochs: int = common.arg(20, "passes over the training images, for the model and for the linear autoencoder")
+    batch_size: int = common.arg(256, "images per step")
+    lr: float = common.arg(2e-3, "peak learning rate of Adam, after a linear warm-up over the first 1/20 of the steps; cosine decay to 0")
+    noise_std: float = common.arg(0.2, "dae: std of the Gaussian noise added to every pixel (pixels in [0, 1])")
+    mask_prob: float = common.arg(0.25, "dae: share of pixel positions set to 0, in [0, 1)")
+    beta: float = common.arg(1.0, "vae: weight of the KL term; 1 is the ELBO, > 1 the beta-VAE")
+    likelihood: str = common.arg("bernoulli", "vae: the decoder's distribution over pixels: bernoulli | gaussian",
+                                 choices=["bernoulli", "gaussian"])
+    decoder_std: float = common.arg(0.1, "vae --likelihood gaussian: the fixed std sigma of each pixel (smaller weighs "
+                                         "reconstruction more against the KL)")
+    train_size: int = common.arg(0, "training images to load (0 = all of the dataset's)")
+    test_size: int = common.arg(0, "test images to load (0 = all of the dataset's)")
+    probe_steps: int = common.arg(2000, "Adam steps of each linear probe (at least)")
+
+
+QUICK = dict(train_size=1000, test_size=500, hidden=128, epochs=15, batch_size=50, lr=1e-2, probe_steps=100)
+
+
+def validate(cfg):
+    """Every option checked before any work is done, so a mistake costs nothing."""
+    common.check(cfg.dataset in ["shapes", *common.DATASETS],
+                 f"unknown dataset {cfg.dataset!r}; choose shapes, {', '.join(common.DATASETS)}")
+    for name in ("latent_dim", "epochs", "batch_size", "probe_steps"):
+        common.check(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    common.check(cfg.hidden >= 2, f"--hidden must be at least 2 (the second layer has half), got {cfg.hidden}")
+    common.check(cfg.train_size >= 0 and cfg.test_size >= 0, "--train-size and --test-size must be >= 0 (0 = all)")
+    common.check(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
+    common.check(cfg.noise_std >= 0, f"--noise-std must be >= 0, got {cfg.noise_std}")
+    common.check(0 <= cfg.mask_prob < 1, f"--mask-prob must be in [0, 1), got {cfg.mask_prob}")
+    common.check(cfg.beta >= 0, f"--beta must be >= 0, got {cfg.beta}")
+    common.check(cfg.decoder_std > 0, f"--decoder-std must be positive, got {cfg.decoder_std}")
+
+
+def validate_sizes(cfg, data):
+    """The checks that need the data's sizes, made right after loading it."""
+    n_train, pixels = len(data.x_train), math.prod(data.shape)
+    common.check(cfg.batch_size <= n_train, f"--batch-size {cfg.batch_size} is larger than the {n_train} training images")
+    common.check(cfg.latent_dim <= min(n_train, pixels),
+                 f"--latent-dim {cfg.latent_dim} is larger than the data allows (PCA has at most "
+                 f"min({n_train} images, {pixels} pixels) components)")
+
+
+# ---- 1. Data: images stay on the device as uint8 and become floats in [0, 1] one batch at a time ----
+
+def load_data(cfg, device):
+    """The chosen dataset at its own size and channels (a grayscale 28 x 28 set stays 784 pixels)."""
+    return common.load_images(cfg.dataset, cfg.data_dir, device, n_train=cfg.train_size or None,
+                              n_test=cfg.test_size or None, seed=cfg.seed)
+
+
+def to_float(images):
+    """uint8 (B, C, H, W) -> float32 in [0, 1]. Float input (already converted) passes through."""
+    return images.float() / 255 if images.dtype == torch.uint8 else images.float()
+
+
+# ---- 2. Model: an encoder and a decoder around a code z (B, L) ----
+
+def mlp(sizes):
+    """Linear layers of the given widths with a GELU between each pair. Two sizes give one linear map and no
+    nonlinearity at all: that is the linear autoencoder of Section 4's comparison with PCA."""
+    layers = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        if i > 0:
+            layers.append(nn.GELU())
+        layers.append(nn.Linear(n_in, n_out))
+    return nn.Sequential(*layers)
+
+
+class Autoencoder(nn.Module):
+    """The bottleneck autoencoder (Hinton and Salakhutdinov 2006): z = f(x) (B, L), x_hat = g(z) (B, C, H, W),
+    trained to make x_hat close to x in squared error. hidden=() makes f and g linear maps.
+
+    Every variant keeps this interface: encode(x) -> the code used as the representation, decode(z) -> an
+    image, reconstruct(x), and objective(x) -> (scalar loss, dict of its parts for the training curve)."""
+    codes_per_latent = 1            # the VAE's encoder gives two numbers (mean, log-variance) per code coordinate
+
+    def __init__(self, image_shape, latent_dim, hidden=(512, 256)):
+        super().__init__()
+        self.image_shape, self.latent_dim = tuple(image_shape), latent_dim
+        pixels = math.prod(image_shape)
+        self.encoder = mlp([pixels, *hidden, latent_dim * self.codes_per_latent])
+        self.decoder = mlp([latent_dim, *reversed(hidden), pixels])
+        # NOTE: the encoder sees x minus the training set's mean image, as PCA does. The biases could learn the
+        # shift, but then the mean image dominates every input and the linear autoencoder's descent onto PCA
+        # slows many times over. Set it with set_mean_image before training.
+        self.register_buffer("mean_image", torch.zeros(self.image_shape))
+
+    @torch.no_grad()
+    def set_mean_image(self, images):
+        self.mean_image.copy_(sum(to_float(chunk).sum(0) for chunk in images.split(4096)) / len(images))
+        return self
+
+    def centred(self, x):
+        return (x - self.mean_image).flatten(1)                          # (B, C, H, W) -> (B, P)
+
+    def encode(self, x):
+        return self.encoder(self.centred(x))                             # (B, P) -> (B, L)
+
+    def decode(self, z):
+        return self.decoder(z).view(-1, *self.image_shape)              # (B, L) -> (B, P) -> (B, C, H, W)
+
+    def reconstruct(self, x):
+        return self.decode(self.encode(x))
+
+    def objective(self, x):
+        # under bf16 autocast the decoder's output is bf16: the loss is taken in the input's precision
+        per_pixel = squared_error(self.reconstruct(x).to(x.dtype), x).mean() / x[0].numel()
+        return per_pixel, {"squared error per pixel": per_pixel}
+
+
+class DenoisingAutoencoder(Autoencoder):
+    """Vincent et al. 2008: encode a corrupted x_tilde, decode, and score against the clean x. The identity map
+    no longer scores well, so even a wide code must learn what images look like to undo the damage."""
+
+    def __init__(self, image_shape, latent_dim, hidden=(512, 256), noise_std=0.2, mask_prob=0.25):
+        super().__init__(image_shape, latent_dim, hidden)
+        self.noise_std, self.mask_prob = noise_std, mask_prob
+
+    def objective(self, x):
+        x_tilde = corrupt(x, self.noise_std, self.mask_prob)                # (B, C, H, W)
+        per_pixel = squared_error(self.reconstruct(x_tilde).to(x.dtype), x).mean() / x[0].numel()
+        return per_pixel, {"squared error per pixel": per_pixel}
+
+
+class VariationalAutoencoder(Autoencoder):
+    """Kingma and Welling 2014: the encoder gives q(z | x) = N(mean, diag(exp(log_var))), the decoder gives
+    p(x | z) (Bernoulli logits, or Gaussian means of fixed std), and the prior is p(z) = N(0, I).
+    The representation is the posterior mean; decode(z) is the mean image of p(x | z)."""
+    codes_per_latent = 2
+
+    def __init__(self, image_shape, latent_dim, hidden=(512, 256), beta=1.0, likelihood="bernoulli", decoder_std=0.1):
+        super().__init__(image_shape, latent_dim, hidden)
+        self.beta, self.likelihood, self.decoder_std = beta, likelihood, decoder_std
+
+    def posterior(self, x):
+        mean, log_var = self.encoder(self.centred(x)).chunk(2, dim=1)   # (B, 2L) -> (B, L), (B, L)
+        return mean, log_var
+
+    def encode(self, x):
+        return self.posterior(x)[0]
+
+    def decoder_output(self, z):
+        """The parameters of p(x | z): logits for Bernoulli, means for Gaussian; (B, C, H, W)."""
+        return self.decoder(z).view(-1, *self.image_shape)
+
+    def decode(self, z):
+        out = self.decoder_output(z)
+        return torch.sigmoid(out) if self.likelihood == "bernoulli" else out
+
+    def log_likelihood(self, x, out):
+        """log p(x | z) summed over pixels, (B,)."""
+        if self.likelihood == "bernoulli":
+            return bernoulli_log_likelihood(x, out)
+        return gaussian_log_likelihood(x, out, math.log(self.decoder_std))
+
+    def objective(self, x):
+        # Eq. 10 of Kingma and Welling with one sample of z per image, and Eq. 4 of beta-VAE:
+        # loss = -(E_q[log p(x | z)] - beta * KL(q(z | x) || N(0, I))), in nats per image
+        mean, log_var = (t.to(x.dtype) for t in self.posterior(x))      # (B, L), (B, L)
+        z = reparameterise(mean, log_var)                                # (B, L)
+        reconstruction = self.log_likelihood(x, self.decoder_output(z).to(x.dtype))   # (B,)
+        kl = kl_to_standard_normal(mean, log_var)                        # (B,)
+        loss = (self.beta * kl - reconstruction).mean()
+        return loss, {"-log p(x|z) per image": -reconstruction.mean(), "KL per image": kl.mean()}
+
+
+def build_model(cfg, image_shape):
+    hidden = (cfg.hidden, cfg.hidden // 2)
+    if cfg.model == "dae":
+        return DenoisingAutoencoder(image_shape, cfg.latent_dim, hidden, cfg.noise_std, cfg.mask_prob)
+    if cfg.model == "vae":
+        return VariationalAutoencoder(image_shape, cfg.latent_dim, hidden, cfg.beta, cfg.likelihood, cfg.decoder_std)
+    return Autoencoder(image_shape, cfg.latent_dim, hidden)
+
+
+class PCA:
+    """PCA as an autoencoder with the same interface: encode projects onto the k directions of largest variance,
+    decode maps back. It is the best any linear encoder-decoder pair of width k can do in squared error."""
+
+    def __init__(self, mean, components, image_shape):
+        self.mean, self.components, self.image_shape = mean, components, tuple(image_shape)   # (P,), (k, P)
+
+    def encode(self, x):
+        return (x.flatten(1).float() - self.mean) @ self.components.T   # (B, P) @ (P, k) -> (B, k)
+
+    def decode(self, z):
+        return (z @ self.components + self.mean).view(-1, *self.image_shape)   # (B, k) @ (k, P) -> (B, P)
+
+    def reconstruct(self, x):
+        return self.decode(self.encode(x))
+
+
+def pca(x, k):
+    """PCA of x (N, ...) with k components, from the SVD of the centred data X - mean = U S V^T: the rows of
+    V^T are the directions of largest variance, in order (S_i^2 / N is the variance along the i-th)."""
+    flat = x.flatten(1).float()                                          # (N, P)
+    mean = flat.mean(0)                                                  # (P,)
+    _, _, vh = torch.linalg.svd(flat - mean, full_matrices=False)        # vh (min(N, P), P)
+    return PCA(mean, vh[:k], x.shape[1:])
+
+
+# ---- 3. Objectives, written out; the tests check each against torch.distributions ----
+
+def squared_error(x_hat, x):
+    """||x_hat - x||^2 summed over pixels, (B,)."""
+    return (x_hat - x).square().flatten(1).sum(1)
+
+
+def corrupt(x, noise_std, mask_prob):
+    """The denoising autoencoder's input: Gaussian noise on every pixel, then a random share mask_prob of the
+    pixel positions set to 0 in all channels (Vincent et al. 2008's masking noise). x (B, C, H, W)."""
+    noisy = x + noise_std * torch.randn_like(x)                          # (B, C, H, W)
+    keep = torch.rand_like(x[:, :1]) >= mask_prob                        # (B, 1, H, W): one draw per position
+    return noisy * keep
+
+
+def bernoulli_log_likelihood(x, logits):
+    """log p(x | z) = sum_p x_p log s(l_p) + (1 - x_p) log(1 - s(l_p)), (B,). With log s(l) = -softplus(-l)
+    and log(1 - s(l)) = -softplus(l) it never takes the log of a rounded 0. Grey x in (0, 1) is allowed (the
+    'continuous Bernoulli' without its normaliser, as Kingma and Welling used it on greyscale images)."""
+    return -(x * F.softplus(-logits) + (1 - x) * F.softplus(logits)).flatten(1).sum(1)
+
+
+def gaussian_log_likelihood(x, mean, log_std):
+    """log N(x; mean, sigma^2) summed over pixels, (B,): -((x - mean) / sigma)^2 / 2 - log sigma - log(2 pi) / 2
+    per pixel. With sigma fixed this is squared error scaled by 1 / (2 sigma^2), plus a constant."""
+    log_std = torch.as_tensor(log_std, dtype=x.dtype, device=x.device)
+    per_pixel = -0.5 * ((x - mean) * torch.exp(-log_std)).square() - log_std - 0.5 * math.log(2 * math.pi)
+    return per_pixel.flatten(1).sum(1)
+
+
+def reparameterise(mean, log_var, noise=None):
+    """z = mean + sigma * eps with eps ~ N(0, I) (Kingma and Welling, Sec. 2.4): the sample is a differentiable
+    function of mean and log_var, so gradients reach the encoder through it. (B, L) -> (B, L)."""
+    noise = torch.randn_like(mean) if noise is None else noise
+    return mean + torch.exp(0.5 * log_var) * noise
+
+
+def kl_to_standard_normal(mean, log_var):
+    """KL(N(mean, diag(sigma^2)) || N(0, I)) = 1/2 sum_j (mean_j^2 + sigma_j^2 - log sigma_j^2 - 1), (B,):
+    the closed form of Kingma and Welling's Appendix B, the first term of their Eq. 10 with its sign flipped."""
+    return 0.5 * (mean.square() + log_var.exp() - log_var - 1).sum(1)
+
+
+# ---- 4. Training: minibatches drawn on the device, bf16 autocast, no synchronisation in the loop ----
+
+def learning_rate(step, total, peak, warmup=0.05):
+    """Linear warm-up over the first 5% of the steps, then cosine decay to 0."""
+    warm = max(1, round(warmup * total))
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def train(model, images, epochs, batch_size, lr, device, desc="train"):
+    """Adam on model.objective over shuffled minibatches of images (N, ...), uint8 or float, resident on device.
+    Returns the history: the loss and its parts at every step (float tensors on the CPU), images and seconds."""
+    steps_per_epoch = len(images) // batch_size          # a pass's remainder is dropped: every batch is full
+    total = epochs * steps_per_epoch
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type == "cuda")
+    parts = None
+    losses = torch.zeros(total, device=device)           # written on the device: reading it would synchronise
+    bar = common.progress(total * batch_size, desc)
+    clock = common.Stopwatch(device)
+    model.train()
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(len(images), device=device)
+        for i in range(steps_per_epoch):
+            x = to_float(images[order[i * batch_size:(i + 1) * batch_size]])   # (B, C, H, W) in [0, 1]
+            with common.autocast(device):
+                loss, terms = model.objective(x)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, total, lr)
+            optimizer.step()
+            losses[step] = loss.detach()
+            if parts is None:
+                parts = {name: torch.zeros(total, device=device) for name in terms}
+            for name, value in terms.items():
+                parts[name][step] = value.detach()
+            bar.update(batch_size)
+            if step % 100 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4g}")
+            step += 1
+    seconds = clock.seconds()
+    bar.close()
+    model.eval()
+    return {"loss": losses.cpu(), "parts": {name: value.cpu() for name, value in parts.items()},
+            "images": total * batch_size, "seconds": seconds}
 
 
 # ---- 5. Evaluation: how good is a frozen representation? ----
@@ -54,3 +391,286 @@ def knn_classify(train_x, train_y, test_x, test_y, num_classes, k=20, temperatur
         one_hot = F.one_hot(train_y[neighbour], num_classes).float()                       # (Q, k, C)
         votes.append((weights[:, :, None] * one_hot).sum(1))                               # (Q, C)
     return topk_accuracy(torch.cat(votes), test_y, ks)
+
+
+@torch.no_grad()
+def encode_all(model, images, batch_size=4096):
+    """The codes of many images, (N, L) float32, computed in float32 a batch at a time."""
+    return torch.cat([model.encode(to_float(chunk)).float() for chunk in images.split(batch_size)])
+
+
+@torch.no_grad()
+def reconstruction_error(model, images, batch_size=4096):
+    """Mean squared error per pixel (pixels in [0, 1]) of model.reconstruct over images (N, C, H, W)."""
+    total = sum(squared_error(model.reconstruct(to_float(chunk)).float(), to_float(chunk)).sum()
+                for chunk in images.split(batch_size))
+    return (total / images[0].numel() / len(images)).item()
+
+
+@torch.no_grad()
+def denoising_error(model, images, batch_size=4096):
+    """Squared error per pixel against the clean images of the corrupted input and of the model's output."""
+    total = torch.zeros(2, device=images.device)
+    for chunk in images.split(batch_size):
+        x = to_float(chunk)
+        noisy = corrupt(x, model.noise_std, model.mask_prob)
+        total += torch.stack([squared_error(noisy, x).sum(), squared_error(model.reconstruct(noisy).float(), x).sum()])
+    input_error, output_error = (total / images[0].numel() / len(images)).tolist()
+    return {"corrupted_input_mse": input_error, "output_mse": output_error}
+
+
+CONTINUOUS_FACTORS = ("scale", "x", "y", "brightness", "background", "noise")   # the embedded set's
+CATEGORICAL_FACTORS = {"colour": len(common.COLOURS), "size": len(common.SIZES), "place": len(common.PLACES)}
+
+
+def factor_labels(factors, name):
+    """The embedded set's categorical factor as class labels (N,); 'place' is the cell of a 3 x 3 grid."""
+    return factors["row"] * 3 + factors["column"] if name == "place" else factors[name]
+
+
+def factor_correlation(codes, factors):
+    """|Pearson correlation| between every continuous factor and every code coordinate, (F, L): a
+    disentangled code has one large entry per row, each in its own column."""
+    values = torch.stack([factors[name].float() for name in CONTINUOUS_FACTORS], 1)   # (N, F)
+    standardise = lambda t: (t - t.mean(0)) / (t.std(0, correction=0) + 1e-8)
+    return (standardise(values).T @ standardise(codes) / len(codes)).abs()           # (F, N) @ (N, L) -> (F, L)
+
+
+@torch.no_grad()
+def active_units(model, images, threshold=0.01):
+    """Burda et al. 2016: coordinate j is active when its posterior mean varies across images, Var_x(mean_j) >
+    threshold; the others the VAE leaves at the prior and ignores. Returns (count, per-coordinate variance)."""
+    variance = encode_all(model, images).var(0)                                      # (L,)
+    return int((variance > threshold).sum()), variance
+
+
+def probe_all(features, data, cfg, factor_features=("code", "pca")):
+    """Linear probe and kNN top-1 of the class from features {"name": (train (N, D), test (M, D))}; on the
+    embedded set also the linear probe of colour, size and place from the codes named in factor_features."""
+    classes = len(data.classes)
+    result = {}
+    for name, (train_f, test_f) in features.items():
+        result[name] = {
+            "linear_top1": linear_probe(train_f, data.y_train, test_f, data.y_test, classes, seed=cfg.seed,
+                                        min_steps=cfg.probe_steps)["top1"],
+            "knn_top1": knn_classify(train_f, data.y_train, test_f, data.y_test, classes)["top1"]}
+        if name in factor_features and data.factors_train is not None:
+            for factor, count in CATEGORICAL_FACTORS.items():
+                result[name][f"{factor}_linear_top1"] = linear_probe(
+                    train_f, factor_labels(data.factors_train, factor), test_f, factor_labels(data.factors_test, factor),
+                    count, seed=cfg.seed, min_steps=cfg.probe_steps)["top1"]
+    return result
+
+
+# ---- 6. Figures ----
+
+def as_picture(image):
+    """(C, H, W) in [0, 1] -> (H, W, 3) on the CPU, grey repeated to three channels, for imshow."""
+    return image.float().clamp(0, 1).cpu().expand(3, -1, -1).permute(1, 2, 0)
+
+
+def image_rows(rows, path, title=None, scale=0.8, gap=2):
+    """A figure of labelled rows of images: rows = [(label, images (n, C, H, W) in [0, 1]), ...], drawn as one
+    mosaic with white gaps (one imshow is much faster than an axes per image)."""
+    columns = max(len(images) for _, images in rows)
+    _, height, width = rows[0][1].shape[1:]
+    mosaic = torch.ones(len(rows) * (height + gap) - gap, columns * (width + gap) - gap, 3)
+    for r, (_, images) in enumerate(rows):
+        for c, image in enumerate(images):
+            top, left = r * (height + gap), c * (width + gap)
+            mosaic[top:top + height, left:left + width] = as_picture(image)
+    fig, ax = plt.subplots(figsize=(scale * columns, scale * len(rows) + 0.3 * bool(title)))
+    ax.imshow(mosaic.numpy(), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([r * (height + gap) + height / 2 for r in range(len(rows))], [label for label, _ in rows], fontsize=9)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if title:
+        ax.set_title(title, fontsize=10)
+    common.save_figure(fig, path)
+
+
+@torch.no_grad()
+def plot_reconstructions(model, linear, principal, images, cfg, path):
+    x = to_float(images)
+    L = cfg.latent_dim
+    image_rows([("input", x), (f"{cfg.model}, L={L}", model.reconstruct(x)), (f"PCA-{L}", principal.reconstruct(x)),
+                (f"linear AE, L={L}", linear.reconstruct(x))], path,
+               title=f"test images and their reconstructions from a {L}-number code")
+
+
+@torch.no_grad()
+def plot_denoising(model, images, path):
+    x = to_float(images)
+    noisy = corrupt(x, model.noise_std, model.mask_prob)
+    image_rows([("noisy input", noisy), ("output", model.reconstruct(noisy)), ("clean target", x)], path,
+               title=f"denoising: Gaussian noise (std {model.noise_std}) and {model.mask_prob:.0%} of pixels masked")
+
+
+@torch.no_grad()
+def plot_interpolation(model, images, path, steps=10):
+    """Decode (1 - t) z_a + t z_b for t from 0 to 1, beside the cross-fade (1 - t) x_a + t x_b in pixel space."""
+    x = to_float(images)                                                 # (2 * pairs, C, H, W)
+    t = torch.linspace(0, 1, steps, device=x.device)[:, None]            # (S, 1)
+    rows = []
+    for a, b in zip(x[0::2], x[1::2]):
+        za, zb = model.encode(torch.stack([a, b]))                       # (L,), (L,)
+        rows.append(("through the code", model.decode((1 - t) * za + t * zb)))   # (S, L) -> (S, C, H, W)
+        rows.append(("in pixel space", (1 - t[:, :, None, None]) * a + t[:, :, None, None] * b))
+    image_rows(rows, path, title="interpolation between two test images")
+
+
+def plot_latent_map(codes, labels, class_names, path, title):
+    """The codes (N, L) projected on their first two principal components, coloured by class."""
+    points = pca(codes, 2).encode(codes).cpu() if codes.shape[1] > 2 else codes.cpu()
+    labels = labels.cpu()
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    colours = plt.get_cmap("tab10")
+    for k, name in enumerate(class_names):
+        chosen = labels == k
+        ax.scatter(points[chosen, 0], points[chosen, 1], s=3, alpha=0.5, color=colours(k % 10), label=name)
+    ax.set_xlabel("code, principal component 1")
+    ax.set_ylabel("code, principal component 2")
+    ax.set_title(title, fontsize=10)
+    ax.legend(markerscale=4, fontsize=8, loc="best", framealpha=0.8)
+    common.save_figure(fig, path)
+
+
+def plot_training(history, linear_history, pca_train_error, model_name, path):
+    """Left: the model's objective and its parts. Right: the linear autoencoder's error falling onto PCA's."""
+    smooth = lambda v: v.unfold(0, min(len(v), 25), 1).mean(1) if len(v) > 1 else v   # running mean over 25 steps
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, values in {"loss": history["loss"], **history["parts"]}.items():
+        if name == "loss" and model_name != "vae":
+            continue                                                     # the AE's loss is its one part
+        left.plot(smooth(values), label=name)
+    left.set_yscale("log")
+    left.set_xlabel("step")
+    left.set_title(f"{model_name}: training objective (running mean over 25 steps)", fontsize=10)
+    left.legend(fontsize=8)
+    right.plot(smooth(linear_history["loss"]), label="linear autoencoder")
+    right.axhline(pca_train_error, color="k", linestyle="--", label="PCA, same width (closed form)")
+    right.set_yscale("log")
+    right.set_xlabel("step")
+    right.set_ylabel("squared error per pixel (training batch)")
+    right.set_title("a linear autoencoder descends onto PCA's error", fontsize=10)
+    right.legend(fontsize=8)
+    common.save_figure(fig, path)
+
+
+@torch.no_grad()
+def plot_samples(model, path, count=32, seed=0):
+    """Images decoded from codes drawn from the prior N(0, I): what the VAE has learned to generate."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    z = torch.randn(count, model.latent_dim, generator=generator).to(next(model.parameters()).device)
+    images = model.decode(z)
+    image_rows([("", images[i:i + 16]) for i in range(0, count, 16)], path, title="samples: decode(z), z ~ N(0, I)")
+
+
+@torch.no_grad()
+def plot_traversal(model, image, variance, correlation, path, rows=8, span=3.0, steps=11):
+    """Vary one code coordinate from -span to +span around one image's posterior mean, holding the others, for
+    the most active coordinates; each row names the known factor it correlates with most, if any."""
+    base = model.encode(to_float(image[None]))[0]                        # (L,)
+    values = torch.linspace(-span, span, steps, device=base.device)      # (S,)
+    chosen = variance.argsort(descending=True)[:rows].tolist()
+    lines = []
+    for j in chosen:
+        z = base.repeat(steps, 1)                                        # (S, L)
+        z[:, j] = values
+        label = f"z{j}"
+        if correlation is not None:
+            best = int(correlation[:, j].argmax())
+            label += f"\n~ {CONTINUOUS_FACTORS[best]} ({correlation[best, j]:.2f})"
+        lines.append((label, model.decode(z)))
+    image_rows(lines, path, title=f"latent traversal: each row moves one coordinate from -{span:g} to +{span:g}")
+
+
+# ---- 7. Main ----
+
+def main(argv=None):
+    cfg = common.parse_config(Config, argv, __doc__, quick=QUICK)
+    validate(cfg)
+    device, out = common.setup(cfg, __file__)
+    wall = common.Stopwatch(device)
+    data = load_data(cfg, device)
+    validate_sizes(cfg, data)
+    pixels = math.prod(data.shape)
+    print(f"{cfg.dataset}: {len(data.x_train)} training and {len(data.x_test)} test images of {data.shape}; "
+          f"code width L={cfg.latent_dim} ({pixels / cfg.latent_dim:.0f}x fewer numbers than pixels)")
+
+    model = build_model(cfg, data.shape).to(device).set_mean_image(data.x_train)
+    history = train(model, data.x_train, cfg.epochs, cfg.batch_size, cfg.lr, device, desc=cfg.model)
+    common.save_checkpoint(out / "model.pt", model, cfg, kind=f"autoencoder-{cfg.model}", image_shape=list(data.shape))
+
+    # Section 4's comparison: a linear autoencoder trained by the same loop, and PCA in closed form
+    linear = Autoencoder(data.shape, cfg.latent_dim, hidden=()).to(device).set_mean_image(data.x_train)
+    linear_history = train(linear, data.x_train, cfg.epochs, cfg.batch_size, cfg.lr, device, desc="linear AE")
+    principal = pca(to_float(data.x_train), cfg.latent_dim)
+
+    average = PCA(principal.mean, principal.components[:0], data.shape)  # zero components: every image -> the mean
+    errors = {name: reconstruction_error(m, data.x_test) for name, m in
+              (("model", model), ("pca", principal), ("linear_ae", linear), ("mean_image", average))}
+    codes = {name: (encode_all(m, data.x_train), encode_all(m, data.x_test)) for name, m in
+             (("code", model), ("pca", principal))}
+    codes["pixels"] = (to_float(data.x_train).flatten(1), to_float(data.x_test).flatten(1))
+    probes = probe_all(codes, data, cfg)
+
+    loss = history["loss"]
+    tenth = max(1, len(loss) // 10)
+    metrics = {
+        "dataset": cfg.dataset, "model": cfg.model, "latent_dim": cfg.latent_dim, "epochs": cfg.epochs,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "loss_first": loss[:tenth].mean().item(), "loss_last": loss[-tenth:].mean().item(),
+        "test_mse": errors["model"], "pca_test_mse": errors["pca"], "linear_ae_test_mse": errors["linear_ae"],
+        "mean_image_test_mse": errors["mean_image"],
+        "mse_vs_pca": errors["model"] / errors["pca"] - 1, "linear_ae_vs_pca": errors["linear_ae"] / errors["pca"] - 1,
+        "probe": probes, "train_seconds": history["seconds"],
+        "train_images_per_second": history["images"] / history["seconds"],
+    }
+    correlation = None
+    if data.factors_test is not None:
+        correlation = factor_correlation(codes["code"][1], data.factors_test)          # (F, L)
+        metrics["factor_correlation"] = {name: correlation[i].max().item() for i, name in enumerate(CONTINUOUS_FACTORS)}
+    if cfg.model == "dae":
+        metrics["denoising"] = denoising_error(model, data.x_test)
+    if cfg.model == "vae":
+        count, variance = active_units(model, data.x_test)
+        with torch.no_grad():
+            x = to_float(data.x_test[:4096])
+            _, parts = model.objective(x)
+        metrics["vae"] = {"active_units": count, "beta": cfg.beta, "likelihood": cfg.likelihood,
+                          **{name: value.item() for name, value in parts.items()}}
+
+    show = data.x_test[:12]
+    plot_reconstructions(model, linear, principal, show, cfg, out / "reconstructions.png")
+    plot_interpolation(model, data.x_test[(data.y_test[:, None] == torch.tensor([0, 1, 2, 3], device=device)).float()
+                                          .argmax(0)], out / "interpolation.png")
+    plot_latent_map(codes["code"][1][:5000], data.y_test[:5000], data.classes, out / "latent_map.png",
+                    f"{cfg.model} codes of test images (L={cfg.latent_dim}), first two principal components")
+    plot_training(history, linear_history, reconstruction_error(principal, data.x_train[:10000]), cfg.model,
+                  out / "training_curve.png")
+    figures = ["reconstructions.png", "interpolation.png", "latent_map.png", "training_curve.png"]
+    if cfg.model == "dae":
+        plot_denoising(model, show, out / "denoising.png")
+        figures.append("denoising.png")
+    if cfg.model == "vae":
+        plot_samples(model, out / "samples.png", seed=cfg.seed)
+        plot_traversal(model, data.x_test[0], variance, correlation, out / "traversal.png")
+        figures += ["samples.png", "traversal.png"]
+    metrics.update(figures=figures, wall_seconds=wall.seconds())
+    common.save_json(out / "metrics.json", metrics)
+
+    p = probes
+    print(f"{cfg.model} on {cfg.dataset}, L={cfg.latent_dim}: test MSE/pixel {errors['model']:.5f} vs PCA-{cfg.latent_dim} "
+          f"{errors['pca']:.5f} ({metrics['mse_vs_pca']:+.1%}), linear AE {errors['linear_ae']:.5f} "
+          f"({metrics['linear_ae_vs_pca']:+.1%} vs PCA) | probe top-1: code {p['code']['linear_top1']:.3f}, "
+          f"PCA {p['pca']['linear_top1']:.3f}, pixels {p['pixels']['linear_top1']:.3f}; kNN code "
+          f"{p['code']['knn_top1']:.3f} | {history['images'] / 1e6:.2f}M images in {history['seconds']:.1f} s "
+          f"({metrics['train_images_per_second'] / 1e3:.0f}k img/s), wall {metrics['wall_seconds']:.1f} s")
+    return model, metrics
+
+
+if __name__ == "__main__":
+    common.run(main)

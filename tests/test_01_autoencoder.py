@@ -1,0 +1,309 @@
+"""Tests for 01_autoencoder.py: each objective against torch.distributions in float64 (values and gradients),
+PCA against its closed form, the linear autoencoder against PCA, the shared evaluation helpers against brute
+force, and the script end to end on CPU (it must learn, write everything it promises, and fail cleanly)."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributions import Bernoulli, Normal, kl_divergence
+
+import common
+
+ae = common.import_script("01_autoencoder")
+
+SIZES = [(1, 1), (3, 5), (16, 32)]       # (B, L), an uneven one among them
+
+
+def generator(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def assert_same_values_and_gradients(ours, reference, inputs, seed=0):
+    """ours(*inputs) == reference(*inputs), and so are the gradients of a random weighting of the outputs."""
+    out, ref = ours(*inputs), reference(*inputs)
+    torch.testing.assert_close(out, ref)
+    weights = torch.randn(out.shape, generator=generator(seed), dtype=out.dtype)
+    grads = torch.autograd.grad((out * weights).sum(), inputs)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), inputs)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def leaf(*shape, seed, scale=1.0):
+    """A float64 tensor of N(0, scale^2) entries that records gradients."""
+    return (torch.randn(*shape, generator=generator(seed), dtype=torch.float64) * scale).requires_grad_()
+
+
+# ---- objectives against torch.distributions ----
+
+@pytest.mark.parametrize("batch, latent", SIZES)
+def test_kl_matches_torch_distributions(batch, latent):
+    mean, log_var = leaf(batch, latent, seed=1, scale=2.0), leaf(batch, latent, seed=2)
+    reference = lambda m, lv: kl_divergence(Normal(m, (0.5 * lv).exp()), Normal(0.0, 1.0)).sum(1)
+    assert_same_values_and_gradients(ae.kl_to_standard_normal, reference, (mean, log_var))
+
+
+def test_kl_matches_a_monte_carlo_estimate():
+    g = generator(3)
+    mean = torch.randn(4, generator=g, dtype=torch.float64)
+    log_var = torch.randn(4, generator=g, dtype=torch.float64)
+    std = (0.5 * log_var).exp()
+    z = mean + std * torch.randn(400_000, 4, generator=g, dtype=torch.float64)          # samples of q(z | x)
+    log_ratio = (Normal(mean, std).log_prob(z) - Normal(0.0, 1.0).log_prob(z)).sum(1)   # log q(z) - log p(z)
+    estimate, error = log_ratio.mean(), log_ratio.std() / math.sqrt(len(z))
+    exact = ae.kl_to_standard_normal(mean[None], log_var[None])[0]
+    assert abs(estimate - exact) < 4 * error
+
+
+@pytest.mark.parametrize("batch, latent", SIZES)
+def test_bernoulli_log_likelihood_matches_torch_on_binary_and_grey_pixels(batch, latent):
+    logits = leaf(batch, 2, latent, seed=4, scale=3.0)
+    binary = (torch.rand(batch, 2, latent, generator=generator(5), dtype=torch.float64) > 0.5).double()
+    grey = torch.rand(batch, 2, latent, generator=generator(6), dtype=torch.float64)
+    for x in (binary, grey):
+        reference = lambda l: Bernoulli(logits=l, validate_args=False).log_prob(x).flatten(1).sum(1)
+        assert_same_values_and_gradients(lambda l: ae.bernoulli_log_likelihood(x, l), reference, (logits,))
+
+
+def test_bernoulli_log_likelihood_stays_finite_for_extreme_logits():
+    logits = torch.tensor([[-200.0, 200.0]], dtype=torch.float64)
+    assert torch.isfinite(ae.bernoulli_log_likelihood(torch.tensor([[1.0, 0.0]], dtype=torch.float64), logits)).all()
+
+
+@pytest.mark.parametrize("batch, latent", SIZES)
+def test_gaussian_log_likelihood_matches_torch(batch, latent):
+    x = torch.rand(batch, 3, latent, generator=generator(7), dtype=torch.float64)
+    mean, log_std = leaf(batch, 3, latent, seed=8), torch.tensor(-1.3, dtype=torch.float64, requires_grad=True)
+    reference = lambda m, s: Normal(m, s.exp()).log_prob(x).flatten(1).sum(1)
+    assert_same_values_and_gradients(lambda m, s: ae.gaussian_log_likelihood(x, m, s), reference, (mean, log_std))
+    torch.testing.assert_close(ae.gaussian_log_likelihood(x, mean, math.log(0.1)),
+                               Normal(mean, 0.1).log_prob(x).flatten(1).sum(1))
+
+
+def test_reparameterised_sample_has_the_posterior_mean_and_variance_and_passes_gradients():
+    g = generator(9)
+    mean = torch.randn(5, generator=g, dtype=torch.float64).requires_grad_()
+    log_var = torch.randn(5, generator=g, dtype=torch.float64).requires_grad_()
+    n = 200_000
+    noise = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    z = ae.reparameterise(mean.expand(n, 5), log_var.expand(n, 5), noise)               # (N, L)
+    variance = log_var.detach().exp()
+    torch.testing.assert_close(z.detach().mean(0), mean.detach(), atol=float(5 * variance.sqrt().max() / math.sqrt(n)), rtol=0)
+    torch.testing.assert_close(z.detach().var(0), variance, rtol=0.02, atol=0)
+    grad_mean, grad_log_var = torch.autograd.grad(z.sum(), (mean, log_var))
+    torch.testing.assert_close(grad_mean, torch.full_like(mean, n))                       # dz/dmean = 1
+    torch.testing.assert_close(grad_log_var, (0.5 * variance.sqrt() * noise).sum(0))     # dz/dlog_var = sigma eps / 2
+    assert torch.autograd.gradcheck(lambda m, lv: ae.reparameterise(m, lv, noise[:3, :2]),
+                                    (leaf(3, 2, seed=10), leaf(3, 2, seed=11)))
+    drawn = ae.reparameterise(torch.zeros(100_000, 1), torch.zeros(100_000, 1))         # its own noise: N(0, 1)
+    assert abs(drawn.mean()) < 0.02 and abs(drawn.var() - 1) < 0.02
+
+
+@pytest.mark.parametrize("batch, latent", SIZES)
+def test_squared_error_matches_mse_loss(batch, latent):
+    target = torch.rand(batch, 3, latent, generator=generator(12), dtype=torch.float64)
+    reference = lambda x: F.mse_loss(x, target, reduction="none").flatten(1).sum(1)
+    assert_same_values_and_gradients(lambda x: ae.squared_error(x, target), reference, (leaf(batch, 3, latent, seed=13),))
+
+
+def test_corruption_masks_whole_positions_and_adds_noise_of_the_given_std():
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 16, 16)
+    torch.testing.assert_close(ae.corrupt(x, 0.0, 0.0), x)
+    masked = ae.corrupt(x, 0.0, 0.3)
+    zero = masked == 0                                                                   # (B, C, H, W)
+    assert (zero == zero[:, :1]).all()                                                   # the same mask in every channel
+    assert abs(zero[:, 0].float().mean() - 0.3) < 0.01
+    noisy = ae.corrupt(x, 0.2, 0.0)
+    assert abs((noisy - x).std() - 0.2) < 0.005
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("beta", [1.0, 4.0])
+def test_vae_objective_is_the_negative_elbo_written_with_torch_distributions(likelihood, beta):
+    torch.manual_seed(0)
+    model = ae.VariationalAutoencoder((2, 3, 3), 4, hidden=(7,), beta=beta, likelihood=likelihood, decoder_std=0.2).double()
+    x = torch.rand(5, 2, 3, 3, generator=generator(14), dtype=torch.float64)
+    model.set_mean_image(x)
+    torch.manual_seed(1)
+    loss, parts = model.objective(x)
+    torch.manual_seed(1)
+    mean, log_var = model.posterior(x)
+    q = Normal(mean, (0.5 * log_var).exp())
+    z = mean + q.stddev * torch.randn_like(mean)                                        # the same draw of eps
+    out = model.decoder_output(z)
+    p_x = Bernoulli(logits=out, validate_args=False) if likelihood == "bernoulli" else Normal(out, 0.2)
+    log_likelihood = p_x.log_prob(x).flatten(1).sum(1)
+    kl = kl_divergence(q, Normal(0.0, 1.0)).sum(1)
+    torch.testing.assert_close(loss, (beta * kl - log_likelihood).mean())
+    torch.testing.assert_close(parts["KL per image"], kl.mean())
+    torch.testing.assert_close(model.decode(z), out.sigmoid() if likelihood == "bernoulli" else out)
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    rates = [ae.learning_rate(step, 100, 1.0) for step in range(100)]
+    assert rates[0] == pytest.approx(0.2) and rates[4] == pytest.approx(1.0) and max(rates) == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(rates[4:], rates[5:])) and rates[-1] < 0.001
+
+
+# ---- PCA, and the linear autoencoder that reaches it ----
+
+def test_pca_matches_the_eigendecomposition_of_the_covariance():
+    g = generator(15)
+    x = torch.randn(200, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 12, generator=g, dtype=torch.float64)
+    principal = ae.pca(x, 4)
+    centred = x - x.mean(0)
+    eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred / len(x))        # ascending
+    top = eigenvectors[:, -4:]                                                           # (P, k)
+    torch.testing.assert_close(principal.components.double() @ principal.components.double().T,
+                               torch.eye(4, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(principal.components.double().T @ principal.components.double(), top @ top.T,
+                               atol=1e-5, rtol=0)                                         # the same subspace
+    error = (principal.reconstruct(x).double() - x).square().mean()
+    torch.testing.assert_close(error, eigenvalues[:-4].sum() / x.shape[1], rtol=1e-4, atol=0)   # the discarded variance
+
+
+def linear_and_pca_errors(x, k, steps, lr):
+    torch.manual_seed(0)
+    linear = ae.Autoencoder(x.shape[1:], k, hidden=()).set_mean_image(x)
+    ae.train(linear, x, epochs=steps, batch_size=len(x), lr=lr, device=torch.device("cpu"))
+    return ae.reconstruction_error(linear, x), ae.reconstruction_error(ae.pca(ae.to_float(x), k), x)
+
+
+def test_linear_autoencoder_reaches_pca_on_random_low_rank_data():
+    g = generator(16)
+    x = torch.randn(400, 5, generator=g) @ torch.randn(5, 40, generator=g) + 0.1 * torch.randn(400, 40, generator=g) + 0.5
+    linear, principal = linear_and_pca_errors(x, 5, steps=1500, lr=3e-2)
+    assert principal <= linear <= 1.02 * principal
+
+
+def test_linear_autoencoder_reaches_pca_on_the_embedded_set():
+    images = common.load_images("shapes", n_train=500, n_test=1, size=16).x_train     # (500, 3, 16, 16) uint8
+    linear, principal = linear_and_pca_errors(images, 8, steps=800, lr=3e-2)
+    assert principal <= linear <= 1.02 * principal
+
+
+# ---- the shared evaluation helpers against brute force ----
+
+def test_topk_accuracy_matches_a_loop():
+    g = generator(17)
+    scores, labels = torch.randn(50, 7, generator=g), torch.randint(0, 7, (50,), generator=g)
+    result = ae.topk_accuracy(scores, labels, ks=(1, 3))
+    for k in (1, 3):
+        hits = sum(int(labels[i]) in scores[i].argsort(descending=True)[:k].tolist() for i in range(50))
+        assert result[f"top{k}"] == pytest.approx(hits / 50)
+
+
+def test_knn_matches_a_brute_force_loop():
+    g = generator(18)
+    train_x, test_x = torch.randn(60, 6, generator=g), torch.randn(25, 6, generator=g)
+    train_y, test_y = torch.randint(0, 4, (60,), generator=g), torch.randint(0, 4, (25,), generator=g)
+    result = ae.knn_classify(train_x, train_y, test_x, test_y, 4, k=7, temperature=0.1, ks=(1, 2), chunk=8)
+    votes = torch.zeros(25, 4)
+    for i in range(25):
+        similarity = [float(F.cosine_similarity(test_x[i], train_x[j], dim=0)) for j in range(60)]
+        for j in sorted(range(60), key=lambda j: -similarity[j])[:7]:
+            votes[i, train_y[j]] += math.exp(similarity[j] / 0.1)
+    assert result == ae.topk_accuracy(votes, test_y, ks=(1, 2))
+
+
+def separable(n, g, margin=0.5, dim=32, classes=10):
+    """Points whose class is argmax(x W) for a fixed W, kept only where the best class wins by `margin`."""
+    w = torch.randn(dim, classes, generator=g)
+    x = torch.randn(8 * n, dim, generator=g)
+    scores = (x @ w).topk(2, dim=1).values
+    keep = (scores[:, 0] - scores[:, 1]) > margin
+    return x[keep][:n], (x @ w)[keep][:n].argmax(1)
+
+
+def test_linear_probe_reaches_the_optimum_on_linearly_separable_data():
+    x, y = separable(1500, generator(19))
+    assert ae.linear_probe(x, y, x, y, 10)["top1"] == 1.0          # separable: the optimum classifies every point
+
+
+def test_factor_correlation_matches_corrcoef():
+    g = generator(20)
+    codes = torch.randn(300, 4, generator=g)
+    factors = {name: torch.randn(300, generator=g) + codes[:, i % 4] for i, name in enumerate(ae.CONTINUOUS_FACTORS)}
+    ours = ae.factor_correlation(codes, factors)
+    values = torch.stack([factors[name] for name in ae.CONTINUOUS_FACTORS], 1)
+    reference = torch.corrcoef(torch.cat([values, codes], 1).T)[:len(factors), len(factors):].abs()
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
+
+
+# ---- the script, end to end on CPU ----
+
+@pytest.mark.parametrize("model", ["ae", "dae", "vae"])
+def test_main_learns_and_writes_everything(model, tmp_path):
+    trained, metrics = ae.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--model", model])
+    assert metrics["loss_last"] < 0.95 * metrics["loss_first"]                            # the objective fell
+    if model == "dae":     # it undoes most of the damage, though trained for seconds
+        assert metrics["denoising"]["output_mse"] < 0.5 * metrics["denoising"]["corrupted_input_mse"]
+    else:                  # its reconstructions beat the best constant guess, the average image
+        assert metrics["test_mse"] < {"ae": 0.75, "vae": 0.85}[model] * metrics["mean_image_test_mse"]
+    code = metrics["probe"]["code"]                 # colour and place are linearly readable from the code
+    assert code["colour_linear_top1"] > 2 / len(common.COLOURS) and code["place_linear_top1"] > 2 / len(common.PLACES)
+    assert 0 <= code["linear_top1"] <= 1 and 0 <= code["knn_top1"] <= 1
+    assert metrics["pca_test_mse"] < metrics["mean_image_test_mse"] and metrics["linear_ae_test_mse"] >= 0.99 * metrics["pca_test_mse"]
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["model"] == model and saved["test_mse"] == pytest.approx(metrics["test_mse"])
+    for figure in metrics["figures"]:
+        assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {"reconstructions.png", "interpolation.png", "latent_map.png", "training_curve.png"} <= set(metrics["figures"])
+    assert {"dae": {"denoising.png"}, "vae": {"samples.png", "traversal.png"}}.get(model, set()) <= set(metrics["figures"])
+    saved_cfg = ae.Config(**torch.load(tmp_path / "model.pt", weights_only=True)["config"])   # rebuilt from the file
+    fresh = ae.build_model(saved_cfg, (3, 32, 32))
+    common.load_checkpoint(tmp_path / "model.pt", fresh, f"autoencoder-{model}")
+    x = torch.rand(4, 3, 32, 32)
+    torch.testing.assert_close(fresh.encode(x), trained.encode(x))
+    if model == "vae":
+        assert 0 < metrics["vae"]["active_units"] <= 32 and metrics["vae"]["KL per image"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "gan"], "invalid choice"),
+    (["--latent-dim", "0"], "--latent-dim must be positive"),
+    (["--latent-dim", "-4"], "--latent-dim must be positive"),
+    (["--epochs", "-1"], "--epochs must be positive"),
+    (["--dataset", "imagenet"], "unknown dataset"),
+    (["--mask-prob", "1"], "--mask-prob"),
+    (["--beta", "-1"], "--beta"),
+    (["--no-such-option"], "unrecognized arguments"),
+    (["--batch-size", "5000"], "larger than the 1000 training images"),
+    (["--latent-dim", "2000"], "larger than the data allows"),
+])
+def test_bad_options_fail_with_one_line_and_write_no_results(argv, message, tmp_path):
+    with pytest.raises(common.UserError, match=message):
+        ae.main(["--quick", "--device", "cpu", "--out", str(tmp_path), *argv])
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "model.pt").exists()
+
+
+def test_a_corrupt_data_file_fails_cleanly(tmp_path):
+    folder = tmp_path / "data" / "fashion-mnist"
+    folder.mkdir(parents=True)
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(b"not a gzip file")
+    out = tmp_path / "out"
+    with pytest.raises(common.UserError, match="corrupt"):
+        ae.main(["--quick", "--device", "cpu", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "data"),
+                 "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]                     # nothing half-written
+
+
+def test_an_unwritable_out_fails_cleanly(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(common.UserError, match="cannot write to output folder"):
+        ae.main(["--quick", "--device", "cpu", "--out", str(blocker / "runs")])
+
+
+def test_the_script_reports_bad_input_in_one_line_and_exits_non_zero(tmp_path):
+    result = subprocess.run([sys.executable, "01_autoencoder.py", "--latent-dim", "0", "--out", str(tmp_path)],
+                            capture_output=True, text=True, cwd=common.ROOT)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and "latent-dim" in result.stderr
+    shown = subprocess.run([sys.executable, "01_autoencoder.py", "--help"], capture_output=True, text=True, cwd=common.ROOT)
+    assert shown.returncode == 0 and "--beta" in shown.stdout and "(default: 32)" in shown.stdout
