@@ -1,0 +1,289 @@
+"""04_vit: every from-scratch piece against its PyTorch reference (float64, values and gradients), the
+symmetries the architectures promise, and end-to-end --quick runs that must learn and fail cleanly."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+vit = common.import_script("04_vit")
+
+
+def randn(generator, *shape):
+    return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+
+def assert_same_values_and_grads(ours, reference, inputs):
+    """ours(*inputs) == reference(*inputs), and so are the gradients of a random projection of them."""
+    out_ours, out_ref = ours(*inputs), reference(*inputs)
+    torch.testing.assert_close(out_ours, out_ref)
+    weights = torch.randn(out_ours.shape, generator=torch.Generator().manual_seed(7), dtype=out_ours.dtype)
+    grads_ours = torch.autograd.grad((out_ours * weights).sum(), inputs)
+    grads_ref = torch.autograd.grad((out_ref * weights).sum(), inputs)
+    for a, b in zip(grads_ours, grads_ref):
+        torch.testing.assert_close(a, b)
+
+
+# ---- parity with PyTorch's built-ins ----
+
+@pytest.mark.parametrize("B,H,T,D", [(2, 3, 5, 8), (1, 1, 7, 3), (3, 2, 17, 16)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_matches_scaled_dot_product_attention(B, H, T, D, masked):
+    g = torch.Generator().manual_seed(B * 100 + T)
+    q, k, v = (randn(g, B, H, T, D).requires_grad_() for _ in range(3))
+    mask = torch.ones(T, T, dtype=torch.bool).tril() if masked else None    # causal, as 05's text encoder uses
+    assert_same_values_and_grads(lambda *x: vit.attention(*x, mask=mask),
+                                 lambda *x: F.scaled_dot_product_attention(*x, attn_mask=mask), (q, k, v))
+
+
+@pytest.mark.parametrize("dim,heads,T", [(12, 3, 5), (8, 1, 9), (16, 4, 1)])
+def test_multi_head_attention_matches_nn_multihead_attention(dim, heads, T):
+    torch.manual_seed(dim + T)
+    ours = vit.MultiHeadAttention(dim, heads).double()
+    reference = nn.MultiheadAttention(dim, heads, batch_first=True, dtype=torch.float64)
+    with torch.no_grad():
+        reference.in_proj_weight.copy_(ours.qkv.weight)             # Q, K, V stacked in the same order
+        reference.in_proj_bias.copy_(ours.qkv.bias)
+        reference.out_proj.weight.copy_(ours.proj.weight)
+        reference.out_proj.bias.copy_(ours.proj.bias)
+    x = randn(torch.Generator().manual_seed(1), 3, T, dim).requires_grad_()
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    assert_same_values_and_grads(ours, lambda x: reference(x, x, x, need_weights=False)[0], (x,))
+    # nn.MultiheadAttention's boolean mask marks what may NOT be attended: the opposite convention
+    assert_same_values_and_grads(lambda x: ours(x, causal),
+                                 lambda x: reference(x, x, x, attn_mask=~causal, need_weights=False)[0], (x,))
+    # and its parameter gradients agree too
+    (ours(x).square().sum()).backward()
+    (reference(x, x, x, need_weights=False)[0].square().sum()).backward()
+    torch.testing.assert_close(ours.qkv.weight.grad, reference.in_proj_weight.grad)
+    torch.testing.assert_close(ours.proj.weight.grad, reference.out_proj.weight.grad)
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (2, 3, 7), (5, 1)])
+def test_layer_norm_matches_f_layer_norm(shape):
+    g = torch.Generator().manual_seed(len(shape))
+    ours = vit.LayerNorm(shape[-1]).double()
+    with torch.no_grad():
+        ours.weight.copy_(randn(g, shape[-1]))
+        ours.bias.copy_(randn(g, shape[-1]))
+    x = (3 * randn(g, *shape) + 2).requires_grad_()
+    assert_same_values_and_grads(ours, lambda x: F.layer_norm(x, shape[-1:], ours.weight, ours.bias, ours.eps), (x,))
+
+
+@pytest.mark.parametrize("C,size,P,E", [(3, 8, 4, 5), (1, 12, 3, 7), (2, 6, 6, 4)])
+def test_patch_embedding_by_reshape_matches_strided_conv(C, size, P, E):
+    g = torch.Generator().manual_seed(size)
+    linear = nn.Linear(C * P * P, E).double()
+    conv = nn.Conv2d(C, E, kernel_size=P, stride=P).double()
+    with torch.no_grad():
+        conv.weight.copy_(linear.weight.reshape(E, C, P, P))        # patchify flattens channel first, as conv
+        conv.bias.copy_(linear.bias)
+    x = randn(g, 2, C, size, size).requires_grad_()
+    assert_same_values_and_grads(lambda x: linear(vit.patchify(x, P)),
+                                 lambda x: conv(x).flatten(2).transpose(1, 2), (x,))   # (B, E, h, w) -> (B, N, E)
+    torch.testing.assert_close(vit.unpatchify(vit.patchify(x, P), P, C), x)
+
+
+def test_block_matches_pre_norm_transformer_encoder_layer():
+    torch.manual_seed(0)
+    dim, heads, ratio = 12, 3, 2
+    ours = vit.Block(dim, heads, ratio).double()
+    reference = nn.TransformerEncoderLayer(dim, heads, ratio * dim, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True, dtype=torch.float64)
+    with torch.no_grad():
+        for p in ours.parameters():                                 # non-trivial norms and biases
+            p.add_(0.1 * torch.randn_like(p))
+        for name, target in [("attn.qkv.weight", "self_attn.in_proj_weight"), ("attn.qkv.bias", "self_attn.in_proj_bias"),
+                             ("attn.proj.weight", "self_attn.out_proj.weight"), ("attn.proj.bias", "self_attn.out_proj.bias"),
+                             ("mlp.0.weight", "linear1.weight"), ("mlp.0.bias", "linear1.bias"),
+                             ("mlp.2.weight", "linear2.weight"), ("mlp.2.bias", "linear2.bias"),
+                             ("norm1.weight", "norm1.weight"), ("norm1.bias", "norm1.bias"),
+                             ("norm2.weight", "norm2.weight"), ("norm2.bias", "norm2.bias")]:
+            reference.get_parameter(target).copy_(ours.get_parameter(name))
+    x = randn(torch.Generator().manual_seed(3), 2, 6, dim).requires_grad_()
+    assert_same_values_and_grads(ours, reference, (x,))
+
+
+# ---- the model's promises ----
+
+def small_vit(pos_embedding, channels=2, num_classes=0):
+    torch.manual_seed(0)
+    model = vit.ViT(image_size=12, patch_size=3, in_channels=channels, dim=8, depth=2, heads=2, mlp_ratio=2,
+                    num_classes=num_classes, pos_embedding=pos_embedding)
+    with torch.no_grad():                                           # larger weights than the init: a non-trivial map
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model.double()
+
+
+def test_without_position_embeddings_permuting_patches_permutes_tokens():
+    x = randn(torch.Generator().manual_seed(0), 3, 2, 12, 12)
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(1))
+    permuted = vit.unpatchify(vit.patchify(x, 3)[:, perm], 3, 2)
+    free, placed = small_vit(False), small_vit(True)
+    tokens, moved = free.tokens(x), free.tokens(permuted)
+    torch.testing.assert_close(moved[:, 1:], tokens[:, 1:][:, perm])            # equivariant patch tokens
+    torch.testing.assert_close(moved[:, 0], tokens[:, 0])                        # invariant class token
+    tokens, moved = placed.tokens(x), placed.tokens(permuted)
+    assert vit.relative_error(moved[:, 1:], tokens[:, 1:][:, perm]) > 1e-2       # positions break the symmetry
+
+
+def test_equivariance_report_on_images():
+    model, cnn = small_vit(True, channels=3, num_classes=4).float(), vit.ConvNet(3, 4, 4)
+    x = torch.randn(5, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    report = vit.equivariance(model, cnn, x, seed=0)
+    assert report["vit_without_positions"]["permute_patches"] < 1e-12
+    assert report["vit_without_positions"]["shift_one_patch"] < 1e-12
+    assert report["vit_without_positions"]["class_token_after_permutation"] < 1e-12
+    assert report["vit"]["permute_patches"] > 1e-2 and report["vit"]["shift_one_patch"] > 1e-2
+    assert report["cnn_first_stage"]["shift_one_patch"] < 1e-12
+    assert report["cnn_first_stage"]["permute_patches"] > 1e-2
+
+
+def test_features_and_logits_shapes_and_interface():
+    model = vit.ViT(image_size=8, patch_size=4, in_channels=3, dim=12, depth=1, heads=3, num_classes=5)
+    x = torch.randn(2, 3, 8, 8)
+    assert model(x).shape == (2, 5) and model.features(x).shape == (2, 12) and model.dim == 12
+    assert len(model.hidden_states(x)) == 2
+    rebuilt = vit.ViT(**model.arch)
+    rebuilt.load_state_dict(model.state_dict())
+    torch.testing.assert_close(rebuilt(x), model(x))
+    assert vit.ViT(image_size=8, patch_size=4, dim=12, heads=3, depth=1)(x).shape == (2, 12)   # no head: features
+
+
+def test_attention_rollout_matches_a_loop():
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.rand(2, 3, 5, 5, generator=g).softmax(-1) for _ in range(3)]
+    expected = torch.stack([torch.eye(5)] * 2)
+    for weights in maps:
+        for i in range(2):
+            mixing = 0.5 * weights[i].mean(0) + 0.5 * torch.eye(5)
+            mixing = mixing / mixing.sum(1, keepdim=True)
+            expected[i] = mixing @ expected[i]
+    torch.testing.assert_close(vit.attention_rollout(maps), expected[:, 0, 1:])
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    rates = [vit.learning_rate(step, 100, 1.0, 0.1) for step in range(100)]
+    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:])) and rates[-1] < 1e-3
+    assert rates[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
+
+
+def test_vit_overfits_one_batch():
+    torch.manual_seed(0)
+    model = vit.ViT(image_size=8, patch_size=4, in_channels=3, dim=32, depth=2, heads=4, num_classes=4)
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert (model(x).argmax(1) == y).all() and loss.item() < 0.05
+
+
+# ---- end to end ----
+
+def read_metrics(out):
+    return json.loads((out / "metrics.json").read_text())
+
+
+def write_idx(path, array):
+    """An uncompressed IDX file of unsigned bytes: magic 0x0000080N, N big-endian sizes, then the data."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(header + array.astype("uint8").tobytes())
+
+
+def easy_fashion_mnist(folder, n_train=1200, n_test=600):
+    """A learnable stand-in for Fashion-MNIST, in its decompressed file format: class c is a bright bar in
+    row band c % 5, 4 or 12 pixels wide (c // 5), near the centre, on noise: mirror images keep their class.
+    A model that learns anything learns this in a few hundred steps; one that does not stays at 10%."""
+    g = torch.Generator().manual_seed(0)
+    folder.mkdir(parents=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.randint(0, 10, (n,), generator=g)
+        images = torch.rand(n, 28, 28, generator=g) * 80
+        top = (2 + 5 * (labels % 5))[:, None, None]
+        half = (2 + 4 * (labels // 5))[:, None, None]
+        centre = 14 + torch.randint(-2, 3, (n, 1, 1), generator=g)
+        rows, cols = torch.arange(28)[None, :, None], torch.arange(28)[None, None, :]
+        inside = (rows >= top) & (rows < top + 4) & (cols >= centre - half) & (cols < centre + half)
+        images[inside] = 255
+        write_idx(folder / f"{split}-images-idx3-ubyte", images.numpy())
+        write_idx(folder / f"{split}-labels-idx1-ubyte", labels.numpy())
+
+
+def test_quick_vit_learns_and_writes_everything(tmp_path):
+    easy_fashion_mnist(tmp_path / "data" / "fashion-mnist")
+    out = tmp_path / "run"
+    model, metrics = vit.main(["--quick", "--device", "cpu", "--out", str(out), "--dataset", "fashion-mnist",
+                               "--data-dir", str(tmp_path / "data")])
+    history = metrics["history"]
+    assert history[-1]["loss"] < history[0]["loss"] - 0.5
+    assert metrics["top1"] > 0.6                                    # chance is 0.10
+    for name in ("metrics.json", "config.json", "curves.png", "depth.png", "attention.png", "positions.png", "vit.pt"):
+        assert (out / name).stat().st_size > 0, name
+    probe = metrics["depth_probe"]
+    assert len(probe["class_token"]) == model.arch["depth"] + 1
+    assert probe["class_token"][0] < 0.2                             # before block 1 it is one vector for all images
+    assert probe["class_token"][-1] > probe["class_token"][0] + 0.3  # attention brought it what it knows
+    eq = metrics["equivariance"]
+    assert eq["vit_without_positions"]["permute_patches"] < 1e-10 and eq["vit"]["permute_patches"] > 1e-2
+    assert read_metrics(out)["top1"] == metrics["top1"]
+    common.load_checkpoint(out / "vit.pt", vit.ViT(**model.arch), kind="vit-classifier")
+
+
+def test_quick_cnn_learns(tmp_path):
+    easy_fashion_mnist(tmp_path / "data" / "fashion-mnist")
+    model, metrics = vit.main(["--quick", "--device", "cpu", "--out", str(tmp_path / "run"), "--model", "cnn",
+                               "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "data"),
+                               "--image-size", "16", "--patch-size", "4", "--epochs", "3"])
+    assert metrics["history"][-1]["loss"] < metrics["history"][0]["loss"] - 0.3   # it learns most in epoch 1
+    assert metrics["top1"] > 0.6
+    assert (tmp_path / "run" / "curves.png").is_file() and (tmp_path / "run" / "cnn.pt").is_file()
+    assert metrics["equivariance"]["cnn_first_stage"]["shift_one_patch"] < 1e-10
+
+
+def test_quick_simclr_pretraining_saves_a_loadable_vit(tmp_path):
+    _, metrics = vit.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--pretrain", "simclr",
+                           "--train-fraction", "0.25", "--epochs", "2", "--pretrain-epochs", "3"])
+    pre = metrics["pretrain"]
+    assert pre["loss"][-1] < pre["loss"][0] - 0.1                    # NT-Xent fell
+    for key in ("probe_top1", "random_encoder_probe_top1", "finetune_test_top1", "scratch_test_top1"):
+        assert 0 <= pre[key] <= 1
+    state = torch.load(tmp_path / "vit_simclr.pt", weights_only=True)
+    encoder = vit.ViT(**state["arch"])
+    common.load_checkpoint(tmp_path / "vit_simclr.pt", encoder, kind="vit")
+    assert encoder.features(torch.zeros(1, 3, 32, 32)).shape == (1, encoder.dim)
+    # a checkpoint of another shape is refused in one line
+    with pytest.raises(common.UserError, match="does not fit"):
+        vit.main(["--quick", "--device", "cpu", "--out", str(tmp_path / "again"), "--init", str(tmp_path / "vit_simclr.pt"),
+                  "--dim", "64", "--heads", "2"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--image-size", "30", "--patch-size", "4"], "not divisible by the patch size"),
+    (["--dim", "50", "--heads", "3"], "not divisible by the number of heads"),
+    (["--dataset", "imagenet"], "unknown dataset"),
+    (["--train-fraction", "0"], "train-fraction"),
+    (["--sweep", "0.1,lots"], "--sweep"),
+    (["--init", "missing.pt"], "does not exist"),
+    (["--model", "mlp"], "invalid choice"),
+])
+def test_bad_input_is_a_user_error(tmp_path, argv, message):
+    with pytest.raises(common.UserError, match=message):
+        vit.main(["--quick", "--device", "cpu", "--out", str(tmp_path), *argv])
+
+
+def test_script_exits_with_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, "04_vit.py", "--quick", "--device", "cpu", "--out", str(tmp_path),
+                             "--dim", "50", "--heads", "3"], capture_output=True, text=True, cwd=common.ROOT)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
