@@ -596,6 +596,7 @@ def main(argv=None):
     wall = common.Stopwatch(device)
     data = load_data(cfg, device)
     validate_sizes(cfg, data)
+    seconds = {"data": wall.seconds()}                                   # where the wall-clock time goes
     pixels = math.prod(data.shape)
     print(f"{cfg.dataset}: {len(data.x_train)} training and {len(data.x_test)} test images of {data.shape}; "
           f"code width L={cfg.latent_dim} ({pixels / cfg.latent_dim:.0f}x fewer numbers than pixels)")
@@ -608,6 +609,7 @@ def main(argv=None):
     linear = Autoencoder(data.shape, cfg.latent_dim, hidden=()).to(device).set_mean_image(data.x_train)
     linear_history = train(linear, data.x_train, cfg.epochs, cfg.batch_size, cfg.lr, device, desc="linear AE")
     principal = pca(to_float(data.x_train), cfg.latent_dim)
+    seconds["linear_ae_and_pca"] = wall.seconds() - sum(seconds.values()) - history["seconds"]
 
     average = PCA(principal.mean, principal.components[:0], data.shape)  # zero components: every image -> the mean
     errors = {name: reconstruction_error(m, data.x_test) for name, m in
@@ -616,6 +618,7 @@ def main(argv=None):
              (("code", model), ("pca", principal))}
     codes["pixels"] = (to_float(data.x_train).flatten(1), to_float(data.x_test).flatten(1))
     probes = probe_all(codes, data, cfg)
+    seconds["evaluation"] = wall.seconds() - sum(seconds.values()) - history["seconds"]
 
     loss = history["loss"]
     tenth = max(1, len(loss) // 10)
@@ -659,7 +662,8 @@ def main(argv=None):
         plot_samples(model, out / "samples.png", seed=cfg.seed)
         plot_traversal(model, data.x_test[0], variance, correlation, out / "traversal.png")
         figures += ["samples.png", "traversal.png"]
-    metrics.update(figures=figures, wall_seconds=wall.seconds())
+    seconds["figures_and_rest"] = wall.seconds() - sum(seconds.values()) - history["seconds"]
+    metrics.update(figures=figures, wall_seconds=wall.seconds(), seconds={"train": history["seconds"], **seconds})
     common.save_json(out / "metrics.json", metrics)
 
     p = probes
