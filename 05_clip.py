@@ -70,8 +70,8 @@ class Config(common.RunConfig):
     context: int = common.arg(64, "most tokens per caption, end-of-text included; longer captions are cut")
     vocab_size: int = common.arg(512, "BPE vocabulary: 256 bytes + merges + 1 end-of-text token (>= 257)")
     embed_dim: int = common.arg(128, "size K of the shared image-text space")
-    steps: int = common.arg(1500, "training steps")
-    batch_size: int = common.arg(512, "image-caption pairs per step (each pair's negatives are the other B - 1)")
+    steps: int = common.arg(900, "training steps")
+    batch_size: int = common.arg(1024, "image-caption pairs per step (each pair's negatives are the other B - 1)")
     lr: float = common.arg(1e-3, "peak learning rate of AdamW")
     weight_decay: float = common.arg(0.1, "AdamW weight decay on matrices (not on gains, biases or the scale)")
     warmup: int = common.arg(100, "steps of linear learning-rate warm-up, then a cosine decay to 0")
@@ -648,7 +648,7 @@ def make_optimizer(model, cfg):
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=next(model.parameters()).is_cuda)
     warm_then_cosine = lambda step: min(1.0, (step + 1) / max(cfg.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warm_then_cosine)
 
@@ -827,9 +827,11 @@ def plot_similarity(model, data, tokenizer, cfg, device, path, n=8):
     for j in range(n):
         show(fig.add_subplot(grid[0, j + 1]), pairs.images[j])
     ax = fig.add_subplot(grid[1:, 1:])
-    ax.imshow(similarity.T.cpu().numpy(), cmap="viridis")
-    for (row, column), value in np.ndenumerate(similarity.T.cpu().numpy()):
-        ax.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white")
+    matrix = similarity.T.cpu().numpy()
+    ax.imshow(matrix, cmap="viridis")
+    for (row, column), value in np.ndenumerate(matrix):
+        light = value > (matrix.min() + matrix.max()) / 2                      # dark text on the bright cells
+        ax.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=7, color="black" if light else "white")
     ax.set_xticks([])
     ax.set_yticks(range(n), [text if len(text) < 45 else text[:42] + "..." for text in texts], fontsize=8)
     ax.yaxis.tick_left()
@@ -880,18 +882,20 @@ def plot_retrieval(model, data, tokenizer, cfg, device, path, top=6):
     if data.classes:
         held = sorted(parse_holdout(cfg.holdout))[:2]
         queries = [f"a {list(common.COLOURS)[c]} {common.SHAPES[s]}" for c, s in held]
+        titles = [query + "  (a pair held out of training)" for query in queries]
         queries += ["a large green checked ring on the left", "a small white triangle", "a heart at the top"][:4 - len(queries)]
+        titles += queries[len(titles):]
     else:
-        queries = [data.texts[int(pool.captions[i, 0])] for i in range(min(4, len(pool)))]
+        queries = titles = [data.texts[int(pool.captions[i, 0])] for i in range(min(4, len(pool)))]
     query_embeddings = embed_all(model.encode_text, tokenizer.encode_batch(queries, cfg.context)[0].to(device), device)
     nearest = (query_embeddings @ embed_all(model.encode_image, pool.images, device).T).topk(min(top, len(pool)), dim=1)
     fig, axes = plt.subplots(len(queries), nearest.indices.shape[1], figsize=(1.5 * nearest.indices.shape[1] + 0.5, 1.7 * len(queries)))
     axes = np.array(axes).reshape(len(queries), -1)
-    for q, query in enumerate(queries):
+    for q, title in enumerate(titles):
         for j in range(nearest.indices.shape[1]):
             show(axes[q, j], pool.images[nearest.indices[q, j]])
             axes[q, j].set_xlabel(f"{nearest.values[q, j]:.2f}", fontsize=7)
-        axes[q, 0].set_title(query if len(query) < 70 else query[:67] + "...", loc="left", fontsize=9)
+        axes[q, 0].set_title(title if len(title) < 70 else title[:67] + "...", loc="left", fontsize=9)
     fig.suptitle(f"Text -> image retrieval over {len(pool)} test images (cosine similarity under each)")
     fig.tight_layout()
     common.save_figure(fig, path)

@@ -27,8 +27,20 @@ def seconds_per_call(function, device, calls=30, warmup=10):
     return clock.seconds() / calls
 
 
+def gpu_seconds_per_call(function, calls=5):
+    """Time the GPU spends running kernels per call (the profiler's sum over kernels), without the gaps between them."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
+        for _ in range(calls):
+            function()
+        torch.cuda.synchronize()
+    on_gpu = [event for event in profile.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(event.time_range.elapsed_us() for event in on_gpu) / 1e6 / calls
+
+
 def throughput(device, argv):
-    """Pairs per second of a training step (the default configuration, or argv's), and each encoder's cost alone."""
+    """Pairs per second of a training step (the default configuration, or argv's), and what each encoder costs:
+    forward and backward timed alone on the wall clock, and the GPU's kernel time in each."""
     cfg = common.parse_config(clip.Config, argv, clip.__doc__, quick=clip.QUICK)
     clip.validate(cfg)
     cfg, data, tokenizer, tokens, _, model = clip.prepare(cfg, device)
@@ -51,21 +63,26 @@ def throughput(device, argv):
             embeddings.float().square().sum().backward()     # any scalar: the backward pass costs the same
         return run
 
-    step = seconds_per_call(full_step, device)
-    image = seconds_per_call(forward_backward(model.encode_image, images), device)
-    text = seconds_per_call(forward_backward(model.encode_text, batch_tokens), device)
+    parts = {"step": full_step, "image_encoder": forward_backward(model.encode_image, images),
+             "text_encoder": forward_backward(model.encode_text, batch_tokens)}
+    wall = {name: seconds_per_call(function, device) for name, function in parts.items()}
     features = model.image_features(images).detach()
     frozen = seconds_per_call(lambda: clip.clip_step_loss(model, features, batch_tokens, caption_ids, device,
                                                            frozen=True).backward(), device)
-    result = {"batch_size": cfg.batch_size, "tokens_per_caption": batch_tokens.shape[1],
-              "step_ms": 1e3 * step, "pairs_per_second": cfg.batch_size / step,
-              "image_encoder_share": image / step, "text_encoder_share": text / step,
-              "rest_share": max(0.0, 1 - (image + text) / step),
-              "frozen_image_pairs_per_second": cfg.batch_size / frozen}
-    print(f"default step (B={cfg.batch_size}, L={batch_tokens.shape[1]} tokens): {1e3 * step:.1f} ms = "
-          f"{result['pairs_per_second'] / 1e3:.1f}k pairs/s; image encoder (forward+backward) {100 * image / step:.0f}%, "
-          f"text encoder {100 * text / step:.0f}%, loss + optimizer + the rest {100 * result['rest_share']:.0f}%; "
-          f"frozen image encoder with cached features: {result['frozen_image_pairs_per_second'] / 1e3:.1f}k pairs/s")
+    result = {"batch_size": cfg.batch_size, "tokens_per_caption": batch_tokens.shape[1], "pairs_per_second": cfg.batch_size / wall["step"],
+              "wall_ms": {name: 1e3 * t for name, t in wall.items()}, "frozen_image_pairs_per_second": cfg.batch_size / frozen}
+    print(f"training step (B={cfg.batch_size}, L={batch_tokens.shape[1]} tokens): {1e3 * wall['step']:.1f} ms = "
+          f"{result['pairs_per_second'] / 1e3:.1f}k pairs/s; forward+backward alone: image encoder {1e3 * wall['image_encoder']:.1f} ms, "
+          f"text encoder {1e3 * wall['text_encoder']:.1f} ms; frozen image encoder (cached features): "
+          f"{result['frozen_image_pairs_per_second'] / 1e3:.1f}k pairs/s")
+    if device.type == "cuda":
+        gpu = {name: gpu_seconds_per_call(function) for name, function in parts.items()}
+        result["gpu_ms"] = {name: 1e3 * t for name, t in gpu.items()}
+        result["image_encoder_share"] = gpu["image_encoder"] / gpu["step"]
+        result["text_encoder_share"] = gpu["text_encoder"] / gpu["step"]
+        print(f"GPU kernel time per step {1e3 * gpu['step']:.1f} ms ({100 * gpu['step'] / wall['step']:.0f}% of the wall time): "
+              f"image encoder {100 * result['image_encoder_share']:.0f}%, text encoder {100 * result['text_encoder_share']:.0f}%, "
+              f"loss, optimizer and the rest {100 * (1 - result['image_encoder_share'] - result['text_encoder_share']):.0f}%")
     return result
 
 
@@ -110,7 +127,7 @@ def table(checkpoint, few, default_run, extra):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", default="", help="04's SimCLR checkpoint: also run the comparison of starts")
-    parser.add_argument("--few", type=int, default=1000, help="paired images of the 'few' rows")
+    parser.add_argument("--few", type=int, default=2000, help="paired images of the 'few' rows (at least --batch-size)")
     parser.add_argument("--default-run", default="", help="a finished default run's folder, reused as 'random, all'")
     parser.add_argument("--json", default="", help="also write the results here")
     args, extra = parser.parse_known_args()      # anything else goes to 05_clip.py, e.g. --steps 1000
