@@ -209,6 +209,10 @@ def save_json(path, obj):
     _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=float) + "\n"))
 
 
+def save_text(path, text):
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def save_figure(fig, path):
     import matplotlib.pyplot as plt
     _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
@@ -406,6 +410,7 @@ class RemoteFile:
     name: str        # file name as published
     md5: str         # MD5 of the published file, as its publisher lists it
     content_sha256: str = ""   # SHA-256 of the decompressed bytes, where known: accepts re-compressed copies
+    sha256: str = ""           # SHA-256 of the published file, for files whose publisher lists no MD5 (md5="")
 
 
 @dataclass
@@ -452,6 +457,8 @@ def _digest(path, algorithm, opener=open):
 
 def _verified(path, remote):
     """True when path holds the published bytes, or a re-compressed copy of the same content."""
+    if remote.sha256 and _digest(path, "sha256") == remote.sha256:
+        return True
     if _digest(path, "md5") == remote.md5:
         return True
     if remote.content_sha256:
@@ -460,6 +467,11 @@ def _verified(path, remote):
         except (OSError, EOFError):
             return False
     return False
+
+
+def _checksum(remote):
+    """The checksum a good copy has, for error messages."""
+    return f"MD5 is not {remote.md5}" if remote.md5 else f"SHA-256 is not {remote.sha256}"
 
 
 def _download(url, dest, remote):
@@ -473,7 +485,7 @@ def _download(url, dest, remote):
                     f.write(block)
                     bar.update(len(block))
         if not _verified(tmp, remote):
-            raise UserError(f"downloaded {url} but its MD5 is not {remote.md5}; the file was discarded")
+            raise UserError(f"downloaded {url} but its {_checksum(remote)}; the file was discarded")
         os.replace(tmp, dest)
     except (OSError, ValueError, http.client.HTTPException) as error:  # URLError, HTTPError, timeouts, IncompleteRead
         raise ConnectionError(f"{url}: {getattr(error, 'reason', error)}") from None
@@ -492,7 +504,7 @@ def fetch(name, data_dir, spec=None):
     for remote in spec.files:
         found = next((p for p in (folder / remote.name, Path(data_dir) / remote.name) if p.is_file()), None)
         if found is not None:
-            check(_verified(found, remote), f"{found} is corrupt (its MD5 is not {remote.md5}); delete it to download again, "
+            check(_verified(found, remote), f"{found} is corrupt (its {_checksum(remote)}); delete it to download again, "
                                             f"or put a good copy from {spec.urls[0]}{remote.name} there")
             paths.append(found)
             continue
