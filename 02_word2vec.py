@@ -405,9 +405,9 @@ def sgd_step(model, centre, context, negatives, lr, step_cap=1.0):
     g = sgns_score_gradient(scores, valid)                           # (B, 1+K) d loss / d score
     # Curvature of each row this step: s'(x) = s(x)(1 - s(x)) = |g|(1 - |g|) for both labels.
     curvature = g.abs() * (1 - g.abs())                              # (B, 1+K)
-    h_in = torch.zeros(len(model.in_vectors), device=g.device).index_add_(
+    h_in = torch.zeros(len(model.in_vectors), device=g.device, dtype=g.dtype).index_add_(
         0, centre, (curvature * torch.linalg.vector_norm(u, dim=2) ** 2).sum(1))
-    h_out = torch.zeros(len(model.out_vectors), device=g.device).index_add_(
+    h_out = torch.zeros(len(model.out_vectors), device=g.device, dtype=g.dtype).index_add_(
         0, targets.flatten(), (curvature * (v * v).sum(1, keepdim=True)).flatten())
     lr_in = (step_cap / h_in).clamp(max=lr)                          # (V,) inf where h = 0 -> lr
     lr_out = (step_cap / h_out).clamp(max=lr)
@@ -802,7 +802,7 @@ def main(argv=None):
     unseen = never_together(vectors, counts, corpus.words)
 
     probes = [w for w in ("king", "paris", "cats", "good", "sofa", "france", "woman", "computer", "music") if w in index][:5]
-    top, cos = nearest_neighbours(vectors, torch.tensor([index[w] for w in probes], device=device), k=5)
+    top, cos = nearest_neighbours(vectors, torch.tensor([index[w] for w in probes], dtype=torch.long, device=device), k=5)
     neighbours = {w: [(corpus.words[int(j)], round(float(c), 3)) for j, c in zip(row, crow)]
                   for w, row, crow in zip(probes, top, cos)}
     for w, near in neighbours.items():

@@ -1,0 +1,370 @@
+"""02_word2vec: the SGNS loss, its written-out gradient and the SGD step against plain loops and autograd (float64);
+the data pipeline against its formulas (subsampling, unigram^(3/4) negatives, dynamic windows); the count
+baseline and SGNS against known structure; the file readers; the text8 download through a loopback server;
+and end-to-end --quick runs that must learn and fail cleanly."""
+import http.server
+import io
+import json
+import math
+import subprocess
+import sys
+import threading
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+
+w2v = common.import_script("02_word2vec")
+
+
+# ---- the objective and the SGD step ----
+
+def loop_loss(v, u, valid):
+    """-log s(u_0.v) - sum_k log s(-u_k.v), pair by pair, with Python floats where possible."""
+    total = 0.0
+    for b in range(len(v)):
+        total = total - torch.log(torch.sigmoid(u[b, 0] @ v[b]))
+        for k in range(1, u.shape[1]):
+            if valid[b, k]:
+                total = total - torch.log(torch.sigmoid(-(u[b, k] @ v[b])))
+    return total
+
+
+@pytest.mark.parametrize("B,K,D", [(1, 1, 2), (4, 5, 8), (7, 3, 5)])
+def test_sgns_loss_and_its_gradient_match_a_plain_loop(B, K, D):
+    g = torch.Generator().manual_seed(B * 10 + K)
+    v = torch.randn(B, D, generator=g, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(B, 1 + K, D, generator=g, dtype=torch.float64, requires_grad=True)
+    valid = torch.rand(B, 1 + K, generator=g) > 0.2
+    valid[:, 0] = True
+    scores = (u @ v[:, :, None]).squeeze(2)
+    ours, reference = w2v.sgns_loss(scores, valid), loop_loss(v, u, valid)
+    torch.testing.assert_close(ours, reference)
+    for a, b in zip(torch.autograd.grad(ours, (v, u), retain_graph=True), torch.autograd.grad(reference, (v, u))):
+        torch.testing.assert_close(a, b)
+    written_out = w2v.sgns_score_gradient(scores.detach(), valid)
+    torch.testing.assert_close(written_out, torch.autograd.grad(ours, scores)[0])
+
+
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_sgd_step_is_sgd_on_the_loss(duplicates):
+    """With the cap out of reach, the step (index_add of written-out gradients) equals tables - lr * autograd."""
+    g = torch.Generator().manual_seed(3)
+    V, D, B, K, lr = 12, 6, 9, 4, 0.1
+    model = w2v.SkipGram(V, D).double()
+    with torch.no_grad():
+        model.out_vectors.normal_(generator=g)
+        model.in_vectors.normal_(generator=g)
+    high = 3 if duplicates else V
+    centre, context = torch.randint(high, (B,), generator=g), torch.randint(high, (B,), generator=g)
+    negatives = torch.randint(high, (B, K), generator=g)
+    targets = torch.cat([context[:, None], negatives], 1)
+    valid = targets != context[:, None]
+    valid[:, 0] = True
+    loss = w2v.sgns_loss(model.scores(centre, targets), valid)
+    grad_in, grad_out = torch.autograd.grad(loss, (model.in_vectors, model.out_vectors))
+    expected_in, expected_out = model.in_vectors.detach() - lr * grad_in, model.out_vectors.detach() - lr * grad_out
+    returned = w2v.sgd_step(model, centre, context, negatives, lr, step_cap=1e12)
+    torch.testing.assert_close(returned, loss.detach())
+    torch.testing.assert_close(model.in_vectors.detach(), expected_in)
+    torch.testing.assert_close(model.out_vectors.detach(), expected_out)
+
+
+def test_step_cap_keeps_a_busy_row_stable():
+    """Word 0 is the context of half of 20 000 pairs per step and the negative of the other half, for only three
+    centres: summed plain SGD overshoots and diverges; the capped step settles at the optimum s(v.v'_0) = 1/2,
+    where the loss per pair is 2 log 2."""
+    V, D, B = 50, 8, 20_000
+    losses = {}
+    for cap in (1.0, 1e12):
+        g = torch.Generator().manual_seed(0)
+        model = w2v.SkipGram(V, D)
+        with torch.no_grad():
+            model.in_vectors.normal_(0, 0.3, generator=g)
+        for _ in range(20):
+            centre, half = torch.randint(1, 4, (B,), generator=g), torch.rand(B, generator=g) < 0.5
+            context = torch.where(half, 0, torch.randint(4, V, (B,), generator=g))
+            negatives = torch.where(half, torch.randint(4, V, (B,), generator=g), 0)[:, None]
+            losses[cap] = w2v.sgd_step(model, centre, context, negatives, lr=0.025, step_cap=cap).item() / B
+    assert losses[1.0] == pytest.approx(2 * math.log(2), abs=0.01)
+    assert not math.isfinite(losses[1e12])
+
+
+# ---- the data pipeline ----
+
+def test_keep_probability_is_word2vecs_formula():
+    counts = torch.tensor([1_000_000, 50_000, 2_000, 10])
+    keep = w2v.keep_probability(counts, 1e-3)
+    total = counts.sum().item()
+    for c, p in zip(counts.tolist(), keep.tolist()):
+        f = c / total
+        assert p == pytest.approx(min(1.0, (math.sqrt(f / 1e-3) + 1) * 1e-3 / f))
+    assert keep[-1] == 1 and keep[0] < 0.1
+    assert torch.equal(w2v.keep_probability(counts, 0), torch.ones(4, dtype=torch.float64))
+
+
+def test_negatives_follow_unigram_to_the_three_quarters():
+    counts = torch.tensor([5000, 1200, 300, 300, 40, 7, 1])
+    cdf = w2v.negative_cdf(counts)
+    draws = w2v.sample_negatives(cdf, (400_000,), torch.Generator().manual_seed(0))
+    empirical = torch.bincount(draws, minlength=len(counts)).double() / len(draws)
+    expected = counts.double() ** 0.75 / (counts.double() ** 0.75).sum()
+    assert 0.5 * (empirical - expected).abs().sum() < 0.005          # total variation distance
+
+
+def test_window_pairs_match_a_plain_loop():
+    tokens = torch.tensor([10, 11, 12, 13, 14, 15, 16, 17])
+    sentence = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1])
+    radius = torch.tensor([1, 3, 2, 1, 2, 3, 2, 1])
+    centre, context = w2v.window_pairs(tokens, sentence, radius, window=3)
+    expected = Counter((int(tokens[i]), int(tokens[j])) for i in range(8) for j in range(8)
+                       if i != j and abs(i - j) <= radius[i] and sentence[i] == sentence[j])
+    assert Counter(zip(centre.tolist(), context.tolist())) == expected
+
+
+def test_dynamic_window_uses_a_context_d_away_with_probability_w_minus_d_plus_1_over_w():
+    """On one long sentence, pairs d apart appear (W - d + 1) / W times as often as with a full window."""
+    n, window = 20_000, 4
+    corpus = w2v.Corpus("t", ["a"], torch.tensor([n]), torch.arange(n), torch.zeros(n, dtype=torch.long), n)
+    centre, context = w2v.epoch_pairs(corpus, torch.ones(n, dtype=torch.float64), window, torch.Generator().manual_seed(0))
+    distance = Counter((context - centre).abs().tolist())
+    for d in range(1, window + 1):
+        assert distance[d] / (2 * (n - d)) == pytest.approx((window - d + 1) / window, abs=0.02)
+
+
+# ---- the count baseline and SGNS against known structure ----
+
+@pytest.fixture(scope="module")
+def small_planted():
+    lexicon, ids, sentence = w2v.planted_text(20_000, seed=1)
+    return w2v.build_corpus("planted", lexicon, ids, sentence, 5, "cpu")
+
+
+def test_ppmi_svd_finds_the_planted_synonyms(small_planted):
+    corpus = small_planted
+    vectors = w2v.ppmi_svd(w2v.cooccurrence(corpus, len(corpus.words), 5), 32)
+    ids = torch.tensor([corpus.index[a] for a, _, _ in w2v.SYNONYMS])
+    nearest, _ = w2v.nearest_neighbours(vectors, ids, k=1)
+    found = [corpus.words[int(n)] for n in nearest[:, 0]]
+    assert sum(f == b for f, (_, b, _) in zip(found, w2v.SYNONYMS)) >= 5, found
+
+
+def test_planted_pairs_never_cooccur_and_words_are_built_from_the_lists(small_planted):
+    corpus = small_planted
+    counts = w2v.cooccurrence(corpus, len(corpus.words), 5)
+    for a, b, _ in w2v.SYNONYMS + w2v.GENDER[:4]:
+        assert counts[corpus.index[a], corpus.index[b]] == 0
+    assert corpus.words[0] == "the" and len(corpus.words) < 400
+
+
+# ---- evaluation pieces and files ----
+
+def test_spearman_matches_the_closed_form_and_handles_ties():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(50, generator=g, dtype=torch.float64), torch.randn(50, generator=g, dtype=torch.float64)
+    rank = lambda t: t.argsort().argsort().double() + 1
+    closed = 1 - 6 * ((rank(x) - rank(y)) ** 2).sum() / (50 * (50 ** 2 - 1))
+    assert w2v.spearman(x, y) == pytest.approx(float(closed))
+    ties = torch.tensor([3.0, 1.0, 3.0, 2.0, 3.0])
+    torch.testing.assert_close(w2v.average_ranks(ties), torch.tensor([4.0, 1.0, 4.0, 2.0, 4.0], dtype=torch.float64))
+
+
+def test_all_but_the_top_removes_the_mean_and_top_directions():
+    g = torch.Generator().manual_seed(0)
+    vectors = torch.randn(500, 16, generator=g) + 3 * torch.randn(16, generator=g)    # a strong common direction
+    fixed = w2v.all_but_the_top(vectors, 2)
+    torch.testing.assert_close(fixed.mean(0), torch.zeros(16), atol=1e-4, rtol=0)
+    centred = vectors - vectors.mean(0)
+    top = torch.linalg.svd(centred, full_matrices=False)[2][:2]
+    torch.testing.assert_close(fixed @ top.T, torch.zeros(500, 2), atol=1e-4, rtol=0)
+    assert w2v.anisotropy(vectors, 0)["mean_cosine"] > 0.5 > abs(w2v.anisotropy(fixed, 0)["mean_cosine"]) + 0.4
+
+
+def test_analogy_reader_and_accuracy_report_coverage(tmp_path):
+    path = tmp_path / "q.txt"
+    path.write_text("# a comment\n: capital-common-countries\nAthens Greece Paris France\n\n"
+                    ": family\nking queen man woman\nking queen man zebra\n")
+    questions = w2v.read_analogies(path)
+    assert questions == [("capital-common-countries", "athens", "greece", "paris", "france"),
+                         ("family", "king", "queen", "man", "woman"), ("family", "king", "queen", "man", "zebra")]
+    words = ["athens", "greece", "paris", "france", "king", "queen", "man", "woman"]
+    vectors = torch.eye(8)
+    vectors[3] = vectors[1] - vectors[0] + vectors[2]                 # france = greece - athens + paris
+    result = w2v.analogy_accuracy(vectors, {w: i for i, w in enumerate(words)}, questions, limit=8)
+    assert (result["covered"], result["questions"]) == (2, 3)
+    assert result["sections"]["capital-common-countries"] == 1.0
+
+
+@pytest.mark.parametrize("text", [": only-a-header\n", "a b c\n", ": two words here\na b c d\n"])
+def test_analogy_reader_rejects_other_formats(tmp_path, text):
+    path = tmp_path / "bad.txt"
+    path.write_text(text)
+    with pytest.raises(common.UserError):
+        w2v.read_analogies(path)
+
+
+def test_similarity_reader_skips_comments_and_a_header(tmp_path):
+    path = tmp_path / "ws.tsv"
+    path.write_text("# WordSim\nWord 1\tWord 2\tHuman (mean)\nlove\tsex\t6.77\ntiger\tcat\t7.35\n")
+    assert w2v.read_similarity(path) == [("love", "sex", 6.77), ("tiger", "cat", 7.35)]
+    path.write_text("love sex 6.77\ntiger cat much\n")
+    with pytest.raises(common.UserError, match=":2:"):
+        w2v.read_similarity(path)
+
+
+def test_vec_file_round_trips(tmp_path):
+    words = ["the", "king", "queen"]
+    vectors = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    w2v.save_vec(tmp_path / "v.vec", words, vectors)
+    loaded_words, loaded = w2v.load_vec(tmp_path / "v.vec")
+    assert loaded_words == words
+    torch.testing.assert_close(loaded, vectors, rtol=1e-5, atol=1e-6)
+    (tmp_path / "bad.vec").write_text("3 5\nthe 1 2\n")
+    with pytest.raises(common.UserError):
+        w2v.load_vec(tmp_path / "bad.vec")
+
+
+# ---- text8 through a loopback HTTP server ----
+
+@pytest.fixture
+def server():
+    """Serves `server.files` (name -> bytes) on 127.0.0.1; counts the requests."""
+    files, hits = {}, []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            body = files.get(self.path.lstrip("/"))
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield type("Server", (), {"files": files, "hits": hits, "url": f"http://127.0.0.1:{httpd.server_port}/"})
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def text8_zip(text):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        z.writestr("text8", text)
+    return buffer.getvalue()
+
+
+def test_text8_is_downloaded_once_and_checked(server, tmp_path, monkeypatch):
+    import hashlib
+    archive = text8_zip(" the king and the queen " * 50)
+    server.files["text8.zip"] = archive
+    monkeypatch.setattr(w2v, "TEXT8", common.RemoteDataset(
+        [server.url], [common.RemoteFile("text8.zip", md5="", sha256=hashlib.sha256(archive).hexdigest())], []))
+    assert w2v.read_text8(tmp_path).split()[:3] == ["the", "king", "and"]
+    assert (tmp_path / "text8" / "text8.zip").is_file() and not list(tmp_path.rglob("*.part"))
+    assert w2v.read_text8(tmp_path)                                  # from the cache: no second request
+    assert len(server.hits) == 1
+
+
+def test_text8_download_with_a_wrong_checksum_leaves_nothing(server, tmp_path, monkeypatch):
+    server.files["text8.zip"] = text8_zip("corrupted copy")
+    monkeypatch.setattr(w2v, "TEXT8", common.RemoteDataset(
+        [server.url], [common.RemoteFile("text8.zip", md5="", sha256="0" * 64)], []))
+    with pytest.raises(common.UserError, match="SHA-256"):
+        w2v.read_text8(tmp_path)
+    assert not list((tmp_path / "text8").iterdir())
+
+
+def test_text8_unreachable_is_one_clear_error(server, tmp_path, monkeypatch):
+    monkeypatch.setattr(w2v, "TEXT8", common.RemoteDataset(
+        [server.url + "missing/"], [common.RemoteFile("text8.zip", md5="", sha256="0" * 64)], []))
+    with pytest.raises(common.UserError, match="cannot download text8.zip"):
+        w2v.read_text8(tmp_path)
+
+
+# ---- end to end ----
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("w2v")
+    model, metrics = w2v.main(["--quick", "--device", "cpu", "--out", str(out)])
+    return out, model, metrics
+
+
+def test_quick_run_learns_the_planted_structure(quick_run):
+    out, model, metrics = quick_run
+    assert metrics["loss_last"] < 0.6 * metrics["loss_first"]
+    sgns, random = metrics["results"]["SGNS"], metrics["results"]["random"]
+    assert sgns["analogy"]["accuracy"] > 0.5 > random["analogy"]["accuracy"] + 0.4
+    assert sgns["analogy"]["coverage"] == 1.0 and sgns["similarity"]["coverage"] == 1.0
+    assert sgns["similarity"]["spearman"] > 0.5
+    assert metrics["neighbours"]["sofa"][0][0] == "couch"
+    assert metrics["never_together"]["cooccurrences"] == 0 and metrics["never_together"]["cosine"] > 0.8
+    assert metrics["pmi_pearson"] > 0.5
+    assert metrics["anisotropy"]["after"]["mean_cosine"] < metrics["anisotropy"]["before"]["mean_cosine"]
+
+
+def test_quick_run_writes_every_output(quick_run):
+    out, model, metrics = quick_run
+    for name in ("metrics.json", "config.json", "vectors.vec", "word2vec.pt", "word2vec.png"):
+        assert (out / name).is_file(), name
+    words, vectors = w2v.load_vec(out / "vectors.vec")
+    assert len(words) == metrics["vocabulary"] and vectors.shape == model.in_vectors.shape
+    fresh = w2v.SkipGram(len(words), vectors.shape[1])
+    state = common.load_checkpoint(out / "word2vec.pt", fresh, kind="word2vec")
+    assert state["words"] == words and torch.equal(fresh.in_vectors, model.in_vectors)
+    assert json.loads((out / "metrics.json").read_text())["corpus"] == "planted"
+
+
+def test_a_text_file_corpus_runs(tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text("\n".join(["The cat sat on the mat.", "A dog sat on the log!"] * 40))
+    _, metrics = w2v.main(["--corpus", str(path), "--device", "cpu", "--out", str(tmp_path / "o"), "--dim", "8",
+                           "--epochs", "2", "--batch", "256", "--min-count", "2"])
+    assert metrics["vocabulary"] == 8 and metrics["results"]["SGNS"]["analogy"] is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--corpus", "/no/such/file.txt"], "does not exist"),
+    (["--window", "0"], "--window must be at least 1"),
+    (["--dim", "-3"], "--dim must be at least 1"),
+    (["--min-count", "100000000"], "leaves 0 words"),
+    (["--analogies", "/no/such/questions.txt"], "does not exist"),
+    (["--dataset", "mnist"], "--corpus"),
+    (["--no-such-option"], "unrecognized"),
+])
+def test_bad_options_fail_cleanly(tmp_path, argv, message):
+    with pytest.raises(common.UserError, match=message):
+        w2v.main(["--quick", "--device", "cpu", "--out", str(tmp_path), *argv])
+
+
+@pytest.mark.parametrize("content, message", [(b"", "empty"), (b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary", "not UTF-8"),
+                                              (b"ab\x00cd\n", "NUL")])
+def test_bad_corpus_files_fail_cleanly(tmp_path, content, message):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(content)
+    with pytest.raises(common.UserError, match=message):
+        w2v.main(["--corpus", str(path), "--device", "cpu", "--out", str(tmp_path / "o")])
+
+
+def test_bad_analogy_file_fails_before_training(tmp_path):
+    path = tmp_path / "q.txt"
+    path.write_text(": section\nonly three words\n")
+    with pytest.raises(common.UserError, match="expected 4 words"):
+        w2v.main(["--quick", "--device", "cpu", "--out", str(tmp_path / "o"), "--analogies", str(path)])
+
+
+def test_script_exits_with_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, str(Path(w2v.__file__)), "--corpus", str(tmp_path / "missing.txt"),
+                             "--device", "cpu", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "does not exist" in lines[0]
