@@ -15,15 +15,15 @@ Then the frozen code is probed: a linear classifier and a kNN classifier on the 
 code and on raw pixels; on the embedded set, also how linearly the code gives colour, size and position.
 
 Papers:
-  Baldi, Hornik 1989, "Neural networks and principal component analysis": a linear autoencoder's error
-      surface has PCA's subspace as its only minimum (Fact 4 there).
+  Baldi, Hornik 1989, "Neural networks and principal component analysis: learning from examples without local
+      minima": a linear autoencoder's squared error has PCA's subspace as its only minimum; the rest are saddles.
   Hinton, Salakhutdinov 2006, "Reducing the Dimensionality of Data with Neural Networks": deep autoencoders beat PCA.
   Vincent et al. 2008, "Extracting and Composing Robust Features with Denoising Autoencoders" (masking noise),
       and Vincent et al. 2010, JMLR (Gaussian noise).
   Kingma, Welling 2014, "Auto-Encoding Variational Bayes": Eq. 3 the ELBO, Sec. 2.4 the reparameterisation
       trick, Eq. 10 the estimator with the Gaussian KL in closed form (Appendix B), Appendix C the decoders.
   Higgins et al. 2017, "beta-VAE": Eq. 4, the KL term weighted by beta.
-  Burda, Grosse, Salakhutdinov 2016, "Importance Weighted Autoencoders": active units (Sec. 5.2).
+  Burda, Grosse, Salakhutdinov 2016, "Importance Weighted Autoencoders": active units, Var_x(E_q[z_j]) > 0.01.
 
 Run:  python 01_autoencoder.py                   (the embedded shapes set, --model ae)
       python 01_autoencoder.py --model vae --beta 4    --dataset fashion-mnist
@@ -48,8 +48,8 @@ class Config(common.RunConfig):
     latent_dim: int = common.arg(32, "L: width of the code, and PCA's number of components")
     hidden: int = common.arg(512, "width of the encoder's first hidden layer; the second has half; the decoder mirrors them")
     epochs: int = common.arg(20, "passes over the training images, for the model and for the linear autoencoder")
-    batch_size: int = common.arg(256, "images per step")
-    lr: float = common.arg(2e-3, "peak learning rate of Adam, after a linear warm-up over the first 1/20 of the steps; cosine decay to 0")
+    batch_size: int = common.arg(512, "images per step")
+    lr: float = common.arg(3e-3, "peak learning rate of Adam, after a linear warm-up over the first 1/20 of the steps; cosine decay to 0")
     noise_std: float = common.arg(0.2, "dae: std of the Gaussian noise added to every pixel (pixels in [0, 1])")
     mask_prob: float = common.arg(0.25, "dae: share of pixel positions set to 0, in [0, 1)")
     beta: float = common.arg(1.0, "vae: weight of the KL term; 1 is the ELBO, > 1 the beta-VAE")
@@ -59,7 +59,7 @@ class Config(common.RunConfig):
                                          "reconstruction more against the KL)")
     train_size: int = common.arg(0, "training images to load (0 = all of the dataset's)")
     test_size: int = common.arg(0, "test images to load (0 = all of the dataset's)")
-    probe_steps: int = common.arg(2000, "Adam steps of each linear probe (at least)")
+    probe_steps: int = common.arg(1000, "Adam steps of each linear probe (at least)")
 
 
 QUICK = dict(train_size=1000, test_size=500, hidden=128, epochs=15, batch_size=50, lr=1e-2, probe_steps=100)
@@ -106,15 +106,17 @@ def to_float(images):
 
 def mlp(sizes):
     """Linear layers of the given widths with a GELU between each pair. Two sizes give one linear map and no
-    nonlinearity at all: that is the linear autoencoder of Section 4's comparison with PCA."""
+    nonlinearity at all: that is the linear autoencoder that main() compares with PCA."""
     layers = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         if i > 0:
-            layers.append(nn.GELU())
+            layers.append(nn.GELU())     # EXERCISE: try nn.ReLU or nn.Tanh, and watch the error against PCA's
         layers.append(nn.Linear(n_in, n_out))
     return nn.Sequential(*layers)
 
 
+# EXERCISE: a convolutional autoencoder: nn.Conv2d with stride 2 down to a (B, L) code, nn.ConvTranspose2d back
+# up; give it the same four methods and add it to build_model. How far below PCA does it get?
 class Autoencoder(nn.Module):
     """The bottleneck autoencoder (Hinton and Salakhutdinov 2006): z = f(x) (B, L), x_hat = g(z) (B, C, H, W),
     trained to make x_hat close to x in squared error. hidden=() makes f and g linear maps.
@@ -207,6 +209,8 @@ class VariationalAutoencoder(Autoencoder):
         # loss = -(E_q[log p(x | z)] - beta * KL(q(z | x) || N(0, I))), in nats per image
         mean, log_var = (t.to(x.dtype) for t in self.posterior(x))      # (B, L), (B, L)
         z = reparameterise(mean, log_var)                                # (B, L)
+        # EXERCISE: anneal beta from 0 to its value over the first epochs (KL warm-up, Bowman et al. 2016) and
+        # count the active units again: fewer coordinates collapse onto the prior
         reconstruction = self.log_likelihood(x, self.decoder_output(z).to(x.dtype))   # (B,)
         kl = kl_to_standard_normal(mean, log_var)                        # (B,)
         loss = (self.beta * kl - reconstruction).mean()
@@ -259,6 +263,7 @@ def corrupt(x, noise_std, mask_prob):
     """The denoising autoencoder's input: Gaussian noise on every pixel, then a random share mask_prob of the
     pixel positions set to 0 in all channels (Vincent et al. 2008's masking noise). x (B, C, H, W)."""
     noisy = x + noise_std * torch.randn_like(x)                          # (B, C, H, W)
+    # EXERCISE: add salt-and-pepper noise (random pixels set to 0 or 1), the third corruption of Vincent 2010
     keep = torch.rand_like(x[:, :1]) >= mask_prob                        # (B, 1, H, W): one draw per position
     return noisy * keep
 
@@ -307,8 +312,7 @@ def train(model, images, epochs, batch_size, lr, device, desc="train"):
     steps_per_epoch = len(images) // batch_size          # a pass's remainder is dropped: every batch is full
     total = epochs * steps_per_epoch
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type == "cuda")
-    parts = None
-    losses = torch.zeros(total, device=device)           # written on the device: reading it would synchronise
+    records = []                                         # per step, on the device: reading them would synchronise
     bar = common.progress(total * batch_size, desc)
     clock = common.Stopwatch(device)
     model.train()
@@ -324,11 +328,7 @@ def train(model, images, epochs, batch_size, lr, device, desc="train"):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, total, lr)
             optimizer.step()
-            losses[step] = loss.detach()
-            if parts is None:
-                parts = {name: torch.zeros(total, device=device) for name in terms}
-            for name, value in terms.items():
-                parts[name][step] = value.detach()
+            records.append(torch.stack([loss.detach(), *(value.detach() for value in terms.values())]))
             bar.update(batch_size)
             if step % 100 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4g}")
@@ -336,7 +336,8 @@ def train(model, images, epochs, batch_size, lr, device, desc="train"):
     seconds = clock.seconds()
     bar.close()
     model.eval()
-    return {"loss": losses.cpu(), "parts": {name: value.cpu() for name, value in parts.items()},
+    records = torch.stack(records).float().cpu()                                   # (steps, 1 + parts)
+    return {"loss": records[:, 0], "parts": {name: records[:, 1 + i] for i, name in enumerate(terms)},
             "images": total * batch_size, "seconds": seconds}
 
 
@@ -436,8 +437,11 @@ def factor_correlation(codes, factors):
     return (standardise(values).T @ standardise(codes) / len(codes)).abs()           # (F, N) @ (N, L) -> (F, L)
 
 
+ACTIVE_VARIANCE = 0.01     # Burda et al.'s threshold on Var_x(E_q[z_j])
+
+
 @torch.no_grad()
-def active_units(model, images, threshold=0.01):
+def active_units(model, images, threshold=ACTIVE_VARIANCE):
     """Burda et al. 2016: coordinate j is active when its posterior mean varies across images, Var_x(mean_j) >
     threshold; the others the VAE leaves at the prior and ignores. Returns (count, per-coordinate variance)."""
     variance = encode_all(model, images).var(0)                                      # (L,)
@@ -446,19 +450,20 @@ def active_units(model, images, threshold=0.01):
 
 def probe_all(features, data, cfg, factor_features=("code", "pca")):
     """Linear probe and kNN top-1 of the class from features {"name": (train (N, D), test (M, D))}; on the
-    embedded set also the linear probe of colour, size and place from the codes named in factor_features."""
+    embedded set also the linear probe of colour, size and place from the codes named in factor_features.
+    Each probe takes cfg.probe_steps Adam steps (rounded up to whole passes over the training set)."""
     classes = len(data.classes)
     result = {}
     for name, (train_f, test_f) in features.items():
         result[name] = {
-            "linear_top1": linear_probe(train_f, data.y_train, test_f, data.y_test, classes, seed=cfg.seed,
+            "linear_top1": linear_probe(train_f, data.y_train, test_f, data.y_test, classes, epochs=1, seed=cfg.seed,
                                         min_steps=cfg.probe_steps)["top1"],
             "knn_top1": knn_classify(train_f, data.y_train, test_f, data.y_test, classes)["top1"]}
         if name in factor_features and data.factors_train is not None:
             for factor, count in CATEGORICAL_FACTORS.items():
                 result[name][f"{factor}_linear_top1"] = linear_probe(
                     train_f, factor_labels(data.factors_train, factor), test_f, factor_labels(data.factors_test, factor),
-                    count, seed=cfg.seed, min_steps=cfg.probe_steps)["top1"]
+                    count, epochs=1, seed=cfg.seed, min_steps=cfg.probe_steps)["top1"]
     return result
 
 
@@ -569,9 +574,10 @@ def plot_samples(model, path, count=32, seed=0):
 
 
 @torch.no_grad()
-def plot_traversal(model, image, variance, correlation, path, rows=8, span=3.0, steps=11):
+def plot_traversal(model, image, variance, correlation, path, rows=8, span=3.0, steps=11, threshold=0.3):
     """Vary one code coordinate from -span to +span around one image's posterior mean, holding the others, for
-    the most active coordinates; each row names the known factor it correlates with most, if any."""
+    the most active coordinates; each row names the continuous factor it correlates with most, where that
+    |correlation| passes threshold (colour and shape are categorical: a row that changes them names none)."""
     base = model.encode(to_float(image[None]))[0]                        # (L,)
     values = torch.linspace(-span, span, steps, device=base.device)      # (S,)
     chosen = variance.argsort(descending=True)[:rows].tolist()
@@ -579,10 +585,11 @@ def plot_traversal(model, image, variance, correlation, path, rows=8, span=3.0, 
     for j in chosen:
         z = base.repeat(steps, 1)                                        # (S, L)
         z[:, j] = values
-        label = f"z{j}"
+        label = f"z{j}" + (" (inactive)" if variance[j] <= ACTIVE_VARIANCE else "")
         if correlation is not None:
             best = int(correlation[:, j].argmax())
-            label += f"\n~ {CONTINUOUS_FACTORS[best]} ({correlation[best, j]:.2f})"
+            label += (f"\n~ {CONTINUOUS_FACTORS[best]} (|r| {correlation[best, j]:.2f})" if correlation[best, j] >= threshold
+                      else f"\nno factor with |r| >= {threshold}")
         lines.append((label, model.decode(z)))
     image_rows(lines, path, title=f"latent traversal: each row moves one coordinate from -{span:g} to +{span:g}")
 
