@@ -23,7 +23,7 @@ class Config(common.RunConfig):
     models: str = common.arg("ae,vae", "comma-separated --model values of 01_autoencoder.py to time")
     workers: str = common.arg("0,4,8", "comma-separated DataLoader worker counts to time")
     epochs: int = common.arg(3, "timed passes over the 50 000 training images, after one untimed warm-up pass")
-    batch_size: int = common.arg(256, "images per step, as in the script's default run")
+    batch_size: int = common.arg(autoencoder.Config.batch_size, "images per step, as in the script's default run")
     train_size: int = common.arg(50_000, "training images of the embedded set to feed")
 
 
