@@ -8,7 +8,7 @@ carried to a machine without internet: the GNU Collaborative International Dicti
 
     apt-get download dict-gcide wordnet-base fortunes         # three .deb files, no install needed
     python benchmarks/bench_02_word2vec.py prepare --debs . --out bench_data/english.txt.gz
-    python benchmarks/bench_02_word2vec.py run --corpus bench_data/english.txt.gz --batch 65536
+    python benchmarks/bench_02_word2vec.py run --corpus bench_data/english.txt.gz --runs 65536:1,4096:1e9
 
 Quality: Mikolov's questions-words.txt (analogies, 3CosAdd over the 30 000 most frequent words) and the
 WordSim-353 and SimLex-999 pairs (Spearman), as gensim ships them in gensim/test/test_data; every model is
@@ -95,11 +95,16 @@ def gensim_test_file(name):
 
 
 def score(vectors, index, evals, limit):
-    analogy = w2v.analogy_accuracy(vectors, index, evals["analogies"], limit)
-    similarity = {name: w2v.similarity_correlation(vectors, index, pairs, limit)["spearman"]
-                  for name, pairs in evals["similarity"].items()}
-    return {"analogy": analogy["accuracy"], "analogy_coverage": analogy["coverage"],
-            "analogy_sections": analogy["sections"], **similarity}
+    """The same numbers for any vectors (V, D) in frequency order: raw, and after all-but-the-top."""
+    result = {}
+    for prefix, v in (("", vectors), ("abtt_", w2v.all_but_the_top(vectors, max(1, vectors.shape[1] // 100)))):
+        analogy = w2v.analogy_accuracy(v, index, evals["analogies"], limit)
+        result.update({prefix + "analogy": analogy["accuracy"], prefix + "analogy_sections": analogy["sections"]},
+                      **{prefix + name: w2v.similarity_correlation(v, index, pairs, limit)["spearman"]
+                         for name, pairs in evals["similarity"].items()})
+        result[prefix + "mean_cosine"] = w2v.anisotropy(v, 0)["mean_cosine"]
+    result["analogy_coverage"] = w2v.analogy_accuracy(vectors, index, evals["analogies"], limit)["coverage"]
+    return result
 
 
 def run_ours(corpus, args, batch, step_cap, device, evals):
@@ -110,7 +115,7 @@ def run_ours(corpus, args, batch, step_cap, device, evals):
     history, seconds, _ = w2v.train(model, corpus, cfg, generator)
     vectors = model.in_vectors.detach()
     finite = bool(torch.isfinite(vectors).all())
-    result = {"method": f"ours B={batch} cap={step_cap:g}", "device": str(device), "seconds": seconds,
+    result = {"method": f"ours B={batch} cap={step_cap:g} seed={args.seed}", "device": str(device), "seconds": seconds,
               "words_per_second": args.epochs * len(corpus.tokens) / seconds, "final_loss": history[-1][1]}
     return {**result, **(score(vectors, corpus.index, evals, args.eval_vocab) if finite else {"diverged": True})}
 
@@ -127,7 +132,7 @@ def run_gensim(path, args, evals):
     seconds = time.perf_counter() - start
     in_vocab = sum(model.wv.get_vecattr(w, "count") for w in model.wv.index_to_key)
     index = {w: i for i, w in enumerate(model.wv.index_to_key)}
-    result = {"method": f"gensim {args.workers} workers", "device": f"cpu x{args.workers}", "seconds": seconds,
+    result = {"method": f"gensim {args.workers} workers seed={args.seed}", "device": f"cpu x{args.workers}", "seconds": seconds,
               "words_per_second": args.epochs * in_vocab / seconds}
     return {**result, **score(torch.tensor(model.wv.vectors), index, evals, args.eval_vocab)}
 
@@ -144,26 +149,32 @@ def run(args):
     corpus = w2v.corpus_from_text(text, Path(args.corpus).name, args.min_count, device)
     print(f"corpus: {corpus.raw_words:,} words, {len(corpus.words):,} in the vocabulary, "
           f"built in {time.perf_counter() - start:.1f}s")
+    warm = w2v.Corpus("warm-up", corpus.words, corpus.counts, corpus.tokens[:200_000], corpus.sentence[:200_000], 0)
+    run_ours(warm, SimpleNamespace(**{**vars(args), "epochs": 1, "seed": 0}), 65536, 1.0, device, evals)  # CUDA start-up
     results = []
-    for batch in map(int, args.batch.split(",")):
-        for cap in map(float, args.step_cap.split(",")):
-            results.append(run_ours(corpus, args, batch, cap, device, evals))
+    for seed in map(int, args.seeds.split(",")):
+        for setting in args.runs.split(","):
+            batch, cap = setting.split(":")
+            results.append(run_ours(corpus, SimpleNamespace(**{**vars(args), "seed": seed}), int(batch), float(cap),
+                                    device, evals))
             print(json.dumps(results[-1]), flush=True)
     if args.workers:
         with tempfile.TemporaryDirectory() as folder:                  # gensim's corpus_file wants plain text
             plain = Path(folder) / "corpus.txt"
             plain.write_text(text, encoding="utf-8")
-            results.append(run_gensim(plain, args, evals))
-        print(json.dumps(results[-1]), flush=True)
+            for seed in map(int, args.seeds.split(",")):
+                results.append(run_gensim(plain, SimpleNamespace(**{**vars(args), "seed": seed}), evals))
+                print(json.dumps(results[-1]), flush=True)
     print(f"\n{corpus.raw_words / 1e6:.1f}M words x{args.epochs} epochs, D={args.dim} W={args.window} "
           f"K={args.negatives} t={args.sample:g} min-count={args.min_count}")
-    print(f"{'method':<28} {'device':<10} {'M words/s':>10} {'analogy':>8} {'WS353':>6} {'SimLex':>7}")
+    print(f"{'method':<36} {'device':<8} {'M words/s':>9} {'analogy':>8} {'WS353':>6} {'SimLex':>6}   after all-but-the-top")
     for r in results:
+        line = f"{r['method']:<36} {r['device']:<8} {r['words_per_second'] / 1e6:>9.2f} "
         if r.get("diverged"):
-            print(f"{r['method']:<28} {r['device']:<10} {r['words_per_second'] / 1e6:>10.2f}  diverged")
+            print(line + " diverged")
             continue
-        print(f"{r['method']:<28} {r['device']:<10} {r['words_per_second'] / 1e6:>10.2f} {100 * r['analogy']:>7.1f}% "
-              f"{r['wordsim353']:>6.3f} {r['simlex999']:>7.3f}")
+        print(line + f"{100 * r['analogy']:>7.1f}% {r['wordsim353']:>6.3f} {r['simlex999']:>6.3f}   "
+              f"{100 * r['abtt_analogy']:.1f}% {r['abtt_wordsim353']:.3f} {r['abtt_simlex999']:.3f}")
     if args.out:
         common.save_json(args.out, results)
 
@@ -183,12 +194,11 @@ def parse(argv=None):
     r.add_argument("--negatives", type=int, default=5)
     r.add_argument("--sample", type=float, default=1e-3)
     r.add_argument("--min-count", type=int, default=5)
-    r.add_argument("--batch", default="65536", help="comma-separated pairs per step to try")
-    r.add_argument("--step-cap", default="1", help="comma-separated --step-cap values to try")
+    r.add_argument("--runs", default="65536:1", help="comma-separated BATCH:STEP_CAP settings of ours to try")
     r.add_argument("--workers", type=int, default=os.cpu_count(), help="gensim threads (0: skip gensim)")
     r.add_argument("--eval-vocab", type=int, default=30000)
     r.add_argument("--analogies", default="", help="default: gensim's copy of questions-words.txt")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seeds", default="0", help="comma-separated seeds; every setting runs once per seed")
     r.add_argument("--out", default="", help="write the results as JSON here")
     return parser.parse_args(argv)
 
