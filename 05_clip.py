@@ -20,10 +20,14 @@ Papers
 Run
   python 05_clip.py                                  # captioned shapes (embedded, no download)
   python 05_clip.py --init-image runs/04_vit/vit_simclr.pt [--freeze-image]
-  python 05_clip.py --dataset flickr8k               # downloads Flickr8k once (1.1 GB)
+  python 05_clip.py --dataset flickr8k               # downloads Flickr8k once (about 1 GB)
   python 05_clip.py --dataset captions --data-dir DIR    # DIR/captions.csv (image,caption) + the images
 
-Result (default run, one H100): see the README section "05 CLIP" for the measured numbers and time.
+Result (default run, one H100: 53 s wall, 23.7k image-caption pairs/s of training)
+  retrieval over 1000 test images, R@1: image->text 0.506, text->image 0.501 (chance 0.001; untrained 0.001)
+  zero-shot shape top-1 over 10 classes: 0.360 with 24 prompt templates, 0.355 with "a {}" alone (untrained
+  0.098; a linear probe on the same image features, trained WITH labels: 0.396)
+  held-out colour-shape pairs, 80-way colour+shape top-1: 0.328, against 0.371 on pairs seen in training (chance 0.013)
 
 Shapes legend: B batch (image-caption pairs), L tokens of a caption, W text width, E image width,
 K shared embedding size, N images, M captions, C classes, P prompt templates, S image side.
@@ -381,7 +385,7 @@ def load_data(cfg, device):
 # Text is first cut into chunks that merges may not cross: a word with its leading space, a run of
 # punctuation, or spaces (GPT-2's rule, with \w standing in for letters and digits). Each chunk is encoded
 # on its own, so "red" in "a red star" and in "a red moon" always gets the same tokens.
-CHUNK = re.compile(r" ?\w+| ?[^\w\s]+|\s+(?!\S)|\s+")
+CHUNK = re.compile(r" ?\w+| ?[^\w\s]+|\s+(?!\S)|\s+")   # EXERCISE: one chunk per caption (merges across words): what does BPE learn?
 
 
 class BPETokenizer:
@@ -512,6 +516,7 @@ class TextTransformer(nn.Module):
         return self.norm(x)
 
     def forward(self, tokens):                                       # (B, L) -> (B, W)
+        # EXERCISE: pool the mean over the caption's tokens instead; under the causal mask, which of them saw it all?
         end = (tokens == self.eot).int().argmax(dim=1)                # (B,) the first end-of-text position
         return self.hidden(tokens)[torch.arange(len(tokens), device=tokens.device), end]
 
@@ -640,6 +645,7 @@ def clip_step_loss(model, inputs, tokens, caption_ids, device, frozen):
         image_embeddings = model.embed_image_features(inputs) if frozen else model.encode_image(inputs)
         text_embeddings = model.encode_text(tokens)
     logits = clip_logits(image_embeddings.float(), text_embeddings.float(), model.scale())
+    # EXERCISE: pass positives=None (the paper's loss) and see whether "a red star" fighting "a red star" hurts
     return clip_loss(logits, same_caption(caption_ids))
 
 
@@ -665,6 +671,7 @@ def train(model, data, tokens, cfg, device):
     frozen = cfg.freeze_image
     if frozen:
         # a fixed encoder and no augmentation: every image has one feature vector, so compute it once (LiT)
+        # NOTE: the image projection still trains; LiT locks it too, but 04's features were never aimed at this space
         model.visual.requires_grad_(False).eval()
         inputs = embed_all(model.image_features, data.train.images, device)        # (N, E)
     else:
@@ -705,6 +712,7 @@ def recall_at_k(similarity, relevant, ks=(1, 5, 10)):
 # captions always name a colour and a size, so templates that name one are in-distribution; averaging over all
 # colours, sizes, textures and places leaves the shape as the common part. "a photo of a {}" is CLIP's own:
 # its words never occur in our captions, and BPE spells them from pieces the text encoder barely trained.
+# EXERCISE: keep only "a photo of a {}", or only the colour templates, and compare zero-shot accuracy.
 TEMPLATES = (["a {}", "a photo of a {}"] + [f"a {size} {{}}" for size in common.SIZES]
              + [f"a {texture} {{}}" for texture in common.TEXTURES[1:]] + [f"a {colour} {{}}" for colour in common.COLOURS]
              + [f"a large {{}} {place}" for place in common.PLACES])
