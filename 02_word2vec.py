@@ -68,7 +68,7 @@ class Config(common.RunConfig):
     lr: float = common.arg(0.025, "SGD learning rate at the start; it falls linearly to --min-lr")
     min_lr: float = common.arg(1e-4, "learning rate at the end")
     batch: int = common.arg(65536, "B: (centre, context) pairs per step")
-    step_cap: float = common.arg(1.0, "largest step of one vector per batch, in units of its Newton step "
+    step_cap: float = common.arg(0.5, "largest step of one vector per batch, in units of its Newton step "
                                       "(keeps large batches stable; see sgd_step)")
     analogies: str = common.arg("", "analogy questions in questions-words.txt format (default: the shipped "
                                     "planted set with --corpus planted, else none)")
@@ -385,17 +385,18 @@ def sgns_score_gradient(scores, valid):
 # ---- 4. Training: plain SGD, gradients written out, on many pairs at once ----
 
 @torch.no_grad()
-def sgd_step(model, centre, context, negatives, lr, step_cap=1.0):
+def sgd_step(model, centre, context, negatives, lr, step_cap=0.5):
     """One SGD step on B (centre, context) pairs and their negatives; returns the summed loss (a 0-d tensor).
     centre, context (B,), negatives (B, K). The gradient is two lines, as in word2vec.c: autograd would build
     dense (V, D) gradients of both tables for the B(2+K) rows that a step touches.
 
     NOTE: word2vec.c and gensim update after every pair, on many CPU threads; a GPU step adds up the gradients
     of B pairs taken at one point. A frequent word ('the') then collects thousands of them at once, the sum
-    overshoots and training diverges (try --step-cap 1e9 --batch 65536). So each row's learning rate is capped
-    by its curvature this step, h_r = sum of s'(x)|other vector|^2 over its pairs (the trace of its
-    Gauss-Newton Hessian, which bounds the largest eigenvalue): lr_r = min(lr, step_cap / h_r). A row seen a
-    few times per step keeps plain SGD; a busy row moves at most one Newton step."""
+    overshoots and training diverges (try --step-cap 1e9). So each row's learning rate is capped by its
+    curvature this step, h_r = sum of s'(x)|other vector|^2 over its pairs (the trace of its Gauss-Newton
+    Hessian, which bounds the largest eigenvalue): lr_r = min(lr, step_cap / h_r). A row seen a few times per
+    step keeps plain SGD; a busy row moves at most step_cap Newton steps. Both ends of a pair move at once, so
+    the default 0.5 lets the two together take at most one (with 1, a small vocabulary can diverge)."""
     targets = torch.cat([context[:, None], negatives], 1)            # (B, 1+K)
     valid = targets != context[:, None]
     valid[:, 0] = True
@@ -783,6 +784,8 @@ def main(argv=None):
           f"{cfg.min_count} ({len(corpus.tokens):,} tokens), built in {clock.seconds():.1f}s")
     model = SkipGram(len(corpus.words), cfg.dim, generator)
     history, seconds, trained_pairs = train(model, corpus, cfg, generator)
+    common.check(math.isfinite(history[-1][1]), f"training diverged (the loss is {history[-1][1]}); "
+                                                "lower --lr, --batch or --step-cap")
     words_per_second = cfg.epochs * len(corpus.tokens) / seconds
     print(f"trained {cfg.epochs} epochs, {trained_pairs:,} pairs in {seconds:.1f}s: {words_per_second / 1e6:.2f}M words/s, "
           f"loss {history[0][1]:.3f} -> {history[-1][1]:.3f} per pair")
