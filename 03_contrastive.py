@@ -25,11 +25,17 @@ Papers
 
 Run
   python 03_contrastive.py                                   # embedded shapes, about a minute on one H100
-  python 03_contrastive.py --dataset fashion-mnist --epochs 100 --width 48 --crop 0.5 --blur 0
+  python 03_contrastive.py --dataset fashion-mnist --width 48 --epochs 75 --crop 0.5
   python 03_contrastive.py --negatives none                  # no negatives: watch it collapse
-  python 03_contrastive.py --temperatures 0.05,0.1,0.2,0.5,1 # temperature sweep after the main run
+  python 03_contrastive.py --temperatures 0.05,0.1,0.5,1     # temperature sweep after the main run
 
-Results on one H100: see the README section of this script (measured numbers, with their baselines).
+Measured on one H100 (PyTorch 2.11, bf16), linear probe / weighted-kNN top-1 of the frozen encoder's h:
+  shapes (default, 40 epochs, 32.7 s of pre-training at 60k img/s, 67.5 s in all): 0.803 / 0.696;
+    random encoder 0.199 / 0.163, raw pixels 0.139 / 0.201.
+  Fashion-MNIST (width 48, 75 epochs, 63.0 s at 71k img/s, 96.9 s in all): 0.893 / 0.864;
+    random encoder 0.819 / 0.786, raw pixels 0.845 / 0.846.
+  The GPU augmentations pre-train 12.4x faster than torchvision transforms in 15 DataLoader workers
+  feeding the same encoder (62.5k vs 5.0k img/s; benchmarks/bench_03_contrastive.py).
 """
 import math
 from dataclasses import dataclass
@@ -72,8 +78,8 @@ class Config(common.RunConfig):
     probe_steps: int = common.arg(2000, "least number of Adam steps of each linear probe")
 
 
-QUICK = dict(epochs=4, batch_size=128, width=8, hidden=64, projection=32, n_train=1024, n_test=512,
-             image_size=16, probe_steps=150)
+QUICK = dict(epochs=6, batch_size=64, lr=5e-3, width=8, hidden=64, projection=32, n_train=1024, n_test=256,
+             image_size=16, probe_steps=100)
 AUGMENTATIONS = ("crop", "flip", "jitter", "grayscale", "blur")
 
 
@@ -89,6 +95,11 @@ BLUR_SIGMA = (0.1, 1.0)             # pixels; SimCLR's (0.1, 2.0) was for 224-pi
 BLUR_RADIUS = 3                     # taps either side: 7 taps cover +-3 sigma at the largest sigma
 # RGB -> YIQ (NTSC): Y is luminance, (I, Q) a plane of chroma in which a hue shift is a rotation
 RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+
+
+def at_least_float32(x):
+    """x in float32, or kept in float64: losses and measures stay precise under bf16 autocast and in tests."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _uniform(n, low, high, generator, device):
@@ -113,7 +124,7 @@ def random_resized_crop(x, crop, generator=None):
     cx = (1 - w) * (2 * _uniform(B, 0, 1, generator, x.device) - 1)      # centre in [-1, 1] image coordinates,
     cy = (1 - h) * (2 * _uniform(B, 0, 1, generator, x.device) - 1)      # placed so the crop stays inside
     zero = torch.zeros_like(w)
-    theta = torch.stack([torch.stack([w, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)  # (B, 2, 3)
+    theta = torch.stack([torch.stack([w, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1).to(x.dtype)  # (B, 2, 3)
     # an affine grid maps each output pixel to where it reads from in the input (normalised coordinates)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)    # (B, H, W, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -137,6 +148,7 @@ def rotate_hue(x, angle):
     """Turn every pixel's chroma by angle (B,) radians in the YIQ plane: luminance is kept, hue shifts.
     NOTE: torchvision shifts hue in HSV space; a YIQ rotation is the linear-algebra cousin of it."""
     to_yiq = torch.tensor(RGB_TO_YIQ, device=x.device, dtype=x.dtype)
+    angle = angle.to(x.dtype)
     cos, sin, one, zero = angle.cos(), angle.sin(), torch.ones_like(angle), torch.zeros_like(angle)
     rotation = torch.stack([torch.stack([one, zero, zero], 1),
                             torch.stack([zero, cos, -sin], 1),
@@ -209,6 +221,8 @@ def augment(x, crop=0.6, flip=0.5, jitter=0.5, grayscale=0.2, blur=0.5, generato
     Defaults: SimCLR's CIFAR-10 recipe, with a gentler crop (area >= 0.4, not 0.08) so that the small shapes
     of the embedded set survive it, and blur on half the views. Every strength at 0 returns x itself."""
     check_strengths(crop, flip, jitter, grayscale, blur)
+    # EXERCISE: SimCLR's Fig. 5 in small: train with --augmentations crop,flip (no colour distortion) and watch
+    # the colour bar of invariance.png, and the probes, as the network solves the task by matching colours.
     if crop > 0:
         x = random_resized_crop(x, crop, generator)
     if flip > 0:
@@ -279,6 +293,7 @@ class ProjectionHead(nn.Module):
 
     def __init__(self, dim, hidden=512, out=128):
         super().__init__()
+        # EXERCISE: replace the head by nn.Identity() (the loss then acts on h) and compare the linear probes
         self.layers = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
                                     nn.Linear(hidden, out))
 
@@ -316,8 +331,8 @@ def nt_xent(z1, z2, temperature):
     common.check(temperature > 0, f"temperature must be > 0, got {temperature}")
     # NOTE: float32 (or float64) even under autocast: bf16 keeps 8 bits of mantissa, too coarse for logits of size 1/tau
     with torch.autocast(z1.device.type, enabled=False):
-        z = torch.cat([z1, z2])
-        z = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)  # (V, D) unit vectors, V = 2B
+        z = F.normalize(at_least_float32(torch.cat([z1, z2])), dim=1)          # (V, D) unit vectors, V = 2B
+        # EXERCISE: make 1 / temperature a learned parameter (log-parametrised, as CLIP's logit_scale)
         logits = z @ z.T / temperature                                          # (V, D) @ (D, V) -> (V, V): cos / tau
         self_pair = torch.eye(2 * B, dtype=torch.bool, device=z.device)
         logits = logits.masked_fill(self_pair, float("-inf"))                   # the sum in Eq. 1 skips k = i
@@ -331,7 +346,7 @@ def positives_only(z1, z2, temperature):
     """The ablation --negatives none: Eq. 1 without its denominator, -cos(z_i, z_partner) / tau averaged.
     Nothing pushes different images apart, so the cheapest minimum maps every image to one point: collapse."""
     with torch.autocast(z1.device.type, enabled=False):
-        z1, z2 = (F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1) for z in (z1, z2))
+        z1, z2 = F.normalize(at_least_float32(z1), dim=1), F.normalize(at_least_float32(z2), dim=1)
         return -(z1 * z2).sum(1).mean() / temperature
 
 
@@ -354,7 +369,8 @@ def contrastive_step(model, optimizer, view1, view2, temperature, loss_fn, devic
 
 
 def warmup_cosine(step, total, warmup):
-    """Learning-rate multiplier: linear warm-up over `warmup` steps, then a cosine decay to 0 (SGDR)."""
+    """Learning-rate multiplier: linear warm-up over `warmup` steps, then a cosine decay to 0
+    (Loshchilov and Hutter 2017, SGDR, without restarts)."""
     return min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / total))
 
 
@@ -403,14 +419,14 @@ def pretrain(cfg, data, device, temperature, negatives, desc="pre-train"):
 def alignment(a, b, alpha=2):
     """Wang and Isola 2020, Eq. 4: E ||f(x) - f(y)||^alpha over positive pairs, rows normalised first.
     a, b (N, D) -> scalar; 0 when each pair maps to one point."""
-    a, b = F.normalize(a.float(), dim=1), F.normalize(b.float(), dim=1)
+    a, b = F.normalize(at_least_float32(a), dim=1), F.normalize(at_least_float32(b), dim=1)
     return (a - b).norm(dim=1).pow(alpha).mean()
 
 
 def uniformity(x, t=2):
     """Wang and Isola 2020, Eq. 5: log E exp(-t ||f(x) - f(y)||^2) over all pairs of distinct rows, normalised
     first. x (N, D) -> scalar; 0 when everything collapses to one point, lower when spread over the sphere."""
-    x = F.normalize(x.float(), dim=1)
+    x = F.normalize(at_least_float32(x), dim=1)
     squared = (2 - 2 * x @ x.T).clamp(min=0)                        # (N, N) ||x_i - x_j||^2 of unit vectors
     distinct = ~torch.eye(len(x), dtype=torch.bool, device=x.device)
     return torch.logsumexp(-t * squared[distinct], 0) - math.log(distinct.sum().item())
@@ -428,7 +444,7 @@ def effective_rank(x):
 def feature_std(x):
     """Mean over dimensions of the standard deviation across rows of the normalised features (SimSiam's collapse
     monitor): about 1/sqrt(D) for points spread over the sphere, 0 when collapsed."""
-    return F.normalize(x.float(), dim=1).std(0).mean()
+    return F.normalize(at_least_float32(x), dim=1).std(0).mean()
 
 
 @torch.no_grad()
@@ -462,6 +478,18 @@ def geometry(model, images, strength, device, seed):
     z1, z2 = z.float().chunk(2)
     return {"alignment": alignment(z1, z2).item(), "uniformity": uniformity(z1).item(),
             "effective_rank": effective_rank(z1).item(), "std": feature_std(z1).item()}
+
+
+@torch.no_grad()
+def view_retrieval(model, images, strength, device, seed):
+    """The pretext task on held-out images: the share of first views whose nearest second view (cosine of h,
+    about the mean) is their own partner, among all N second views. Chance is 1/N."""
+    view1, view2 = two_views(images, strength, torch.Generator(device).manual_seed(seed + 5))
+    h1, _ = embed(model, view1, device)
+    h2, _ = embed(model, view2, device)
+    centre = torch.cat([h1, h2]).mean(0)
+    similarity = F.normalize(h1 - centre, dim=1) @ F.normalize(h2 - centre, dim=1).T     # (N, N)
+    return (similarity.argmax(1) == torch.arange(len(images), device=similarity.device)).float().mean().item()
 
 
 def per_class_subset(labels, shots, num_classes, seed):
@@ -583,16 +611,22 @@ def plot_similarity(ax, model, images, strength, device, seed, count=16):
     ax.figure.colorbar(shown, ax=ax, fraction=0.046)
 
 
-def plot_training(ax, history, projection):
-    ax.plot(history["step"], history["loss"], color="black", label="loss")
+def plot_training(ax, history):
+    ax.plot(history["step"], history["loss"], color="black")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    twin = ax.twinx()
-    twin.plot(history["step"], history["alignment"], label="alignment (lower: views agree)")
-    twin.plot(history["step"], history["uniformity"], label="uniformity (lower: spread out)")
-    twin.plot(history["step"], [r / projection for r in history["effective_rank"]], label="effective rank of z / P")
-    twin.legend(fontsize=7, loc="upper right")
-    ax.set_title("pre-training", fontsize=9)
+    ax.set_ylabel("NT-Xent loss" if history["loss"][0] > 0 else "loss")
+    ax.set_title("pre-training loss", fontsize=9)
+
+
+def plot_geometry(ax, history, projection):
+    ax.plot(history["step"], history["alignment"], label="alignment (lower: views agree)")
+    ax.plot(history["step"], history["uniformity"], label="uniformity (lower: spread out)")
+    ax.plot(history["step"], [r / projection for r in history["effective_rank"]], label="effective rank of z / P")
+    ax.plot(history["step"], [s * projection**0.5 for s in history["std"]], label="std of z x sqrt(P) (0: collapse)")
+    ax.axhline(0, color="gray", lw=0.5)
+    ax.set_xlabel("step")
+    ax.legend(fontsize=7)
+    ax.set_title("geometry of z on held-out views", fontsize=9)
 
 
 def plot_invariance(ax, distances):
@@ -607,15 +641,47 @@ def plot_invariance(ax, distances):
     ax.set_title("how far h moves under each change", fontsize=9)
 
 
-def plot_map(ax, h, labels, classes, count=3000):
-    """The first two principal components of the normalised features, coloured by class."""
-    x = F.normalize(h[:count], dim=1)
-    x = x - x.mean(0)
-    _, _, v = torch.linalg.svd(x, full_matrices=False)             # v (D, D): rows are principal directions
-    xy = (x @ v[:2].T).cpu().numpy()                                # (N, 2)
-    points = ax.scatter(xy[:, 0], xy[:, 1], c=labels[:count].cpu().numpy(), cmap="tab10", s=3, vmin=-0.5, vmax=9.5)
+def tsne(x, perplexity=30.0, steps=500, seed=0):
+    """A 2-D map (N, 2) of points x (N, D) that keeps neighbours together: t-SNE (van der Maaten and Hinton 2008),
+    exact, as N x N tensor ops. P: Gaussian affinities, each row's width set by bisection so that its entropy
+    is log(perplexity) (Eq. 1), symmetrised; Q: Student-t affinities of the map (Eq. 4); descend KL(P || Q) (Eq. 5)."""
+    N = len(x)
+    squared = torch.cdist(x, x).square()                                       # (N, N)
+    beta = torch.ones(N, 1, device=x.device)                                   # 1 / (2 sigma_i^2)
+    low, high = torch.zeros_like(beta), torch.full_like(beta, float("inf"))
+    target = math.log(min(perplexity, (N - 1) / 3))
+    for _ in range(60):
+        p = torch.exp(-squared * beta).fill_diagonal_(0)                       # (N, N)
+        total = p.sum(1, keepdim=True).clamp(min=1e-12)
+        entropy = total.log() + beta * (squared * p).sum(1, keepdim=True) / total
+        too_wide = entropy > target                                            # too many neighbours: narrow it
+        low, high = torch.where(too_wide, beta, low), torch.where(too_wide, high, beta)
+        beta = torch.where(high.isinf(), beta * 2, (low + high) / 2)
+    p = p / total
+    P = (p + p.T) / (2 * N)                                                    # symmetric, sums to 1
+    y = 1e-4 * torch.randn(N, 2, generator=torch.Generator().manual_seed(seed)).to(x.device)
+    velocity = torch.zeros_like(y)
+    for step in range(steps):
+        kernel = (1 / (1 + torch.cdist(y, y).square())).fill_diagonal_(0)    # (N, N) Student-t, one degree of freedom
+        Q = kernel / kernel.sum()
+        exaggeration = 12.0 if step < steps // 4 else 1.0                      # early exaggeration forms clusters first
+        weights = (exaggeration * P - Q) * kernel                              # (N, N)
+        gradient = 4 * (weights.sum(1, keepdim=True) * y - weights @ y)       # Eq. 5, as matrix products
+        velocity = (0.5 if step < steps // 4 else 0.8) * velocity - 200.0 * gradient
+        y = y + velocity
+    return y
+
+
+MAP_POINTS = 2000
+
+
+def plot_map(ax, xy, labels, classes):
+    """Map coordinates xy (N, 2) of the first N test images, coloured by class."""
+    points = ax.scatter(xy[:, 0], xy[:, 1], c=labels[: len(xy)].cpu().numpy(), cmap="tab10", s=3, vmin=-0.5, vmax=9.5)
     ax.legend(points.legend_elements()[0], classes, fontsize=6, markerscale=0.8, loc="best")
-    ax.set_title("h of test images, first two principal components", fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title("t-SNE of h for test images, coloured by class", fontsize=9)
 
 
 def plot_sweep(ax, sweep):
@@ -633,15 +699,17 @@ def save_figures(out, model, data, history, distances, h_test, sweep, cfg, devic
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     strength = strengths(cfg)
+    xy = tsne(F.normalize(h_test[:MAP_POINTS], dim=1), seed=cfg.seed).cpu().numpy()     # (N, 2)
     single = lambda: plt.subplots(figsize=(6, 4.5))
-    fig, ax = single()
-    plot_training(ax, history, cfg.projection)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    plot_training(axes[0], history)
+    plot_geometry(axes[1], history, cfg.projection)
     common.save_figure(fig, out / "training.png")
     fig, ax = single()
     plot_views(ax, data.x_test, strength, device, cfg.seed)
     common.save_figure(fig, out / "views.png")
     fig, ax = single()
-    plot_map(ax, h_test, data.y_test, data.classes)
+    plot_map(ax, xy, data.y_test, data.classes)
     common.save_figure(fig, out / "embedding_map.png")
     fig, ax = single()
     plot_similarity(ax, model, data.x_test, strength, device, cfg.seed)
@@ -656,13 +724,10 @@ def save_figures(out, model, data, history, distances, h_test, sweep, cfg, devic
     fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
     plot_views(axes[0, 0], data.x_test, strength, device, cfg.seed)
     plot_similarity(axes[0, 1], model, data.x_test, strength, device, cfg.seed)
-    plot_map(axes[0, 2], h_test, data.y_test, data.classes)
-    plot_training(axes[1, 0], history, cfg.projection)
-    plot_invariance(axes[1, 1], distances)
-    if sweep:
-        plot_sweep(axes[1, 2], sweep)
-    else:
-        axes[1, 2].axis("off")
+    plot_map(axes[0, 2], xy, data.y_test, data.classes)
+    plot_training(axes[1, 0], history)
+    plot_geometry(axes[1, 1], history, cfg.projection)
+    plot_invariance(axes[1, 2], distances)
     fig.suptitle(f"SimCLR on {data.name}", fontsize=11)
     fig.tight_layout()
     common.save_figure(fig, out / "overview.png")
@@ -722,6 +787,10 @@ def main(argv=None):
                   "random_h": evaluate_features(r_train, r_test, data, cfg),
                   "pixels": evaluate_features(pixels(data.x_train), pixels(data.x_test), data, cfg)}
     shape = {"simclr": final_geometry(h_test, z_test), "random": final_geometry(r_test, rz_test)}
+    retrieval_images = data.x_test[:INVARIANCE_IMAGES]
+    retrieval = {"simclr": view_retrieval(model, retrieval_images, strength, device, cfg.seed),
+                 "random": view_retrieval(random_model, retrieval_images, strength, device, cfg.seed),
+                 "chance": 1 / len(retrieval_images)}
     distances = {"simclr": invariance(model, data, strength, device, cfg.seed),
                  "random": invariance(random_model, data, strength, device, cfg.seed)}
 
@@ -734,10 +803,15 @@ def main(argv=None):
         sweep.append({"temperature": temperature, **scores, "seconds": swept_stats["seconds"],
                       **{key: swept_history[key][-1] for key in ("alignment", "uniformity", "effective_rank", "std")}})
 
+    if sweep:                                       # the main run is one more point of the sweep
+        sweep.append({"temperature": cfg.temperature, **{k: v for k, v in evaluation["simclr_h"].items() if "shot" not in k},
+                      "seconds": stats["seconds"],
+                      **{key: history[key][-1] for key in ("alignment", "uniformity", "effective_rank", "std")}})
+        sweep.sort(key=lambda row: row["temperature"])
     save_figures(out, model, data, history, distances, h_test, sweep, cfg, device)
     total = watch.seconds()
     metrics = {"dataset": data.name, "epochs": cfg.epochs, "pretrain": stats, "total_seconds": total,
-               "evaluation": evaluation, "geometry": shape, "history": history, "invariance": distances,
+               "evaluation": evaluation, "view_retrieval": retrieval, "geometry": shape, "history": history, "invariance": distances,
                "temperature_sweep": sweep, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
     common.save_json(out / "metrics.json", metrics)
     ours, rand, raw = evaluation["simclr_h"], evaluation["random_h"], evaluation["pixels"]
