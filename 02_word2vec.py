@@ -27,7 +27,13 @@ Papers:
 Run:  python 02_word2vec.py                      (the embedded planted corpus, generated offline in seconds)
       python 02_word2vec.py --corpus text8       (17M words of Wikipedia, downloaded once, checksum verified)
       python 02_word2vec.py --corpus my.txt --analogies questions-words.txt --similarity wordsim353.tsv
-Measured on one H100: (filled in from the GPU run)
+Measured on one H100 (default options: D=100, W=5, K=5, t=1e-3, 5 epochs, B=65536):
+  planted corpus, 3.1M words, 372 in the vocabulary: built in 0.3 s, trained in 1.0 s (14.7M words/s);
+    analogies 100.0% (PPMI-SVD 100.0%, random vectors 0.2%), similarity rho 0.93 (PPMI-SVD 0.87, random 0.04).
+  6.1M words of real English (benchmarks/bench_02_word2vec.py's corpus), questions-words.txt and WordSim-353:
+    10.7M words/s end to end, 12.1M once warm; analogies 22.6% (PPMI-SVD 26.9%; gensim 4.4 on 16 CPU cores,
+    same options and epochs, 24.9% at 0.98M words/s), WordSim-353 rho 0.59 (0.66 after all-but-the-top;
+    PPMI-SVD 0.69; gensim 0.66).
 
 Shapes legend: V vocabulary, N words of running text, B (centre, context) pairs per step, K negatives,
 D vector size, M the most frequent words used for evaluation and the count baseline, Q questions.
@@ -68,7 +74,7 @@ class Config(common.RunConfig):
     lr: float = common.arg(0.025, "SGD learning rate at the start; it falls linearly to --min-lr")
     min_lr: float = common.arg(1e-4, "learning rate at the end")
     batch: int = common.arg(65536, "B: (centre, context) pairs per step")
-    step_cap: float = common.arg(0.5, "largest step of one vector per batch, in units of its Newton step "
+    step_cap: float = common.arg(1.0, "largest step of one vector per batch, in units of its Newton step "
                                       "(keeps large batches stable; see sgd_step)")
     analogies: str = common.arg("", "analogy questions in questions-words.txt format (default: the shipped "
                                     "planted set with --corpus planted, else none)")
@@ -385,7 +391,7 @@ def sgns_score_gradient(scores, valid):
 # ---- 4. Training: plain SGD, gradients written out, on many pairs at once ----
 
 @torch.no_grad()
-def sgd_step(model, centre, context, negatives, lr, step_cap=0.5):
+def sgd_step(model, centre, context, negatives, lr, step_cap=1.0):
     """One SGD step on B (centre, context) pairs and their negatives; returns the summed loss (a 0-d tensor).
     centre, context (B,), negatives (B, K). The gradient is two lines, as in word2vec.c: autograd would build
     dense (V, D) gradients of both tables for the B(2+K) rows that a step touches.
@@ -396,7 +402,8 @@ def sgd_step(model, centre, context, negatives, lr, step_cap=0.5):
     curvature this step, h_r = sum of s'(x)|other vector|^2 over its pairs (the trace of its Gauss-Newton
     Hessian, which bounds the largest eigenvalue): lr_r = min(lr, step_cap / h_r). A row seen a few times per
     step keeps plain SGD; a busy row moves at most step_cap Newton steps. Both ends of a pair move at once, so
-    the default 0.5 lets the two together take at most one (with 1, a small vocabulary can diverge)."""
+    with the default 1 the two together may take two: a tiny corpus with few steps (0.8M planted words, two
+    epochs, B = 65536) diverged on a CPU, where --step-cap 0.5 (at most one Newton step in all) trained."""
     targets = torch.cat([context[:, None], negatives], 1)            # (B, 1+K)
     valid = targets != context[:, None]
     valid[:, 0] = True
