@@ -304,7 +304,7 @@ def keep_probability(counts, sample):
     """Subsampling (Mikolov et al. 2013b, Eq. 5 discards a word with probability 1 - sqrt(t/f), f its share of
     the text). The released word2vec.c, and gensim, keep it with probability sqrt(t/f) + t/f, a little more; we
     follow the code, so that the benchmark compares like with like. (V,) float64, 1 for rare words."""
-    if sample == 0:
+    if sample == 0:   # EXERCISE: --sample 0 keeps every 'the'; compare the neighbours of rare words and words/s
         return torch.ones(len(counts), dtype=torch.float64, device=counts.device)
     share = counts.double() / counts.sum()
     return ((share / sample).sqrt() + 1).mul(sample / share).clamp(max=1)
@@ -331,13 +331,13 @@ def epoch_pairs(corpus, keep, window, generator):
     tokens, sentence = corpus.tokens[kept], corpus.sentence[kept]                  # (N',)
     # Dynamic window: each centre looks 1..W words away, uniformly, so a context d words away is used with
     # probability (W - d + 1) / W -- near words count more.
-    radius = torch.randint(1, window + 1, (len(tokens),), generator=generator, device=device)
+    radius = torch.randint(1, window + 1, (len(tokens),), generator=generator, device=device)  # EXERCISE: fixed radius
     centre, context = window_pairs(tokens, sentence, radius, window)
     order = torch.randperm(len(centre), generator=generator, device=device)       # iid batches for SGD
     return centre[order], context[order]
 
 
-def negative_cdf(counts, power=0.75):
+def negative_cdf(counts, power=0.75):   # EXERCISE: power 1 (plain unigram) or 0 (uniform): watch the analogies
     """Cumulative noise distribution P_n(w) ~ count(w)^(3/4) (Mikolov et al. 2013b, Sec. 2.2): rarer words are
     drawn more often than their share of the text, frequent ones less. (V,) float64."""
     weights = counts.double() ** power
@@ -797,7 +797,7 @@ def main(argv=None):
     print(f"trained {cfg.epochs} epochs, {trained_pairs:,} pairs in {seconds:.1f}s: {words_per_second / 1e6:.2f}M words/s, "
           f"loss {history[0][1]:.3f} -> {history[-1][1]:.3f} per pair")
 
-    vectors = model.in_vectors.detach()
+    vectors = model.in_vectors.detach()   # EXERCISE: evaluate in + out vectors (Levy et al. 2015, Sec. 3.3)
     index, limit = corpus.index, min(cfg.eval_vocab, len(corpus.words))
     components = cfg.abtt or max(1, cfg.dim // 100)
     abtt_vectors = all_but_the_top(vectors, components)
