@@ -254,7 +254,8 @@ FAMILIES = [
 
 def planted_text(n_sentences, seed):
     """(lexicon, ids (N,), sentence (N,)) of n generated sentences; vectorised over sentences, so 400k take ~1 s.
-    One word in three sentences gains a filler adverb before or after it, drawn from a Zipf law, as noise."""
+    A sentence starts with a filler adverb one time in six and ends with one one time in six (Zipf-distributed
+    noise that belongs to no relation)."""
     rng = np.random.default_rng(seed)
     index = {}                                                                     # word -> id, in order of first use
     word_id = lambda word: index.setdefault(word, len(index))

@@ -210,7 +210,11 @@ def test_analogy_reader_rejects_other_formats(tmp_path, text):
 def test_similarity_reader_skips_comments_and_a_header(tmp_path):
     path = tmp_path / "ws.tsv"
     path.write_text("# WordSim\nWord 1\tWord 2\tHuman (mean)\nlove\tsex\t6.77\ntiger\tcat\t7.35\n")
-    assert w2v.read_similarity(path) == [("love", "sex", 6.77), ("tiger", "cat", 7.35)]
+    pairs = w2v.read_similarity(path)
+    assert pairs == [("love", "sex", 6.77), ("tiger", "cat", 7.35)]
+    index = {"love": 0, "sex": 1, "tiger": 2, "cat": 3}
+    result = w2v.similarity_correlation(torch.eye(4), index, pairs + [("love", "zebra", 1.0)] * 2, limit=4)
+    assert (result["covered"], result["pairs"], result["spearman"]) == (2, 4, None)    # too few pairs for a rho
     path.write_text("love sex 6.77\ntiger cat much\n")
     with pytest.raises(common.UserError, match=":2:"):
         w2v.read_similarity(path)
