@@ -12,10 +12,12 @@ What it teaches
      when the negatives are removed (--negatives none); a temperature sweep (--temperatures 0.05,0.1,0.2,0.5,1).
   6. Invariance: how far the representation moves under each augmentation, and under a change of one recorded
      factor of the embedded set (colour, position, ...), against a change of class.
+  7. Several GPUs (torchrun): each view's negatives come from the batches of every GPU, through a gather that
+     passes gradients back to their owners, and BatchNorm statistics are shared by all GPUs (SimCLR's global BN).
 
 Papers
   Chen, Kornblith, Norouzi, Hinton 2020, "A Simple Framework for Contrastive Learning of Visual Representations"
-    (SimCLR): Eq. 1 is the NT-Xent loss, Section 2.1 the framework, Appendix A the augmentations.
+    (SimCLR): Eq. 1 is the NT-Xent loss, Section 2.1 the framework, Section 2.2 global BN, Appendix A the augmentations.
   Wang and Isola 2020, "Understanding Contrastive Representation Learning through Alignment and Uniformity on
     the Hypersphere": Eqs. 4 and 5 (alignment, uniformity).
   Roy and Vetterli 2007, "The effective rank: a measure of effective dimensionality": Eq. 1.
@@ -28,6 +30,7 @@ Run
   python 03_contrastive.py --dataset fashion-mnist --width 48 --epochs 75 --crop 0.5
   python 03_contrastive.py --negatives none                  # no negatives: watch it collapse
   python 03_contrastive.py --temperatures 0.05,0.1,0.5,1     # temperature sweep after the main run
+  torchrun --nproc_per_node=2 03_contrastive.py              # 2 GPUs, 1024 images each: 4094 negatives per view
 
 Measured on one H100 (PyTorch 2.11, bf16), linear probe / weighted-kNN top-1 of the frozen encoder's h:
   shapes (default, 40 epochs, 32.7 s of pre-training at 60k img/s, 67.5 s in all): 0.803 / 0.696;
@@ -37,6 +40,7 @@ Measured on one H100 (PyTorch 2.11, bf16), linear probe / weighted-kNN top-1 of 
   The GPU augmentations pre-train 12.4x faster than torchvision transforms in 15 DataLoader workers
   feeding the same encoder (62.5k vs 5.0k img/s; benchmarks/bench_03_contrastive.py).
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -55,7 +59,8 @@ autoencoder = common.import_script("01_autoencoder")   # linear_probe, knn_class
 @dataclass
 class Config(common.RunConfig):
     epochs: int = common.arg(40, "passes over the training images during pre-training")
-    batch_size: int = common.arg(1024, "images per step (each gives 2 views, so 2B - 2 negatives per anchor)")
+    batch_size: int = common.arg(1024, "images per step on each GPU (each gives 2 views; with N GPUs under torchrun, "
+                                       "2NB - 2 negatives per anchor)")
     lr: float = common.arg(2e-3, "peak AdamW learning rate (linear warm-up, then cosine decay to 0)")
     weight_decay: float = common.arg(1e-4, "AdamW weight decay")
     temperature: float = common.arg(0.2, "NT-Xent temperature tau > 0: lower sharpens the softmax over negatives")
@@ -361,9 +366,14 @@ def contrastive_step(model, optimizer, view1, view2, temperature, loss_fn, devic
     views = torch.cat([view1, view2]).contiguous(memory_format=torch.channels_last)   # (V, C, H, W)
     with common.autocast(device):
         _, z = model(views)                                         # both views in one batch: one set of BN statistics
-    loss = loss_fn(*z.chunk(2), temperature)                        # z[:B] and z[B:] are partners, row by row
+    # Negatives from every GPU: under torchrun each rank's z1, z2 (B, P) become (W*B, P) in rank order, so row i
+    # of the two is still a pair; without torchrun (W = 1) they are returned as they are
+    z1, z2 = (common.gather_with_grad(half) for half in z.chunk(2))    # z[:B] and z[B:] are partners, row by row
+    loss = loss_fn(z1, z2, temperature)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    # Every rank holds the exact gradient of the full-batch loss for its own rows, and DDP AVERAGES gradients
+    # over the W ranks: multiplying by W makes the update equal to the single-GPU update with batch W*B
+    (loss * common.world_size()).backward()
     optimizer.step()
     return loss.detach()
 
@@ -379,8 +389,18 @@ TRACK_IMAGES = 512         # test images whose views are measured, the same ones
 
 
 def pretrain(cfg, data, device, temperature, negatives, desc="pre-train"):
-    """SimCLR pre-training on data.x_train (labels unused). Returns (model, history, stats)."""
+    """SimCLR pre-training on data.x_train (labels unused; under torchrun, this rank's share of the training split).
+    Returns (model, history, stats); the model is the plain module, with the same weights on every rank."""
     model = build_model(cfg, data.shape[0], device)
+    trained = model                                                 # what the training step calls
+    if common.world_size() > 1:
+        if device.type == "cuda":
+            # SimCLR Sec. 2.2, global BN: BatchNorm statistics over the views of all GPUs. With per-GPU statistics
+            # a view could find its partner (always on its own GPU) through the batch they share, not the image.
+            # NOTE: PyTorch's SyncBatchNorm needs GPUs; CPU processes (gloo, the tests) keep per-process statistics.
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # DDP starts every rank from rank 0's weights and averages the gradients over ranks during backward
+        trained = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
     n, B = len(data.x_train), cfg.batch_size
@@ -388,7 +408,7 @@ def pretrain(cfg, data, device, temperature, negatives, desc="pre-train"):
     total = cfg.epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, steps_per_epoch))
     strength, loss_fn = strengths(cfg), LOSSES[negatives]
-    generator = torch.Generator(device).manual_seed(cfg.seed)
+    generator = torch.Generator(device).manual_seed(cfg.seed + common.rank())   # each rank its own order and views
     tracked = data.x_test[: min(TRACK_IMAGES, B)]                    # at most a batch: cheap next to training
     track_every = max(1, total // TRACK_POINTS)
     history = {"step": [], "loss": [], "alignment": [], "uniformity": [], "effective_rank": [], "std": []}
@@ -399,19 +419,20 @@ def pretrain(cfg, data, device, temperature, negatives, desc="pre-train"):
         order = torch.randperm(n, device=device, generator=generator)[: steps_per_epoch * B]
         for idx in order.view(steps_per_epoch, B):
             view1, view2 = two_views(data.x_train[idx], strength, generator)
-            loss = contrastive_step(model, optimizer, view1, view2, temperature, loss_fn, device)
+            loss = contrastive_step(trained, optimizer, view1, view2, temperature, loss_fn, device)
             schedule.step()
             step += 1
             bar.update(B)
             if step % track_every == 0 or step == 1 or step == total:
                 history["step"].append(step)
-                history["loss"].append(loss.item())
+                history["loss"].append(loss.item())                 # the full batch's loss: the same on every rank
                 for key, value in geometry(model, tracked, strength, device, cfg.seed).items():
                     history[key].append(value)
                 bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
-    seconds = watch.seconds()
+    seconds = common.mean_over_ranks(watch.seconds())
     bar.close()
-    return model, history, {"seconds": seconds, "images_per_second": total * B / seconds, "steps": total}
+    images = total * B * common.world_size()                        # on all GPUs together
+    return model, history, {"seconds": seconds, "images_per_second": images / seconds, "steps": total}
 
 
 # ---- 5. Evaluation: geometry of the embedding, and what a frozen encoder is good for ----
@@ -765,14 +786,22 @@ def main(argv=None):
     device, out = common.setup(cfg, __file__)
     torch.backends.cudnn.benchmark = True           # fixed shapes: let cuDNN time its kernels once and keep the fastest
     watch = common.Stopwatch(device)
-    data = common.load_images(cfg.dataset, cfg.data_dir, device, n_train=cfg.n_train or None,
-                              n_test=cfg.n_test or None, seed=cfg.seed, size=cfg.image_size or None)
-    common.check(cfg.batch_size <= len(data.x_train),
-                 f"--batch-size {cfg.batch_size} is larger than the {len(data.x_train)} training images")
+    # under torchrun each rank makes or reads only its own share of the training split (all of it otherwise)
+    shard = common.load_images(cfg.dataset, cfg.data_dir, device, n_train=cfg.n_train or None,
+                               n_test=cfg.n_test or None, seed=cfg.seed, size=cfg.image_size or None, shard=True)
+    processes = common.world_size()
+    common.check(cfg.batch_size <= len(shard.x_train),
+                 f"--batch-size {cfg.batch_size} is larger than the {len(shard.x_train)} training images"
+                 + (f" of each of the {processes} processes (the batch is per process)" if processes > 1 else ""))
     strength = strengths(cfg)
 
-    model, history, stats = pretrain(cfg, data, device, cfg.temperature, cfg.negatives)
-    common.save_checkpoint(out / "model.pt", model, cfg, kind="simclr")
+    model, history, stats = pretrain(cfg, shard, device, cfg.temperature, cfg.negatives)
+    if common.is_main():                            # written once; the plain module, so it loads anywhere
+        common.save_checkpoint(out / "model.pt", model, cfg, kind="simclr")
+    # Evaluation: every rank gathers the whole training split (the shards in rank order; nothing here needs a
+    # gradient) and computes the same numbers, so no rank ever waits on another; only rank 0 writes them
+    data = dataclasses.replace(shard, x_train=common.gather_with_grad(shard.x_train),
+                               y_train=common.gather_with_grad(shard.y_train), factors_train=None)
 
     # Baselines: the same architecture with its random initial weights, and the pixels themselves
     torch.manual_seed(cfg.seed)
@@ -796,7 +825,7 @@ def main(argv=None):
 
     sweep = []
     for temperature in sweep_temperatures:
-        swept, swept_history, swept_stats = pretrain(cfg, data, device, temperature, cfg.negatives, f"tau={temperature:g}")
+        swept, swept_history, swept_stats = pretrain(cfg, shard, device, temperature, cfg.negatives, f"tau={temperature:g}")
         train_h, _ = embed(swept, data.x_train, device)
         test_h, _ = embed(swept, data.x_test, device)
         scores = evaluate_features(train_h, test_h, data, cfg, few_shot=False)
@@ -808,11 +837,15 @@ def main(argv=None):
                       "seconds": stats["seconds"],
                       **{key: history[key][-1] for key in ("alignment", "uniformity", "effective_rank", "std")}})
         sweep.sort(key=lambda row: row["temperature"])
-    save_figures(out, model, data, history, distances, h_test, sweep, cfg, device)
+    if common.is_main():
+        save_figures(out, model, data, history, distances, h_test, sweep, cfg, device)
     total = watch.seconds()
     metrics = {"dataset": data.name, "epochs": cfg.epochs, "pretrain": stats, "total_seconds": total,
                "evaluation": evaluation, "view_retrieval": retrieval, "geometry": shape, "history": history, "invariance": distances,
-               "temperature_sweep": sweep, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
+               "temperature_sweep": sweep, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+               "processes": processes}
+    if not common.is_main():
+        return model, metrics
     common.save_json(out / "metrics.json", metrics)
     ours, rand, raw = evaluation["simclr_h"], evaluation["random_h"], evaluation["pixels"]
     print(f"03_contrastive {data.name}: linear probe top-1 {ours['linear_top1']:.3f} (on z {evaluation['simclr_z']['linear_top1']:.3f}, "

@@ -22,6 +22,7 @@ Run
   python 05_clip.py --init-image runs/04_vit/vit_simclr.pt [--freeze-image]
   python 05_clip.py --dataset flickr8k               # downloads Flickr8k once (about 1 GB)
   python 05_clip.py --dataset captions --data-dir DIR    # DIR/captions.csv (image,caption) + the images
+  torchrun --nproc_per_node=2 05_clip.py             # 2 GPUs, 1024 pairs each: every caption against 2048 images
 
 Result (default run, one H100: 53 s wall, 23.7k image-caption pairs/s of training)
   retrieval over 1000 test images, R@1: image->text 0.506, text->image 0.501 (chance 0.001; untrained 0.001)
@@ -75,7 +76,8 @@ class Config(common.RunConfig):
     vocab_size: int = common.arg(512, "BPE vocabulary: 256 bytes + merges + 1 end-of-text token (>= 257)")
     embed_dim: int = common.arg(128, "size K of the shared image-text space")
     steps: int = common.arg(900, "training steps")
-    batch_size: int = common.arg(1024, "image-caption pairs per step (each pair's negatives are the other B - 1)")
+    batch_size: int = common.arg(1024, "image-caption pairs per step on each GPU (each pair's negatives are the other "
+                                       "NB - 1 of all N GPUs under torchrun)")
     lr: float = common.arg(1e-3, "peak learning rate of AdamW")
     weight_decay: float = common.arg(0.1, "AdamW weight decay on matrices (not on gains, biases or the scale)")
     warmup: int = common.arg(100, "steps of linear learning-rate warm-up, then a cosine decay to 0")
@@ -289,7 +291,7 @@ def load_caption_folder(cfg, device):
 def build_caption_data(name, x_train, c_train, x_test, c_test, skipped, device):
     texts = []
     (ids_train, n_train), (ids_test, n_test) = (index_captions(c, texts, device) for c in (c_train, c_test))
-    if skipped:
+    if skipped and common.is_main():
         print(f"{name}: skipped " + ", ".join(f"{count} rows ({reason})" for reason, count in skipped.items()))
     return CaptionData(name, Pairs(x_train.to(device), ids_train, n_train), Pairs(x_test.to(device), ids_test, n_test),
                        texts, None, skipped)
@@ -369,8 +371,11 @@ def load_data(cfg, device):
     data = {"shapes": load_shapes, "flickr8k": load_flickr8k, "captions": load_caption_folder}[cfg.dataset](cfg, device)
     if cfg.paired:
         data.train = data.train.subset(slice(0, cfg.paired))
-    common.check(len(data.train) >= cfg.batch_size,
-                 f"{len(data.train)} training images but --batch-size {cfg.batch_size}: use a smaller batch")
+    processes = common.world_size()
+    common.check(len(data.train) // processes >= cfg.batch_size,
+                 f"{len(data.train)} training images but --batch-size {cfg.batch_size}"
+                 + (f" for each of {processes} processes (the batch is per process)" if processes > 1 else "")
+                 + ": use a smaller batch")
     return data
 
 
@@ -639,14 +644,44 @@ def pick_captions(pairs, index, generator):
     return pairs.captions[index, (draw * pairs.counts[index]).long()]
 
 
-def clip_step_loss(model, inputs, tokens, caption_ids, device, frozen):
-    """The loss of one batch. inputs: images (B, 3, S, S) uint8, or frozen image features (B, E)."""
+class StepEncoders(nn.Module):
+    """The encoders of one training step as one forward: images (B, 3, S, S) uint8 or frozen image features (B, E),
+    and tokens (B, L) -> image and text embeddings (B, K), (B, K). Under torchrun DistributedDataParallel wraps
+    this module, not CLIP: DDP sets up its gradient averaging in the forward of what it wraps, and the step needs
+    the embeddings (to gather them from every GPU), where CLIP's forward returns the local batch's logits."""
+
+    def __init__(self, model, frozen):
+        super().__init__()
+        self.model, self.frozen = model, frozen
+
+    def forward(self, inputs, tokens):
+        images = self.model.embed_image_features(inputs) if self.frozen else self.model.encode_image(inputs)
+        return images, self.model.encode_text(tokens)
+
+
+def clip_step_loss(model, inputs, tokens, caption_ids, device, frozen, encoders=None):
+    """The loss of one batch. inputs: images (B, 3, S, S) uint8, or frozen image features (B, E).
+    encoders: StepEncoders(model, frozen) (the default), or under torchrun the DDP module that wraps it."""
     with common.autocast(device):
-        image_embeddings = model.embed_image_features(inputs) if frozen else model.encode_image(inputs)
-        text_embeddings = model.encode_text(tokens)
+        image_embeddings, text_embeddings = (encoders or StepEncoders(model, frozen))(inputs, tokens)
+    # Negatives from every GPU: under torchrun (B, K) -> (W*B, K) in rank order, this rank's rows keeping their
+    # graph; the caption ids too, so that one string on two GPUs is not a negative. With W = 1 nothing changes.
+    image_embeddings, text_embeddings, caption_ids = (common.gather_with_grad(x)
+                                                      for x in (image_embeddings, text_embeddings, caption_ids))
     logits = clip_logits(image_embeddings.float(), text_embeddings.float(), model.scale())
     # EXERCISE: pass positives=None (the paper's loss) and see whether "a red star" fighting "a red star" hurts
     return clip_loss(logits, same_caption(caption_ids))
+
+
+def backward(model, loss):
+    """loss.backward() for a step over the batches of all W ranks (W = 1 without torchrun). Every rank holds the
+    exact gradient of the full-batch loss for its own rows, and DDP AVERAGES gradients over the W ranks:
+    multiplying by W makes the update equal to the single-GPU update with batch W*B. The learned scale is the
+    exception: it multiplies every logit, so each rank's loss gives it its whole gradient, not a share of it, and
+    dividing by W again leaves DDP's average equal to that gradient (tests/test_distributed.py checks both)."""
+    W = common.world_size()
+    (loss * W).backward()
+    model.logit_scale.grad /= W
 
 
 def make_optimizer(model, cfg):
@@ -667,35 +702,43 @@ def embed_all(function, inputs, device, batch_size=1024):
 
 
 def train(model, data, tokens, cfg, device):
-    """Returns (loss per step, scale per step, pairs per second) as CPU tensors and a float."""
+    """Returns (loss per step, scale per step, pairs per second) as CPU tensors and a float. Under torchrun each
+    rank trains on its own contiguous share of the training pairs; every rank holds all of them, since the
+    tokenizer and the caption ids, learned from all captions, must be the same on every rank."""
+    share = len(data.train) // common.world_size()
+    pairs = data.train.subset(slice(common.rank() * share, (common.rank() + 1) * share))
     frozen = cfg.freeze_image
     if frozen:
         # a fixed encoder and no augmentation: every image has one feature vector, so compute it once (LiT)
         # NOTE: the image projection still trains; LiT locks it too, but 04's features were never aimed at this space
         model.visual.requires_grad_(False).eval()
-        inputs = embed_all(model.image_features, data.train.images, device)        # (N, E)
+        inputs = embed_all(model.image_features, pairs.images, device)             # (N, E)
     else:
-        inputs = data.train.images
+        inputs = pairs.images
+    encoders = StepEncoders(model, frozen)
+    if common.world_size() > 1:   # DDP starts every rank from rank 0's weights and averages gradients over ranks
+        encoders = nn.parallel.DistributedDataParallel(encoders, device_ids=[device] if device.type == "cuda" else None)
     optimizer, schedule = make_optimizer(model, cfg)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + common.rank())   # each rank its own draws
     losses, scales = torch.zeros(cfg.steps, device=device), torch.zeros(cfg.steps, device=device)
     bar = common.progress(cfg.steps * cfg.batch_size, "training CLIP", unit="pair")
     clock = common.Stopwatch(device)
-    for step, index in zip(range(cfg.steps), batches(len(data.train), cfg.batch_size, generator, device)):
-        caption_ids = pick_captions(data.train, index, generator)                  # (B,)
-        loss = clip_step_loss(model, inputs[index], tokens[caption_ids], caption_ids, device, frozen)
+    for step, index in zip(range(cfg.steps), batches(len(pairs), cfg.batch_size, generator, device)):
+        caption_ids = pick_captions(pairs, index, generator)                       # (B,)
+        loss = clip_step_loss(model, inputs[index], tokens[caption_ids], caption_ids, device, frozen, encoders)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        backward(model, loss)
         optimizer.step()
         schedule.step()
-        losses[step], scales[step] = loss.detach(), model.scale().detach()   # kept on the device: no sync per step
+        # kept on the device (no sync per step); the full batch's loss, the same on every rank
+        losses[step], scales[step] = loss.detach(), model.scale().detach()
         bar.update(cfg.batch_size)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{model.scale().item():.1f}")
-    seconds = clock.seconds()
+    seconds = common.mean_over_ranks(clock.seconds())
     bar.close()
     model.requires_grad_(True)
-    return losses.cpu(), scales.cpu(), cfg.steps * cfg.batch_size / seconds
+    return losses.cpu(), scales.cpu(), cfg.steps * cfg.batch_size * common.world_size() / seconds   # all GPUs
 
 
 # ---- 6. Evaluation: zero-shot classification, compositional zero-shot, retrieval ----
@@ -924,9 +967,10 @@ def prepare(cfg, device):
     train_texts = [data.texts[i] for i in data.train.captions[data.train.captions >= 0].unique().tolist()]
     tokenizer = BPETokenizer.train(train_texts, cfg.vocab_size)
     tokens, cut = tokenizer.encode_batch(data.texts, cfg.context)                  # (M, L)
-    print(f"{data.name}: {len(data.train)} training images with {int(data.train.counts.sum())} captions, "
-          f"{len(data.test)} test images; BPE: {len(tokenizer.merges)} merges, {tokens_per_caption(tokens, tokenizer):.1f} "
-          "tokens per caption" + (f", {cut} captions cut at --context {cfg.context}" if cut else ""))
+    if common.is_main():
+        print(f"{data.name}: {len(data.train)} training images with {int(data.train.counts.sum())} captions, "
+              f"{len(data.test)} test images; BPE: {len(tokenizer.merges)} merges, {tokens_per_caption(tokens, tokenizer):.1f} "
+              "tokens per caption" + (f", {cut} captions cut at --context {cfg.context}" if cut else ""))
     text_encoder = TextTransformer(cfg.vocab_size, cfg.context, cfg.text_dim, cfg.text_depth, cfg.text_heads)
     model = CLIP(encoder, text_encoder, cfg.embed_dim).to(device)
     model.set_pixel_stats(data.train.images)
@@ -951,9 +995,12 @@ def main(argv=None):
                    test_images=len(data.test), merges=len(tokenizer.merges), tokens_per_caption=tokens_per_caption(tokens, tokenizer),
                    captions_cut=cut, loss_first=losses[:10].mean().item(), loss_last=losses[-10:].mean().item(),
                    temperature_last=1 / scales[-1].item(), pairs_per_second=pairs_per_second, before_training=before,
-                   skipped=data.skipped or {})
+                   skipped=data.skipped or {}, processes=common.world_size())
     if data.classes:
         metrics["linear_probe"] = probe_baseline(model, data, cfg, device)
+    # every rank holds all the data and the same weights, so it computed the same numbers; rank 0 writes them
+    if not common.is_main():
+        return model, metrics
     plot_training(losses, scales, out / "training.png")
     plot_similarity(model, data, tokenizer, cfg, device, out / "similarity.png")
     plot_predictions(model, data, tokenizer, cfg, device, out / "predictions.png")

@@ -176,7 +176,7 @@ def progress(total, desc, unit="img"):
     """A tqdm bar counted in samples, so its rate reads as throughput (img/s, pairs/s, words/s).
     Set postfix(loss=...) every few steps: reading a GPU loss forces a synchronisation."""
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True,
-                leave=False, disable=None, mininterval=0.5)
+                leave=False, disable=None if is_main() else True, mininterval=0.5)   # one bar under torchrun
 
 
 # ---- 4. Outputs: written atomically so that an interrupted run never leaves a half file ----
@@ -476,7 +476,7 @@ def _checksum(remote):
 
 def _download(url, dest, remote):
     """Fetch url to dest through a temporary file; dest appears only once its checksum is right."""
-    tmp = dest.with_name(dest.name + ".part")
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.part")   # one per process: torchrun's ranks may download at once
     try:
         with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
             total = int(response.headers.get("Content-Length") or 0) or None

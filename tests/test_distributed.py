@@ -1,7 +1,12 @@
 """Several processes (torchrun's setting), tried on CPU with the gloo backend: losses over gathered embeddings
-equal the single-process loss on the concatenated batch, values and gradients."""
+equal the single-process loss on the concatenated batch, values and gradients; so do whole DDP training steps
+of 03 and 05; torchrun runs of both scripts write their outputs once; bad setups fail with one line."""
+import json
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +15,7 @@ import torch.multiprocessing as mp
 
 import common
 
+ROOT = Path(__file__).resolve().parents[1]
 WORLD, PER_RANK, DIM = 2, 5, 8
 
 
@@ -19,11 +25,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-def gathered_losses(rank, port, inputs, results):
+def join(rank, port):
+    """What torchrun sets up for each of its processes, then common's process group over gloo."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     common.init_distributed(torch.device("cpu"))
+
+
+def gathered_losses(rank, port, inputs, results):
+    join(rank, port)
     try:
         contrastive, clip = common.import_script("03_contrastive"), common.import_script("05_clip")
         mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
@@ -70,3 +81,124 @@ def test_without_torchrun_nothing_changes():
     assert common.gather_with_grad(x) is x and common.world_size() == 1 and common.is_main()
     assert common.init_distributed(torch.device("cpu")) == torch.device("cpu")
     assert common.mean_over_ranks(2.5) == 2.5
+
+
+# ---- Whole training steps: DDP on W processes with per-process batch B == one process with batch W*B ----
+
+def tiny_models():
+    """03's SimCLR (float64, eval mode: BatchNorm then uses its running statistics, so the step does not depend on
+    how the batch is split; on GPUs SyncBatchNorm does that job in training mode) and a small 05 CLIP."""
+    contrastive, clip = common.import_script("03_contrastive"), common.import_script("05_clip")
+    torch.manual_seed(0)
+    simclr = contrastive.SimCLR(3, width=2, hidden=8, projection=4).double().eval()
+    image = clip.vit.ViT(image_size=8, patch_size=4, dim=8, depth=1, heads=2)
+    pairs = clip.CLIP(image, clip.TextTransformer(vocab_size=260, context=6, dim=8, depth=1, heads=2), embed_dim=4)
+    return simclr, pairs
+
+
+def step_gradients(inputs, data_parallel):
+    """Gradients of one 03 step (contrastive_step: gather, loss, backward scaled by W) and one 05 step
+    (clip_step_loss, then backward) on inputs, the rows of this process."""
+    contrastive, clip = common.import_script("03_contrastive"), common.import_script("05_clip")
+    cpu = torch.device("cpu")
+    simclr, pairs = tiny_models()
+    optimizer = torch.optim.SGD(simclr.parameters(), lr=0.0)
+    contrastive.contrastive_step(data_parallel(simclr), optimizer, inputs["view1"], inputs["view2"], 0.3,
+                                 contrastive.nt_xent, cpu)
+    encoders = data_parallel(clip.StepEncoders(pairs, False))   # kept: DDP's gradient hooks die with it
+    loss = clip.clip_step_loss(pairs, inputs["images"], inputs["tokens"], inputs["caption_ids"], cpu, False, encoders)
+    clip.backward(pairs, loss)
+    named = [*(("simclr." + n, p) for n, p in simclr.named_parameters()), *(("clip." + n, p) for n, p in pairs.named_parameters())]
+    return {"clip_loss": loss.detach(), **{name: p.grad.clone() for name, p in named}}
+
+
+def ddp_steps(rank, port, inputs, results):
+    join(rank, port)
+    try:
+        mine = {name: tensor[rank * PER_RANK:(rank + 1) * PER_RANK] for name, tensor in inputs.items()}
+        results[rank] = step_gradients(mine, torch.nn.parallel.DistributedDataParallel)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_steps_equal_the_single_process_step_on_the_whole_batch():
+    generator = torch.Generator().manual_seed(1)
+    n = WORLD * PER_RANK
+    tokens = torch.randint(0, 259, (n, 6), generator=generator)
+    tokens[:, -1] = 259                                                        # the end-of-text token
+    inputs = {"view1": torch.rand(n, 3, 8, 8, generator=generator, dtype=torch.float64),
+              "view2": torch.rand(n, 3, 8, 8, generator=generator, dtype=torch.float64),
+              "images": torch.randint(0, 256, (n, 3, 8, 8), generator=generator, dtype=torch.uint8),
+              "tokens": tokens,
+              "caption_ids": torch.randint(0, 3, (n,), generator=generator)}   # repeats, on both ranks
+    results = mp.Manager().dict()
+    mp.start_processes(ddp_steps, args=(free_port(), inputs, results), nprocs=WORLD, start_method="spawn")
+
+    whole = step_gradients(inputs, lambda model: model)
+    for rank in range(WORLD):
+        got = results[rank]
+        assert set(got) == set(whole)
+        for name in whole:   # float32 CLIP: the sums run in another order
+            torch.testing.assert_close(got[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---- The scripts under torchrun ----
+
+SMALL = {"03_contrastive": ["--epochs", "1", "--n-train", "256", "--n-test", "128", "--probe-steps", "10"],
+         "05_clip": ["--steps", "8", "--n-train", "300", "--n-test", "100", "--eval-images", "50", "--probe-steps", "10"]}
+
+
+def torchrun(*command, processes=WORLD):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                           f"--master_port={free_port()}", *command],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def fresh_model(script, config):
+    """The model a checkpoint of script holds, built from its saved config."""
+    module = common.import_script(script)
+    if script == "03_contrastive":
+        return module.SimCLR(3, config["width"], config["hidden"], config["projection"]), "simclr"
+    cfg = module.Config(**config)
+    text = module.TextTransformer(cfg.vocab_size, cfg.context, cfg.text_dim, cfg.text_depth, cfg.text_heads)
+    return module.CLIP(module.image_encoder(cfg, torch.device("cpu")), text, cfg.embed_dim), "clip"
+
+
+@pytest.mark.parametrize("script", SMALL)
+def test_two_processes_run_and_only_rank_0_writes(tmp_path, script):
+    argv = ["--quick", "--device", "cpu", *SMALL[script]]
+    # each process gets a folder of its own (torchrun sets RANK), so a file written by rank 1 would show
+    result = torchrun("--no-python", "sh", "-c", f'exec "{sys.executable}" {script}.py {" ".join(argv)} --out "{tmp_path}/rank$RANK"')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list((tmp_path / "rank1").iterdir()) == []
+    written = {p.name for p in (tmp_path / "rank0").iterdir()}
+    common.import_script(script).main([*argv, "--out", str(tmp_path / "single")])
+    assert written == {p.name for p in (tmp_path / "single").iterdir()} and "metrics.json" in written
+    summaries = [line for line in result.stdout.splitlines() if line.startswith(script)]
+    assert len(summaries) == 1                                                 # one summary line, from rank 0
+    assert json.loads((tmp_path / "rank0" / "metrics.json").read_text())["processes"] == WORLD
+    checkpoint = next(p for p in (tmp_path / "rank0").iterdir() if p.suffix == ".pt")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model, kind = fresh_model(script, state["config"])
+    common.load_checkpoint(checkpoint, model, kind)                            # no DDP "module." prefix: loads on CPU
+
+
+def test_a_batch_larger_than_each_process_share_fails_on_every_rank(tmp_path):
+    # 100 training images over 2 processes: 50 each, fewer than a batch of 64
+    result = torchrun("03_contrastive.py", "--quick", "--device", "cpu", "--n-train", "100", "--out", str(tmp_path))
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == WORLD and all("--batch-size 64" in e and "each of the 2 processes" in e for e in errors)
+
+
+def test_more_processes_per_machine_than_gpus_with_nccl_is_a_user_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(common.UserError, match="2 processes per machine asked for, but it has 1 GPUs"):
+        common.init_distributed(torch.device("cuda"))
+    assert not dist.is_initialized()
