@@ -21,6 +21,7 @@ Papers:
 
 Run:  python 04_vit.py            (the embedded shapes set; --dataset fashion-mnist|cifar10 for real data)
       python 04_vit.py --model cnn  (the CNN baseline)   --sweep 0.01,0.1,1   --pretrain simclr --train-fraction 0.02
+      torchrun --nproc_per_node=2 04_vit.py   (supervised training on 2 GPUs, --batch-size images on each)
 Measured on one H100 (torch 2.11, bf16):
   python 04_vit.py: ViT 2.71M parameters (patch 8), 16 epochs in 36 s of training (22k img/s, eager), 55 s wall
     in all: test top-1 69.0% on the shapes set (chance 10%, raw-pixel probe 13%); the class-token probe climbs
@@ -64,7 +65,7 @@ class Config(common.RunConfig):
     heads: int = common.arg(3, "H: attention heads per block; dim must be a multiple of it")
     mlp_ratio: int = common.arg(4, "hidden width of each block's MLP, as a multiple of dim")
     epochs: int = common.arg(16, "passes over the full training set; fewer labels (--train-fraction) get the same steps")
-    batch_size: int = common.arg(512, "images per step")
+    batch_size: int = common.arg(512, "images per step on each GPU (N GPUs under torchrun: N x this per step)")
     lr: float = common.arg(2e-3, "peak learning rate of AdamW, reached after the warm-up")
     warmup: float = common.arg(0.1, "share of the steps over which the learning rate rises linearly from 0")
     weight_decay: float = common.arg(0.05, "AdamW's decoupled weight decay, on weight matrices only")
@@ -408,14 +409,18 @@ def fit(model, loss_of_batch, pool, steps, steps_per_epoch, cfg, device, desc, e
     optimizer = make_optimizer(model, cfg, device)
     generator = torch.Generator().manual_seed(cfg.seed)
     history, running, count, seconds = [], torch.zeros((), device=device), 0, 0.0
-    batch_size = min(cfg.batch_size, len(pool))
+    W = common.world_size()
+    common.check(len(pool) >= W, f"{len(pool)} labelled images cannot be shared out to {W} processes")
+    batch_size = min(cfg.batch_size * W, len(pool))            # the batch of all W GPUs together (W = 1: one GPU)
     bar = common.progress(steps * batch_size, desc)
     model.train()
     watch = common.Stopwatch(device)
-    for step, indices in enumerate(index_batches(pool, cfg.batch_size, steps, generator)):
+    for step, indices in enumerate(index_batches(pool, batch_size, steps, generator)):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, cfg.lr, cfg.warmup)
-        loss = loss_of_batch(indices)
+        # under torchrun every rank draws the same batch (one seed) and takes its own share of it; DDP averages
+        # the W share-mean gradients into the gradient of the whole batch's mean loss
+        loss = loss_of_batch(indices.tensor_split(W)[common.rank()])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_grad > 0:
@@ -427,7 +432,7 @@ def fit(model, loss_of_batch, pool, steps, steps_per_epoch, cfg, device, desc, e
         bar.update(len(indices))
         if (step + 1) % steps_per_epoch == 0 or step + 1 == steps:
             seconds += watch.seconds()
-            record = {"epoch": round((step + 1) / steps_per_epoch, 3), "loss": (running / count).item(),
+            record = {"epoch": round((step + 1) / steps_per_epoch, 3), "loss": common.mean_over_ranks((running / count).item()),
                       "seconds": seconds, "images": (step + 1) * batch_size}
             if evaluate is not None:
                 model.eval()
@@ -446,7 +451,12 @@ def train_classifier(model, data, stats, pool, cfg, device, desc):
     """Supervised training on the labelled images `pool` for cfg.epochs passes' worth of steps over the full
     training set (fewer labels: more passes over them, the same compute). Returns the history."""
     # NOTE: with --compile the first step takes ~20 s on an H100 while the graph is compiled; the timings include it
-    forward = torch.compile(model) if cfg.compile else model    # the same parameters, fused kernels
+    forward = model
+    if common.world_size() > 1:
+        # DDP starts every rank from rank 0's weights and averages gradients over ranks during backward
+        # NOTE: the CNN's BatchNorm then normalises with each GPU's own batch statistics
+        forward = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    forward = torch.compile(forward) if cfg.compile else forward    # the same parameters, fused kernels
 
     def loss_of_batch(indices):
         x = data.x_train[indices].float() / 255                                # (B, C, H, W) in [0, 1]
@@ -459,7 +469,7 @@ def train_classifier(model, data, stats, pool, cfg, device, desc):
         # everywhere, so the logits need not grow without bound to fit the training set
         return F.cross_entropy(logits.float(), data.y_train[indices], label_smoothing=cfg.label_smoothing)
 
-    steps_per_epoch = max(1, len(data.x_train) // cfg.batch_size)
+    steps_per_epoch = max(1, len(data.x_train) // (cfg.batch_size * common.world_size()))
     evaluate = lambda: {"test_top1": test_accuracy(model, data, stats)["top1"]}
     return fit(model, loss_of_batch, pool, cfg.epochs * steps_per_epoch, steps_per_epoch, cfg, device, desc, evaluate)
 
@@ -706,16 +716,21 @@ def main(argv=None):
     cfg = common.parse_config(Config, argv, __doc__, quick=QUICK)
     validate(cfg)
     device, out = common.setup(cfg, __file__)
+    common.check(not cfg.pretrain or common.world_size() == 1,
+                 "--pretrain simclr runs in one process; for SimCLR on several GPUs use torchrun 03_contrastive.py")
     wall = common.Stopwatch(device)
+    # under torchrun every rank holds all the data: labelled pools are drawn from all of it, and fit() shares
+    # out each batch; every rank computes the same evaluation, and rank 0 alone prints and writes
     data = load_data(cfg, device)
     classes = len(data.classes)
     stats = channel_stats(data.x_train)
     pool = subset(len(data.x_train), cfg.train_fraction, cfg.seed, device)        # the labels this run may use
     model = build_model(cfg.model, cfg, classes).to(device)
     metrics = {"dataset": cfg.dataset, "model": cfg.model, "parameters": count_parameters(model),
-               "labelled_images": len(pool), "epochs": cfg.epochs, "compile": cfg.compile}
-    print(f"{cfg.model}: {metrics['parameters'] / 1e6:.2f}M parameters; {len(pool)} labelled of {len(data.x_train)} "
-          f"training images, {len(data.x_test)} test images")
+               "labelled_images": len(pool), "epochs": cfg.epochs, "compile": cfg.compile, "processes": common.world_size()}
+    if common.is_main():
+        print(f"{cfg.model}: {metrics['parameters'] / 1e6:.2f}M parameters; {len(pool)} labelled of {len(data.x_train)} "
+              f"training images, {len(data.x_test)} test images")
     histories = {}
     if cfg.init:
         init_from_checkpoint(model, cfg.init, cfg, device)
@@ -735,12 +750,14 @@ def main(argv=None):
         metrics["pretrain"]["scratch_test_top1"] = histories["ViT from scratch"][-1]["test_top1"]
     name = {"vit": "ViT", "cnn": "CNN"}[cfg.model] + (" fine-tuned from SimCLR" if cfg.pretrain else "")
     histories[name] = history = train_classifier(model, data, stats, pool, cfg, device, name)
-    common.save_checkpoint(out / f"{cfg.model}.pt", model, cfg, kind=f"{cfg.model}-classifier")
+    if common.is_main():                           # the plain module, never DDP's wrapper: it loads anywhere
+        common.save_checkpoint(out / f"{cfg.model}.pt", model, cfg, kind=f"{cfg.model}-classifier")
     metrics.update(test_accuracy(model, data, stats), train_seconds=history[-1]["seconds"],
                    train_images_per_second=history[-1]["images"] / history[-1]["seconds"], history=history)
     if cfg.pretrain:
         metrics["pretrain"]["finetune_test_top1"] = metrics["top1"]
-    plot_curves(histories, out / "curves.png")
+    if common.is_main():
+        plot_curves(histories, out / "curves.png")
 
     vit = model if cfg.model == "vit" else build_model("vit", cfg, classes).to(device)
     cnn = model if cfg.model == "cnn" else build_model("cnn", cfg, classes).to(device)
@@ -748,9 +765,10 @@ def main(argv=None):
     metrics["equivariance"] = equivariance(vit, cnn, sample, cfg.seed)
     if cfg.model == "vit":
         metrics["depth_probe"] = depth_probes(model, data, stats, pool, cfg)
-        plot_depth(metrics["depth_probe"], out / "depth.png")
-        plot_attention(model, data.x_test[:6], stats, data.classes, data.y_test[:6], out / "attention.png")
-        plot_positions(model, out / "positions.png")
+        if common.is_main():
+            plot_depth(metrics["depth_probe"], out / "depth.png")
+            plot_attention(model, data.x_test[:6], stats, data.classes, data.y_test[:6], out / "attention.png")
+            plot_positions(model, out / "positions.png")
 
     if cfg.sweep:
         metrics["sweep"] = []
@@ -764,10 +782,12 @@ def main(argv=None):
                     top1 = train_classifier(candidate, data, stats, labelled, cfg, device,
                                             f"{kind} on {len(labelled)} labels")[-1]["test_top1"]
                 metrics["sweep"].append({"model": kind, "fraction": fraction, "train_images": len(labelled), "test_top1": top1})
-        plot_sweep(metrics["sweep"], out / "sweep.png")
+        if common.is_main():
+            plot_sweep(metrics["sweep"], out / "sweep.png")
     metrics["wall_seconds"] = wall.seconds()
-    common.save_json(out / "metrics.json", metrics)
-    print(summary(cfg, metrics))
+    if common.is_main():
+        common.save_json(out / "metrics.json", metrics)
+        print(summary(cfg, metrics))
     return model, metrics
 
 

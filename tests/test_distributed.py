@@ -1,6 +1,6 @@
 """Several processes (torchrun's setting), tried on CPU with the gloo backend: losses over gathered embeddings
 equal the single-process loss on the concatenated batch, values and gradients; so do whole DDP training steps
-of 03 and 05; torchrun runs of both scripts write their outputs once; bad setups fail with one line."""
+of 03 and 05; torchrun runs of 03, 04 and 05 write their outputs once; bad setups fail with one line."""
 import json
 import os
 import socket
@@ -145,6 +145,7 @@ def test_ddp_steps_equal_the_single_process_step_on_the_whole_batch():
 # ---- The scripts under torchrun ----
 
 SMALL = {"03_contrastive": ["--epochs", "1", "--n-train", "256", "--n-test", "128", "--probe-steps", "10"],
+         "04_vit": ["--epochs", "1", "--n-train", "400", "--n-test", "200", "--probe-samples", "200", "--probe-steps", "10"],
          "05_clip": ["--steps", "8", "--n-train", "300", "--n-test", "100", "--eval-images", "50", "--probe-steps", "10"]}
 
 
@@ -160,6 +161,8 @@ def fresh_model(script, config):
     module = common.import_script(script)
     if script == "03_contrastive":
         return module.SimCLR(3, config["width"], config["hidden"], config["projection"]), "simclr"
+    if script == "04_vit":
+        return module.build_model("vit", module.Config(**config), num_classes=10), "vit-classifier"
     cfg = module.Config(**config)
     text = module.TextTransformer(cfg.vocab_size, cfg.context, cfg.text_dim, cfg.text_depth, cfg.text_heads)
     return module.CLIP(module.image_encoder(cfg, torch.device("cpu")), text, cfg.embed_dim), "clip"
