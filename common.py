@@ -80,7 +80,7 @@ class RunConfig:
     data_dir: str = arg("data", "where real datasets are read from, or downloaded to once")
     device: str = arg("auto", "auto (cuda, then mps, then cpu) | cuda | cuda:N | mps | cpu")
     seed: int = arg(0, "seed for data, initialisation and sampling")
-    out: str = arg("", "output folder (default: runs/<script name>)")
+    out: str = arg("", "output folder; empty means runs/<script name>")
     quick: bool = arg(False, "shrink everything so the whole script runs on a CPU in seconds")
 
 
