@@ -587,7 +587,7 @@ def equivariance(vit, cnn, images, seed):
     without.load_state_dict({k: v for k, v in vit.state_dict().items() if k != "pos_embedding"})
     stage = copy.deepcopy(cnn.stages[0]).double().eval()
     x = images.double()
-    n, C, side_pixels = x.shape[0], x.shape[1], x.shape[-1]
+    n, side_pixels = x.shape[0], x.shape[-1]
     P, N = vit.patch_size, vit.num_patches
     side = side_pixels // P
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed)).to(x.device)

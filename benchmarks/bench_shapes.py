@@ -1,7 +1,6 @@
 """How hard is the embedded image set? Generation time, and a linear classifier on raw pixels against a
 small CNN trained for a fixed time. Run on a GPU: python benchmarks/bench_shapes.py"""
 import sys
-import time
 from pathlib import Path
 
 import torch
