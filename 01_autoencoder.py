@@ -303,12 +303,13 @@ def kl_to_standard_normal(mean, log_var):
 
 # ---- 4. Training: minibatches drawn on the device, bf16 autocast, no synchronisation in the loop ----
 
-def learning_rate(step, total, peak, warmup=0.05):
-    """Linear warm-up over the first 5% of the steps, then cosine decay to 0."""
-    warm = max(1, round(warmup * total))
-    if step < warm:
-        return peak * (step + 1) / warm
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+def learning_rate(step, total, peak, warmup_steps):
+    """A linear warm-up over the first warmup_steps, then a cosine decay to 0 (SGDR, Eq. 5 of Loshchilov &
+    Hutter 2017, one cycle). Adam's early steps rest on poor second-moment estimates, and attention logits
+    can blow up then: the warm-up keeps those first steps small. 04_vit.py uses it too."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total - warmup_steps)))
 
 
 def train(model, images, epochs, batch_size, lr, device, desc="train"):
@@ -331,7 +332,7 @@ def train(model, images, epochs, batch_size, lr, device, desc="train"):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, total, lr)
+                group["lr"] = learning_rate(step, total, lr, warmup_steps=max(1, round(0.05 * total)))
             optimizer.step()
             records.append(torch.stack([loss.detach(), *(value.detach() for value in terms.values())]))
             bar.update(batch_size)

@@ -382,17 +382,6 @@ def count_parameters(model):
 
 # ---- 3. Training, as practitioners train small ViTs: AdamW, warm-up then cosine, label smoothing, clipping ----
 
-def learning_rate(step, steps, peak, warmup):
-    """A linear warm-up over the first `warmup` share of the steps, then a cosine decay to 0 (SGDR, Eq. 5 of
-    Loshchilov & Hutter 2017, one cycle). Adam's early steps rest on poor second-moment estimates, and
-    attention logits can blow up then: the warm-up keeps those first steps small."""
-    warmup_steps = int(warmup * steps)
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-    return peak * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def make_optimizer(model, cfg, device):
     """AdamW (decoupled weight decay) with the decay on the weight matrices of linear and conv layers only:
     pulling norms' gains, biases, the class token or the position embeddings towards 0 makes no simpler model."""
@@ -417,7 +406,7 @@ def fit(model, loss_of_batch, pool, steps, steps_per_epoch, cfg, device, desc, e
     watch = common.Stopwatch(device)
     for step, indices in enumerate(index_batches(pool, batch_size, steps, generator)):
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, cfg.lr, cfg.warmup)
+            group["lr"] = autoencoder.learning_rate(step, steps, cfg.lr, int(cfg.warmup * steps))
         # under torchrun every rank draws the same batch (one seed) and takes its own share of it; DDP averages
         # the W share-mean gradients into the gradient of the whole batch's mean loss
         loss = loss_of_batch(indices.tensor_split(W)[common.rank()])

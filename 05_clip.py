@@ -50,6 +50,7 @@ import torch.nn.functional as F
 import common
 
 vit = common.import_script("04_vit")
+contrastive = common.import_script("03_contrastive")     # warmup_cosine
 evaluation = common.import_script("01_autoencoder")
 
 
@@ -690,7 +691,7 @@ def make_optimizer(model, cfg):
     groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=next(model.parameters()).is_cuda)
-    warm_then_cosine = lambda step: min(1.0, (step + 1) / max(cfg.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+    warm_then_cosine = lambda step: contrastive.warmup_cosine(step, cfg.steps, cfg.warmup)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warm_then_cosine)
 
 

@@ -145,9 +145,10 @@ def test_vae_objective_is_the_negative_elbo_written_with_torch_distributions(lik
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
-    rates = [ae.learning_rate(step, 100, 1.0) for step in range(100)]
-    assert rates[0] == pytest.approx(0.2) and rates[4] == pytest.approx(1.0) and max(rates) == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(rates[4:], rates[5:])) and rates[-1] < 0.001
+    rates = [ae.learning_rate(step, 100, 1.0, warmup_steps=10) for step in range(100)]
+    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0) and max(rates) == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:])) and rates[-1] < 1e-3
+    assert rates[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
 
 
 # ---- PCA, and the linear autoencoder that reaches it ----

@@ -1,7 +1,6 @@
 """04_vit: every from-scratch piece against its PyTorch reference (float64, values and gradients), the
 symmetries the architectures promise, and end-to-end --quick runs that must learn and fail cleanly."""
 import json
-import math
 import subprocess
 import sys
 
@@ -167,13 +166,6 @@ def test_attention_rollout_matches_a_loop():
             mixing = mixing / mixing.sum(1, keepdim=True)
             expected[i] = mixing @ expected[i]
     torch.testing.assert_close(vit.attention_rollout(maps), expected[:, 0, 1:])
-
-
-def test_learning_rate_warms_up_then_decays_to_zero():
-    rates = [vit.learning_rate(step, 100, 1.0, 0.1) for step in range(100)]
-    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(rates[9:], rates[10:])) and rates[-1] < 1e-3
-    assert rates[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
 
 
 def test_vit_overfits_one_batch():
