@@ -103,8 +103,8 @@ def parse_config(config_class, argv, description, quick=None):
             parser.add_argument(flag, type=type(f.default), choices=f.metadata.get("choices"),
                                 help=text, metavar=f.name.upper())
     given = vars(parser.parse_args(argv))
-    values = {**(quick or {} if given.get("quick") else {}), **given}
-    return config_class(**values)
+    shrunk = quick if given.get("quick") and quick else {}
+    return config_class(**{**shrunk, **given})
 
 
 # ---- 3. Device, seeds and speed ----
