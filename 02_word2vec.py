@@ -278,12 +278,13 @@ def planted_text(n_sentences, seed):
                     columns.append(np.full(n, word_id(piece)))
             blocks.append(np.stack(columns, 1))                                    # (n, words of the template)
     zipf = 1 / np.arange(1, len(FILLERS) + 1)
+    zipf /= zipf.sum()
     filler_ids = np.array([word_id(w) for w in FILLERS])
     sentences = []
     for block in blocks:
         n = len(block)
-        before = np.where(rng.random(n) < 1 / 6, filler_ids[rng.choice(len(FILLERS), n, p=zipf / zipf.sum())], -1)
-        after = np.where(rng.random(n) < 1 / 6, filler_ids[rng.choice(len(FILLERS), n, p=zipf / zipf.sum())], -1)
+        before = np.where(rng.random(n) < 1 / 6, filler_ids[rng.choice(len(FILLERS), n, p=zipf)], -1)
+        after = np.where(rng.random(n) < 1 / 6, filler_ids[rng.choice(len(FILLERS), n, p=zipf)], -1)
         sentences.append(np.concatenate([before[:, None], block, after[:, None]], 1))
     width = max(s.shape[1] for s in sentences)
     grid = np.concatenate([np.pad(s, ((0, 0), (0, width - s.shape[1])), constant_values=-1) for s in sentences])
@@ -818,11 +819,10 @@ def main(argv=None):
                   for w, row, crow in zip(probes, top, cos)}
     for w, near in neighbours.items():
         print(f"  {w:>10}: " + ", ".join(f"{n} {c:.2f}" for n, c in near))
-    gender = relation_pairs(index)["male -> female"]
+    gender, unit = relation_pairs(index)["male -> female"], unit_rows(vectors)
     for a, b in gender[:1]:
         for c, d in gender[1:4]:
-            guess = unit_rows(vectors)[index[b]] - unit_rows(vectors)[index[a]] + unit_rows(vectors)[index[c]]
-            scores = unit_rows(vectors) @ guess
+            scores = unit @ (unit[index[b]] - unit[index[a]] + unit[index[c]])     # 3CosAdd over all V words
             scores[[index[a], index[b], index[c]]] = -math.inf
             print(f"  {b} - {a} + {c} = {corpus.words[int(scores.argmax())]} (expected {d})")
     if unseen:

@@ -2,6 +2,7 @@
 the data pipeline against its formulas (subsampling, unigram^(3/4) negatives, dynamic windows); the count
 baseline and SGNS against known structure; the file readers; the text8 download through a loopback server;
 and end-to-end --quick runs that must learn and fail cleanly."""
+import hashlib
 import http.server
 import io
 import json
@@ -153,6 +154,22 @@ def test_ppmi_svd_finds_the_planted_synonyms(small_planted):
     assert sum(f == b for f, (_, b, _) in zip(found, w2v.SYNONYMS)) >= 5, found
 
 
+@pytest.mark.parametrize("size,window", [(4, 3), (6, 1), (3, 5)])
+def test_cooccurrence_matches_a_plain_loop(size, window):
+    """Pairs within a sentence d <= W apart, both words among the `size` most frequent, weighted (W - d + 1) / W."""
+    g = torch.Generator().manual_seed(size * 10 + window)
+    n = 60
+    tokens, sentence = torch.randint(6, (n,), generator=g), torch.randint(4, (n,), generator=g).sort().values
+    corpus = w2v.Corpus("t", list("abcdef"), torch.bincount(tokens, minlength=6), tokens, sentence, n)
+    expected = torch.zeros(size, size)
+    for i in range(n):
+        for j in range(n):
+            d = abs(i - j)
+            if 0 < d <= window and sentence[i] == sentence[j] and tokens[i] < size and tokens[j] < size:
+                expected[tokens[i], tokens[j]] += (window - d + 1) / window
+    torch.testing.assert_close(w2v.cooccurrence(corpus, size, window), expected)
+
+
 def test_planted_pairs_never_cooccur_and_words_are_built_from_the_lists(small_planted):
     corpus = small_planted
     counts = w2v.cooccurrence(corpus, len(corpus.words), 5)
@@ -267,7 +284,6 @@ def text8_zip(text):
 
 
 def test_text8_is_downloaded_once_and_checked(server, tmp_path, monkeypatch):
-    import hashlib
     archive = text8_zip(" the king and the queen " * 50)
     server.files["text8.zip"] = archive
     monkeypatch.setattr(w2v, "TEXT8", common.RemoteDataset(
@@ -314,6 +330,18 @@ def test_quick_run_learns_the_planted_structure(quick_run):
     assert metrics["never_together"]["cooccurrences"] == 0 and metrics["never_together"]["cosine"] > 0.8
     assert metrics["pmi_pearson"] > 0.5
     assert metrics["anisotropy"]["after"]["mean_cosine"] < metrics["anisotropy"]["before"]["mean_cosine"]
+
+
+def test_quick_run_never_together_pair_is_never_within_a_window(quick_run):
+    """Recounted from the text with window_pairs at full radius, not with the cooccurrence() the script used."""
+    _, _, metrics = quick_run
+    cfg = common.parse_config(w2v.Config, ["--quick"], w2v.__doc__, quick=w2v.QUICK)
+    corpus = w2v.load_corpus(cfg, "cpu")
+    a, b = (corpus.index[w] for w in metrics["never_together"]["words"])
+    radius = torch.full((len(corpus.tokens),), cfg.window)
+    centre, context = w2v.window_pairs(corpus.tokens, corpus.sentence, radius, cfg.window)
+    assert (centre == a).any() and (centre == b).any()
+    assert not ((centre == a) & (context == b)).any()
 
 
 def test_quick_run_writes_every_output(quick_run):
