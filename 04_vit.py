@@ -279,7 +279,6 @@ class ViT(nn.Module):
         super().__init__()
         common.check(image_size % patch_size == 0,
                      f"the image size {image_size} is not divisible by the patch size {patch_size}")
-        common.check(dim % heads == 0, f"the embedding width {dim} is not divisible by the number of heads {heads}")
         # the constructor's arguments, saved beside checkpoints so that ViT(**arch) rebuilds this model
         self.arch = dict(image_size=image_size, patch_size=patch_size, in_channels=in_channels, dim=dim, depth=depth,
                          heads=heads, mlp_ratio=mlp_ratio, num_classes=num_classes, pos_embedding=pos_embedding)
@@ -323,10 +322,7 @@ class ViT(nn.Module):
         return states
 
     def tokens(self, images):                                  # (B, C, H, W) -> (B, T, E), final-normed
-        x = self.embed(images)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+        return self.norm(self.hidden_states(images)[-1])
 
     def features(self, images):                                # (B, C, H, W) -> (B, E): Eq. 4
         return self.tokens(images)[:, 0]                       # EXERCISE: average the patch tokens [:, 1:] instead
@@ -489,7 +485,7 @@ def pretrain_simclr(vit, data, stats, cfg, device):
 
 @torch.no_grad()
 def predict(model, images, stats, batch_size=1024):
-    """Logits (N, classes) of uint8 images (N, C, H, W), in eval mode."""
+    """model's outputs, logits (N, classes) or features (N, E), for uint8 images (N, C, H, W), in eval mode."""
     model.eval()
     with common.autocast(images.device):
         return torch.cat([model(normalise(x.float() / 255, stats)).float() for x in images.split(batch_size)])
@@ -587,7 +583,7 @@ def equivariance(vit, cnn, images, seed):
     def token_errors(model):
         tokens = model.tokens(x)                                                # (n, T, E)
         moved, shifted = model.tokens(permute(x)), model.tokens(shift(x))
-        return {"permute_patches": relative_error(moved[:, 1:], tokens[:, 1:, :][:, perm]),
+        return {"permute_patches": relative_error(moved[:, 1:], tokens[:, 1:][:, perm]),
                 "shift_one_patch": relative_error(shifted[:, 1:], shift_tokens(tokens[:, 1:])),
                 "class_token_after_permutation": relative_error(moved[:, 0], tokens[:, 0])}
 
@@ -687,16 +683,16 @@ def plot_sweep(results, path):
 
 # ---- 6. Main ----
 
-def init_from_checkpoint(model, path, cfg, device):
+def init_from_checkpoint(model, path, cfg):
     """Copy a pre-trained ViT (kind 'vit', no head) into model; its head stays freshly initialised."""
     backbone = build_model("vit", cfg, num_classes=0)
     common.load_checkpoint(path, backbone, kind="vit", device="cpu")
-    model.load_state_dict({**model.state_dict(), **{k: v.to(device) for k, v in backbone.state_dict().items()}})
+    model.load_state_dict({**model.state_dict(), **backbone.state_dict()})    # copied onto model's device
 
 
 def probe_features(encoder, data, stats, pool, cfg):
     """01's linear probe on encoder(images) (B, E): fitted on the labelled pool, scored on the test set."""
-    encode = lambda images: torch.cat([predict(encoder, x, stats) for x in images.split(4096)])
+    encode = lambda images: predict(encoder, images, stats)                  # a batch at a time
     return autoencoder.linear_probe(encode(data.x_train[pool]), data.y_train[pool], encode(data.x_test), data.y_test,
                                     len(data.classes), seed=cfg.seed, min_steps=cfg.probe_steps)["top1"]
 
@@ -722,7 +718,7 @@ def main(argv=None):
               f"training images, {len(data.x_test)} test images")
     histories = {}
     if cfg.init:
-        init_from_checkpoint(model, cfg.init, cfg, device)
+        init_from_checkpoint(model, cfg.init, cfg)
     if cfg.pretrain:
         backbone = build_model("vit", cfg, num_classes=0).to(device)
         random_probe = probe_features(backbone, data, stats, pool, cfg)

@@ -61,7 +61,9 @@ def test_multi_head_attention_matches_nn_multihead_attention(dim, heads, T):
     (ours(x).square().sum()).backward()
     (reference(x, x, x, need_weights=False)[0].square().sum()).backward()
     torch.testing.assert_close(ours.qkv.weight.grad, reference.in_proj_weight.grad)
+    torch.testing.assert_close(ours.qkv.bias.grad, reference.in_proj_bias.grad)
     torch.testing.assert_close(ours.proj.weight.grad, reference.out_proj.weight.grad)
+    torch.testing.assert_close(ours.proj.bias.grad, reference.out_proj.bias.grad)
 
 
 @pytest.mark.parametrize("shape", [(4, 6), (2, 3, 7), (5, 1)])
