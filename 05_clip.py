@@ -480,8 +480,9 @@ class BPETokenizer:
         """(tokens (M, L) int64, number of captions cut) with L = min(context, longest + 1). Each row ends in
         the end-of-text token, which also fills the rest of the row; a caption longer than context - 1 tokens
         is cut there, so its end-of-text token is always present."""
-        encoded = [self.encode(text)[:context - 1] + [self.eot] for text in texts]
-        cut = sum(len(self.encode(text)) > context - 1 for text in texts)
+        full = [self.encode(text) for text in texts]
+        encoded = [ids[:context - 1] + [self.eot] for ids in full]
+        cut = sum(len(ids) > context - 1 for ids in full)
         length = max(len(ids) for ids in encoded)
         tokens = torch.full((len(texts), length), self.eot, dtype=torch.int64)
         for row, ids in enumerate(encoded):
@@ -786,10 +787,10 @@ def retrieval(image_embeddings, pairs, text_embeddings):
 
 
 @torch.no_grad()
-def evaluate(model, data, tokenizer, cfg, device):
-    """Retrieval on the first --eval-images test images; zero-shot and compositional tests on the embedded set."""
+def evaluate(model, data, tokens, tokenizer, cfg, device):
+    """Retrieval on the first --eval-images test images; zero-shot and compositional tests on the embedded set.
+    tokens (M, L): every caption of data.texts, as prepare made them."""
     pool = data.test.subset(slice(0, cfg.eval_images))
-    tokens = tokenizer.encode_batch(data.texts, cfg.context)[0].to(device)
     text_embeddings = embed_all(model.encode_text, tokens, device)                # (all captions, K)
     metrics, chance = retrieval(embed_all(model.encode_image, pool.images, device), pool, text_embeddings)
     metrics = {"retrieval": metrics, "retrieval_chance": chance}
@@ -900,10 +901,11 @@ def plot_predictions(model, data, tokenizer, cfg, device, path, n=6):
     if data.classes:
         candidates = colour_shape_names()
         weights = zero_shot_weights(model, tokenizer, candidates, PAIR_TEMPLATES, cfg.context, device)
-        held = is_heldout(data.test.factors, parse_holdout(cfg.holdout))
+        holdout = parse_holdout(cfg.holdout)
+        held = is_heldout(data.test.factors, holdout)
         order = torch.cat([held.nonzero().squeeze(1)[: n // 2], (~held).nonzero().squeeze(1)])[:n]
-        candidates = [f"a {c}" + (" (held out)" if (list(common.COLOURS).index(c.split()[0]), common.SHAPES.index(c.split()[1]))
-                                  in parse_holdout(cfg.holdout) else "") for c in candidates]
+        heldout_ids = {c * len(common.SHAPES) + s for c, s in holdout}                 # indices into colour_shape_names()
+        candidates = [f"a {c}" + (" (held out)" if i in heldout_ids else "") for i, c in enumerate(candidates)]
     else:
         pool = data.test.subset(slice(0, cfg.eval_images))
         ids = pool.captions[:, 0]
@@ -989,9 +991,9 @@ def main(argv=None):
     device, out = common.setup(cfg, __file__)
     clock = common.Stopwatch(device)
     cfg, data, tokenizer, tokens, cut, model = prepare(cfg, device)
-    before = evaluate(model, data, tokenizer, cfg, device)
+    before = evaluate(model, data, tokens, tokenizer, cfg, device)
     losses, scales, pairs_per_second = train(model, data, tokens, cfg, device)
-    metrics = evaluate(model, data, tokenizer, cfg, device)
+    metrics = evaluate(model, data, tokens, tokenizer, cfg, device)
     metrics.update(dataset=data.name, train_images=len(data.train), train_captions=int(data.train.counts.sum()),
                    test_images=len(data.test), merges=len(tokenizer.merges), tokens_per_caption=tokens_per_caption(tokens, tokenizer),
                    captions_cut=cut, loss_first=losses[:10].mean().item(), loss_last=losses[-10:].mean().item(),

@@ -274,7 +274,11 @@ def test_quick_run_learns_to_align_images_and_captions(tmp_path):
     retrieval, chance = metrics["retrieval"], metrics["retrieval_chance"]
     assert retrieval["i2t_r5"] > 4 * chance["t2i_r5"] and retrieval["t2i_r5"] > 4 * chance["t2i_r5"]
     assert retrieval["t2i_r5"] > 2 * metrics["before_training"]["retrieval"]["t2i_r5"]
-    assert 0 <= metrics["zero_shot"]["top1"] <= 1 and metrics["compositional"]["heldout_images"] > 0
+    # 80-way colour+shape on the pairs seen in training (0.13 here, chance 0.0125); shape zero-shot is still at
+    # chance after so few steps, so it is only checked to be there
+    composition = metrics["compositional"]
+    assert composition["seen_pair_top1"] > 4 * composition["pair_chance"] and composition["heldout_images"] > 0
+    assert "top1" in metrics["zero_shot"]
     assert json.loads((tmp_path / "metrics.json").read_text())["train_images"] == metrics["train_images"]
     state = torch.load(tmp_path / "clip.pt", weights_only=True)
     assert state["kind"] == "clip" and state["merges"]
