@@ -189,15 +189,15 @@ class VariationalAutoencoder(Autoencoder):
         self.beta, self.likelihood, self.decoder_std = beta, likelihood, decoder_std
 
     def posterior(self, x):
-        mean, log_var = self.encoder(self.centred(x)).chunk(2, dim=1)   # (B, 2L) -> (B, L), (B, L)
-        return mean, log_var
+        """The mean and log-variance of q(z | x), (B, L) each."""
+        return self.encoder(self.centred(x)).chunk(2, dim=1)            # (B, 2L) -> (B, L), (B, L)
 
     def encode(self, x):
         return self.posterior(x)[0]
 
     def decoder_output(self, z):
         """The parameters of p(x | z): logits for Bernoulli, means for Gaussian; (B, C, H, W)."""
-        return self.decoder(z).view(-1, *self.image_shape)
+        return super().decode(z)
 
     def decode(self, z):
         out = self.decoder_output(z)
@@ -301,7 +301,7 @@ def kl_to_standard_normal(mean, log_var):
     return 0.5 * (mean.square() + log_var.exp() - log_var - 1).sum(1)
 
 
-# ---- 4. Training: minibatches drawn on the device, bf16 autocast, no synchronisation in the loop ----
+# ---- 4. Training: minibatches drawn on the device, bf16 autocast, one synchronisation per 100 steps (the bar) ----
 
 def learning_rate(step, total, peak, warmup_steps):
     """A linear warm-up over the first warmup_steps, then a cosine decay to 0 (SGDR, Eq. 5 of Loshchilov &
@@ -317,6 +317,7 @@ def train(model, images, epochs, batch_size, lr, device, desc="train"):
     Returns the history: the loss and its parts at every step (float tensors on the CPU), images and seconds."""
     steps_per_epoch = len(images) // batch_size          # a pass's remainder is dropped: every batch is full
     total = epochs * steps_per_epoch
+    warmup_steps = max(1, round(0.05 * total))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type == "cuda")
     records = []                                         # per step, on the device: reading them would synchronise
     bar = common.progress(total * batch_size, desc)
@@ -332,7 +333,7 @@ def train(model, images, epochs, batch_size, lr, device, desc="train"):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, total, lr, warmup_steps=max(1, round(0.05 * total)))
+                group["lr"] = learning_rate(step, total, lr, warmup_steps)
             optimizer.step()
             records.append(torch.stack([loss.detach(), *(value.detach() for value in terms.values())]))
             bar.update(batch_size)
@@ -409,8 +410,7 @@ def encode_all(model, images, batch_size=4096):
 @torch.no_grad()
 def reconstruction_error(model, images, batch_size=4096):
     """Mean squared error per pixel (pixels in [0, 1]) of model.reconstruct over images (N, C, H, W)."""
-    total = sum(squared_error(model.reconstruct(to_float(chunk)).float(), to_float(chunk)).sum()
-                for chunk in images.split(batch_size))
+    total = sum(squared_error(model.reconstruct(x).float(), x).sum() for x in map(to_float, images.split(batch_size)))
     return (total / images[0].numel() / len(images)).item()
 
 

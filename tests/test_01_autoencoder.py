@@ -141,6 +141,7 @@ def test_vae_objective_is_the_negative_elbo_written_with_torch_distributions(lik
     kl = kl_divergence(q, Normal(0.0, 1.0)).sum(1)
     torch.testing.assert_close(loss, (beta * kl - log_likelihood).mean())
     torch.testing.assert_close(parts["KL per image"], kl.mean())
+    torch.testing.assert_close(parts["-log p(x|z) per image"], -log_likelihood.mean())
     torch.testing.assert_close(model.decode(z), out.sigmoid() if likelihood == "bernoulli" else out)
 
 
@@ -256,8 +257,9 @@ def test_main_learns_and_writes_everything(model, tmp_path):
         assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {"reconstructions.png", "interpolation.png", "latent_map.png", "training_curve.png"} <= set(metrics["figures"])
     assert {"dae": {"denoising.png"}, "vae": {"samples.png", "traversal.png"}}.get(model, set()) <= set(metrics["figures"])
-    saved_cfg = ae.Config(**torch.load(tmp_path / "model.pt", weights_only=True)["config"])   # rebuilt from the file
-    fresh = ae.build_model(saved_cfg, (3, 32, 32))
+    checkpoint = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert checkpoint["image_shape"] == [3, 32, 32]
+    fresh = ae.build_model(ae.Config(**checkpoint["config"]), checkpoint["image_shape"])     # rebuilt from the file alone
     common.load_checkpoint(tmp_path / "model.pt", fresh, f"autoencoder-{model}")
     x = torch.rand(4, 3, 32, 32)
     torch.testing.assert_close(fresh.encode(x), trained.encode(x))
