@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 import common
 
-autoencoder = common.import_script("01_autoencoder")   # linear_probe, knn_classify: the shared evaluation
+autoencoder = common.import_script("01_autoencoder")   # linear_probe, knn_classify, to_float
 
 # Shape legend: B images in a batch, V = 2B views, C channels, H x W pixels, w encoder width,
 # D feature size (h: D = 4w), P projection size (z), N images in an evaluation set.
@@ -124,10 +124,10 @@ def random_resized_crop(x, crop, generator=None):
     area = 1 - crop * _uniform(B, 0, 1, generator, x.device)            # (B,) share of the image kept
     # log aspect ratio in [log 3/4, log 4/3], narrowed so that neither side exceeds the image (w, h <= 1)
     bound = torch.clamp(-area.log(), max=math.log(4 / 3))
-    ratio = (bound * (2 * _uniform(B, 0, 1, generator, x.device) - 1)).exp()
+    ratio = (bound * _uniform(B, -1, 1, generator, x.device)).exp()
     w, h = (area * ratio).sqrt(), (area / ratio).sqrt()                  # (B,) sides as shares of the image
-    cx = (1 - w) * (2 * _uniform(B, 0, 1, generator, x.device) - 1)      # centre in [-1, 1] image coordinates,
-    cy = (1 - h) * (2 * _uniform(B, 0, 1, generator, x.device) - 1)      # placed so the crop stays inside
+    cx = (1 - w) * _uniform(B, -1, 1, generator, x.device)              # centre in [-1, 1] image coordinates,
+    cy = (1 - h) * _uniform(B, -1, 1, generator, x.device)              # placed so the crop stays inside
     zero = torch.zeros_like(w)
     theta = torch.stack([torch.stack([w, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1).to(x.dtype)  # (B, 2, 3)
     # an affine grid maps each output pixel to where it reads from in the input (normalised coordinates)
@@ -249,7 +249,7 @@ def strengths(cfg):
 
 def two_views(images, strength, generator=None):
     """Two independent views of each image: uint8 (B, C, H, W) -> two float (B, C, H, W) in [0, 1]."""
-    x = images.float() / 255
+    x = autoencoder.to_float(images)
     both = augment(torch.cat([x, x]), **strength, generator=generator)   # one call: each row draws its own
     return both.chunk(2)
 
@@ -327,7 +327,7 @@ def build_model(cfg, in_channels, device):
 # ---- 3. Objective: NT-Xent, the normalised temperature-scaled cross-entropy ----
 
 def nt_xent(z1, z2, temperature):
-    """SimCLR's loss (Eq. 1) over the 2B views of a batch. z1, z2 (B, D): projections of the two views
+    """SimCLR's loss (Eq. 1) over the 2B views of a batch. z1, z2 (B, P): projections of the two views
     of the same B images (normalised here). Each view is an anchor whose positive is its partner view
     and whose 2B - 2 negatives are all other views; the loss is the softmax cross-entropy of picking
     the positive, averaged over all 2B anchors. Returns a scalar."""
@@ -336,9 +336,9 @@ def nt_xent(z1, z2, temperature):
     common.check(temperature > 0, f"temperature must be > 0, got {temperature}")
     # NOTE: float32 (or float64) even under autocast: bf16 keeps 8 bits of mantissa, too coarse for logits of size 1/tau
     with torch.autocast(z1.device.type, enabled=False):
-        z = F.normalize(at_least_float32(torch.cat([z1, z2])), dim=1)          # (V, D) unit vectors, V = 2B
+        z = F.normalize(at_least_float32(torch.cat([z1, z2])), dim=1)          # (V, P) unit vectors, V = 2B
         # EXERCISE: make 1 / temperature a learned parameter (log-parametrised, as CLIP's logit_scale)
-        logits = z @ z.T / temperature                                          # (V, D) @ (D, V) -> (V, V): cos / tau
+        logits = z @ z.T / temperature                                          # (V, P) @ (P, V) -> (V, V): cos / tau
         self_pair = torch.eye(2 * B, dtype=torch.bool, device=z.device)
         logits = logits.masked_fill(self_pair, float("-inf"))                   # the sum in Eq. 1 skips k = i
         partner = (torch.arange(2 * B, device=z.device) + B) % (2 * B)          # view i's positive sits at i + B (mod 2B)
@@ -386,6 +386,7 @@ def warmup_cosine(step, total, warmup):
 
 TRACK_POINTS = 25          # geometry measurements per pre-training run
 TRACK_IMAGES = 512         # test images whose views are measured, the same ones each time
+GEOMETRY = ("alignment", "uniformity", "effective_rank", "std")   # what geometry() measures of z
 
 
 def pretrain(cfg, data, device, temperature, negatives, desc="pre-train"):
@@ -411,7 +412,7 @@ def pretrain(cfg, data, device, temperature, negatives, desc="pre-train"):
     generator = torch.Generator(device).manual_seed(cfg.seed + common.rank())   # each rank its own order and views
     tracked = data.x_test[: min(TRACK_IMAGES, B)]                    # at most a batch: cheap next to training
     track_every = max(1, total // TRACK_POINTS)
-    history = {"step": [], "loss": [], "alignment": [], "uniformity": [], "effective_rank": [], "std": []}
+    history = {"step": [], "loss": [], **{key: [] for key in GEOMETRY}}
     bar = common.progress(total * B, desc)
     watch = common.Stopwatch(device)
     step = 0
@@ -477,8 +478,7 @@ def embed(model, images, device, batch=2048):
     hs, zs = [], []
     for chunk in images.split(batch):
         with common.autocast(device):
-            x = chunk.float() / 255 if chunk.dtype == torch.uint8 else chunk
-            h, z = model(x.contiguous(memory_format=torch.channels_last))
+            h, z = model(autoencoder.to_float(chunk).contiguous(memory_format=torch.channels_last))
         hs.append(h.float())
         zs.append(z.float())
     model.train(was_training)
@@ -491,12 +491,8 @@ def geometry(model, images, strength, device, seed):
     on the same views each time (a fixed seed), so a curve over training compares like with like."""
     generator = torch.Generator(device).manual_seed(seed + 1)
     view1, view2 = two_views(images, strength, generator)
-    was_training = model.training
-    model.eval()
-    with common.autocast(device):
-        _, z = model(torch.cat([view1, view2]).contiguous(memory_format=torch.channels_last))
-    model.train(was_training)
-    z1, z2 = z.float().chunk(2)
+    _, z = embed(model, torch.cat([view1, view2]), device)         # (2N, P): first views, then second views
+    z1, z2 = z.chunk(2)
     return {"alignment": alignment(z1, z2).item(), "uniformity": uniformity(z1).item(),
             "effective_rank": effective_rank(z1).item(), "std": feature_std(z1).item()}
 
@@ -581,7 +577,7 @@ def invariance(model, data, strength, device, seed):
     for name in AUGMENTATIONS:
         if strength[name] > 0:
             alone = {other: (strength[name] if other == name else 0.0) for other in AUGMENTATIONS}
-            view = augment(images.float() / 255, **alone, generator=generator)
+            view = augment(autoencoder.to_float(images), **alone, generator=generator)
             distances[f"augment: {name}"] = cosine_distance(h, embed(model, view, device)[0], centre)
     shuffle = torch.randperm(len(images), device=device, generator=generator)
     if data.factors_test is not None:
@@ -619,7 +615,7 @@ def show(ax, grid, title):
 def plot_views(ax, images, strength, device, seed, count=8):
     """Each column: an image, then its two views (rows)."""
     view1, view2 = two_views(images[:count], strength, torch.Generator(device).manual_seed(seed + 3))
-    show(ax, tile(torch.cat([images[:count].float() / 255, view1, view2]), count), "originals, view 1, view 2")
+    show(ax, tile(torch.cat([autoencoder.to_float(images[:count]), view1, view2]), count), "originals, view 1, view 2")
 
 
 def plot_similarity(ax, model, images, strength, device, seed, count=16):
@@ -810,7 +806,7 @@ def main(argv=None):
     h_test, z_test = embed(model, data.x_test, device)
     r_train, _ = embed(random_model, data.x_train, device)
     r_test, rz_test = embed(random_model, data.x_test, device)
-    pixels = lambda images: images.flatten(1).float() / 255
+    pixels = lambda images: autoencoder.to_float(images).flatten(1)
     evaluation = {"simclr_h": evaluate_features(h_train, h_test, data, cfg),
                   "simclr_z": evaluate_features(z_train, z_test, data, cfg, few_shot=False),
                   "random_h": evaluate_features(r_train, r_test, data, cfg),
@@ -830,12 +826,12 @@ def main(argv=None):
         test_h, _ = embed(swept, data.x_test, device)
         scores = evaluate_features(train_h, test_h, data, cfg, few_shot=False)
         sweep.append({"temperature": temperature, **scores, "seconds": swept_stats["seconds"],
-                      **{key: swept_history[key][-1] for key in ("alignment", "uniformity", "effective_rank", "std")}})
+                      **{key: swept_history[key][-1] for key in GEOMETRY}})
 
     if sweep:                                       # the main run is one more point of the sweep
         sweep.append({"temperature": cfg.temperature, **{k: v for k, v in evaluation["simclr_h"].items() if "shot" not in k},
                       "seconds": stats["seconds"],
-                      **{key: history[key][-1] for key in ("alignment", "uniformity", "effective_rank", "std")}})
+                      **{key: history[key][-1] for key in GEOMETRY}})
         sweep.sort(key=lambda row: row["temperature"])
     if common.is_main():
         save_figures(out, model, data, history, distances, h_test, sweep, cfg, device)

@@ -99,20 +99,7 @@ def test_effective_rank_and_spread_detect_collapse():
     assert contrastive.feature_std(torch.ones(10, 4) + 1e-3 * torch.randn(10, 4, generator=g)) < 1e-3
 
 
-# ---- Evaluation (01's shared functions, as this script uses them) ----
-
-def test_knn_matches_a_brute_force_loop():
-    g = torch.Generator().manual_seed(5)
-    train, test = torch.randn(40, 5, generator=g), torch.randn(7, 5, generator=g)
-    train_y, test_y = torch.randint(0, 3, (40,), generator=g), torch.randint(0, 3, (7,), generator=g)
-    votes = torch.zeros(7, 3)
-    for q in range(7):
-        sims = [(F.cosine_similarity(test[q], train[i], dim=0).item(), i) for i in range(40)]
-        for s, i in sorted(sims, reverse=True)[:5]:
-            votes[q, train_y[i]] += math.exp(s / 0.1)
-    expected = autoencoder.topk_accuracy(votes, test_y, ks=(1, 2))
-    assert autoencoder.knn_classify(train, train_y, test, test_y, 3, k=5, temperature=0.1, ks=(1, 2)) == expected
-
+# ---- Evaluation (01's linear probe, as this script uses it; 01's tests check kNN against a loop) ----
 
 def test_linear_probe_separates_separable_data():
     g = torch.Generator().manual_seed(6)
@@ -127,6 +114,7 @@ def test_per_class_subset_takes_that_many_of_each_class():
     labels = torch.arange(30) % 3
     idx = contrastive.per_class_subset(labels, 4, 3, seed=0)
     assert torch.bincount(labels[idx]).tolist() == [4, 4, 4] and len(set(idx.tolist())) == 12
+    assert sorted(contrastive.per_class_subset(labels, 20, 3, seed=0).tolist()) == list(range(30))   # fewer: all
 
 
 # ---- Augmentations ----
