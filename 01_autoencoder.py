@@ -72,8 +72,7 @@ QUICK = dict(train_size=1000, test_size=500, hidden=128, epochs=15, batch_size=5
 
 def validate(cfg):
     """Every option checked before any work is done, so a mistake costs nothing."""
-    common.check(cfg.dataset in ["shapes", *common.DATASETS],
-                 f"unknown dataset {cfg.dataset!r}; choose shapes, {', '.join(common.DATASETS)}")
+    common.check_dataset(cfg.dataset)
     for name in ("latent_dim", "epochs", "batch_size", "probe_steps"):
         common.check(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     common.check(cfg.hidden >= 2, f"--hidden must be at least 2 (the second layer has half), got {cfg.hidden}")

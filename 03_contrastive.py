@@ -754,8 +754,7 @@ def save_figures(out, model, data, history, distances, h_test, sweep, cfg, devic
 
 def validate(cfg):
     """Check the options before any expensive work; returns the temperatures to sweep."""
-    common.check(cfg.dataset in ("shapes", *common.DATASETS),
-                 f"unknown dataset {cfg.dataset!r}; choose shapes, {', '.join(common.DATASETS)}")
+    common.check_dataset(cfg.dataset)
     common.check(cfg.batch_size >= 2, f"--batch-size must be at least 2 (one image has no negatives), got {cfg.batch_size}")
     common.check(cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}")
     for name in ("epochs", "width", "hidden", "projection", "probe_steps"):

@@ -92,8 +92,7 @@ QUICK = dict(n_train=1200, n_test=1000, patch_size=8, dim=48, depth=2, heads=2, 
 
 def validate(cfg):
     """Every option checked before any work is done, so a mistake costs nothing."""
-    common.check(cfg.dataset in ["shapes", *common.DATASETS],
-                 f"unknown dataset {cfg.dataset!r}; choose shapes, {', '.join(common.DATASETS)}")
+    common.check_dataset(cfg.dataset)
     common.check(cfg.image_size > 0 and cfg.patch_size > 0, "image_size and patch_size must be positive")
     common.check(cfg.image_size % cfg.patch_size == 0,
                  f"the image size {cfg.image_size} is not divisible by the patch size {cfg.patch_size}")

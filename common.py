@@ -494,6 +494,11 @@ def _download(url, dest, remote):
             tmp.unlink()
 
 
+def check_dataset(name):
+    """A one-line error for a --dataset that is neither the embedded set nor a known real one."""
+    check(name in ("shapes", *DATASETS), f"unknown dataset {name!r}; choose shapes, {', '.join(DATASETS)}")
+
+
 def fetch(name, data_dir, spec=None):
     """Paths of the dataset's files, downloading what is missing into data_dir/name/.
     A file is looked for in data_dir/name/, then data_dir/ (e.g. a folder of Debian's copies).
@@ -574,7 +579,7 @@ def _load_arrays(name, data_dir):
         (archive,) = fetch(name, data_dir)
         with tarfile.open(archive, "r:gz") as tar:
             return _read_cifar_batches(lambda member: tar.extractfile(f"cifar-10-batches-py/{member}"))
-    check(name in DATASETS, f"unknown dataset {name!r}; choose shapes, {', '.join(DATASETS)}")
+    check_dataset(name)
     extracted = [next((p for p in (data_dir / name / r.name[:-3], data_dir / r.name[:-3]) if p.is_file()), None)
                  for r in DATASETS[name].files]
     paths = extracted if all(extracted) else fetch(name, data_dir)
