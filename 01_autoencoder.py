@@ -387,10 +387,17 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=30, batch
 
 
 @torch.no_grad()
-def knn_classify(train_x, train_y, test_x, test_y, num_classes, k=20, temperature=0.07, ks=(1, 5), chunk=1024):
+def knn_classify(train_x, train_y, test_x, test_y, num_classes, k=20, temperature=0.07, ks=(1, 5), chunk=1024,
+                 centre=False):
     """Weighted kNN on cosine similarity (Wu et al. 2018, Eq. 7): each of the k nearest training points
-    votes for its class with weight exp(similarity / temperature). Returns {"top1", "top5"}."""
-    train_x, test_x = F.normalize(train_x.float(), dim=1), F.normalize(test_x.float(), dim=1)
+    votes for its class with weight exp(similarity / temperature). Returns {"top1", "top5"}.
+    centre=True subtracts the training mean before the cosine (Wang et al. 2019, SimpleShot's CL2N): features
+    after a ReLU are all non-negative, so their shared mean direction otherwise dominates every cosine."""
+    train_x, test_x = train_x.float(), test_x.float()
+    if centre:
+        mean = train_x.mean(0)
+        train_x, test_x = train_x - mean, test_x - mean
+    train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
     votes = []
     for queries in test_x.split(chunk):
         similarity, neighbour = (queries @ train_x.T).topk(min(k, len(train_x)), dim=1)  # (Q, N) -> (Q, k)

@@ -18,7 +18,9 @@ the corpus / seconds of training (vocabulary building excluded for both).
 Measured (one H100 and its host's 16 cores, 5 epochs, one seed, before the all-but-the-top columns existed):
 gensim 0.98M words/s, analogies 24.9%, WS-353 0.660, SimLex 0.351; ours at B=65536 (the default) 12.07M words/s,
 22.6%, 0.593, 0.335; at B=16384 5.14M words/s, 23.8%, 0.609, 0.344; at B=4096 without the cap 1.47M words/s,
-24.2%, 0.619, 0.343; B=65536 without the cap diverged.
+24.2%, 0.619, 0.343; B=65536 without the cap diverged. Over seeds 0, 1, 2 (--seeds 0,1,2, a later run): gensim
+24.1-24.3%, 0.647-0.664, 0.353-0.365 at 0.68-0.75M words/s; ours at B=65536 22.6-23.4%, 0.585-0.596,
+0.335-0.341 at 12.1-12.2M words/s.
 """
 import argparse
 import gzip

@@ -200,14 +200,18 @@ def test_topk_accuracy_matches_a_loop():
         assert result[f"top{k}"] == pytest.approx(hits / 50)
 
 
-def test_knn_matches_a_brute_force_loop():
+@pytest.mark.parametrize("centre", [False, True])
+def test_knn_matches_a_brute_force_loop(centre):
     g = generator(18)
-    train_x, test_x = torch.randn(60, 6, generator=g), torch.randn(25, 6, generator=g)
+    # non-negative features, as after a ReLU: there centring changes which neighbours are nearest
+    train_x, test_x = torch.rand(60, 6, generator=g), torch.rand(25, 6, generator=g)
     train_y, test_y = torch.randint(0, 4, (60,), generator=g), torch.randint(0, 4, (25,), generator=g)
-    result = ae.knn_classify(train_x, train_y, test_x, test_y, 4, k=7, temperature=0.1, ks=(1, 2), chunk=8)
+    result = ae.knn_classify(train_x, train_y, test_x, test_y, 4, k=7, temperature=0.1, ks=(1, 2), chunk=8, centre=centre)
+    mean = [sum(float(train_x[j, d]) for j in range(60)) / 60 if centre else 0.0 for d in range(6)]
+    shifted = lambda row: torch.tensor([float(row[d]) - mean[d] for d in range(6)])
     votes = torch.zeros(25, 4)
     for i in range(25):
-        similarity = [float(F.cosine_similarity(test_x[i], train_x[j], dim=0)) for j in range(60)]
+        similarity = [float(F.cosine_similarity(shifted(test_x[i]), shifted(train_x[j]), dim=0)) for j in range(60)]
         for j in sorted(range(60), key=lambda j: -similarity[j])[:7]:
             votes[i, train_y[j]] += math.exp(similarity[j] / 0.1)
     assert result == ae.topk_accuracy(votes, test_y, ks=(1, 2))

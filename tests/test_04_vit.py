@@ -262,8 +262,22 @@ def test_quick_simclr_pretraining_saves_a_loadable_vit(tmp_path):
                   "--dim", "64", "--heads", "2"])
 
 
+@pytest.mark.parametrize("setting,device,kind,expected", [
+    ("auto", "cuda", "vit", "reduce-overhead"), ("auto", "cuda", "cnn", None), ("auto", "cpu", "vit", None),
+    ("off", "cuda", "vit", None), ("on", "cpu", "cnn", "default"), ("on", "cuda", "cnn", "reduce-overhead")])
+def test_compile_setting_picks_the_models_and_the_mode(monkeypatch, setting, device, kind, expected):
+    cfg = common.parse_config(vit.Config, ["--quick", "--compile", setting], "", quick=vit.QUICK)
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: calls.append(mode or "default") or module)
+    model = vit.build_model(kind, cfg, 10)
+    assert vit.compiled(model, cfg, torch.device(device)) is model
+    assert calls == ([expected] if expected else [])
+    assert vit.uses_compile(cfg, torch.device(device), kind == "vit") == bool(expected)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--image-size", "30", "--patch-size", "4"], "not divisible by the patch size"),
+    (["--compile", "yes"], "invalid choice"),
     (["--dim", "50", "--heads", "3"], "not divisible by the number of heads"),
     (["--dataset", "imagenet"], "unknown dataset"),
     (["--train-fraction", "0"], "train-fraction"),
