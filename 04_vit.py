@@ -731,7 +731,8 @@ def main(argv=None):
     pool = subset(len(data.x_train), cfg.train_fraction, cfg.seed, device)        # the labels this run may use
     model = build_model(cfg.model, cfg, classes).to(device)
     metrics = {"dataset": cfg.dataset, "model": cfg.model, "parameters": count_parameters(model),
-               "labelled_images": len(pool), "epochs": cfg.epochs, "compile": uses_compile(cfg, device, cfg.model == "vit"), "processes": common.world_size()}
+               "labelled_images": len(pool), "epochs": cfg.epochs, "compile": uses_compile(cfg, device, cfg.model == "vit"),
+               "processes": common.world_size()}
     if common.is_main():
         print(f"{cfg.model}: {metrics['parameters'] / 1e6:.2f}M parameters; {len(pool)} labelled of {len(data.x_train)} "
               f"training images, {len(data.x_test)} test images")

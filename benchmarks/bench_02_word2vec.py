@@ -159,7 +159,7 @@ def run(args):
     print(f"corpus: {corpus.raw_words:,} words, {len(corpus.words):,} in the vocabulary, "
           f"built in {time.perf_counter() - start:.1f}s")
     warm = w2v.Corpus("warm-up", corpus.words, corpus.counts, corpus.tokens[:200_000], corpus.sentence[:200_000], 0)
-    run_ours(warm, SimpleNamespace(**{**vars(args), "epochs": 1, "seed": 0}), 65536, 1.0, device, evals)  # CUDA start-up
+    run_ours(warm, SimpleNamespace(**{**vars(args), "epochs": 1, "seed": 0}), 65536, 0.5, device, evals)  # CUDA start-up
     results = []
     for seed in map(int, args.seeds.split(",")):
         for setting in filter(None, args.runs.split(",")):

@@ -1,6 +1,7 @@
 """04's models against the usual peers, on a GPU (timm and torchvision are needed here only):
   1. training throughput (images/s, bf16, AdamW step included) of 04's ViT, eager and under torch.compile
-     (mode "reduce-overhead", as 04 compiles on one GPU: fused kernels replayed as a CUDA graph), against timm's VisionTransformer of the same depth, width, heads and patch size (fused attention kernels);
+     (mode "reduce-overhead", as 04 compiles on one GPU: fused kernels replayed as a CUDA graph), against
+     timm's VisionTransformer of the same depth, width, heads and patch size (fused attention kernels);
   2. Fashion-MNIST: 04's CNN against torchvision's ResNet-18 (CIFAR stem) trained for the same time,
      both through 04's training loop (same augmentations, optimiser and schedule).
 Run: python benchmarks/bench_04_vit.py --data-dir data [--cnn-epochs 10] [--part throughput|fashion]
