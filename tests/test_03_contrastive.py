@@ -237,8 +237,9 @@ def quick_runs(tmp_path_factory):
     runs = {}
     for negatives in ("all", "none"):
         out = tmp_path_factory.mktemp(f"quick_{negatives}")
+        # 20 epochs (320 steps, about 10 CPU seconds): 6 teach the pretext task but not yet the classes
         model, metrics = contrastive.main(["--quick", "--device", "cpu", "--out", str(out), "--negatives", negatives,
-                                           "--dataset", "cifar10", "--data-dir", str(data_dir)])
+                                           "--dataset", "cifar10", "--data-dir", str(data_dir), "--epochs", "20"])
         runs[negatives] = (out, model, metrics)
     return runs
 
@@ -247,12 +248,11 @@ def test_quick_run_learns_and_writes_everything(quick_runs):
     out, model, metrics = quick_runs["all"]
     loss = metrics["history"]["loss"]
     assert loss[-1] < loss[0] - 0.5
-    # NOTE: ~100 CPU steps teach the pretext task (find an image's other view among held-out images) but are
-    # too few to beat a random encoder on the class probes; the GPU run shows that gain (README).
-    retrieval = metrics["view_retrieval"]
+    retrieval = metrics["view_retrieval"]                   # the pretext task: find an image's other view
     assert retrieval["simclr"] > 1.5 * retrieval["random"] and retrieval["random"] > 5 * retrieval["chance"]
-    ours = metrics["evaluation"]["simclr_h"]
-    assert ours["linear_top1"] > 0.25                                           # chance is 0.1
+    ours, random = metrics["evaluation"]["simclr_h"], metrics["evaluation"]["random_h"]
+    assert ours["linear_top1"] > random["linear_top1"] + 0.1                     # chance is 0.1
+    assert ours["knn_top1"] > random["knn_top1"] + 0.1
     for name in ("metrics.json", "config.json", "model.pt", "training.png", "views.png", "embedding_map.png",
                  "similarity.png", "invariance.png", "overview.png"):
         assert (out / name).is_file(), name
