@@ -433,7 +433,7 @@ def fit(model, loss_of_batch, pool, steps, steps_per_epoch, cfg, device, desc, e
     return history
 
 
-def uses_compile(cfg, device, is_vit=True):
+def uses_compile(cfg, device, is_vit):
     """--compile auto compiles the ViT on one GPU; the CNN's time goes to cuDNN's convolutions, which the
     compiler cannot speed up, and on a CPU or under torchrun (see compiled) it stays eager."""
     return cfg.compile == "on" or (cfg.compile == "auto" and is_vit and device.type == "cuda" and common.world_size() == 1)

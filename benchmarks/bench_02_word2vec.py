@@ -159,7 +159,8 @@ def run(args):
     print(f"corpus: {corpus.raw_words:,} words, {len(corpus.words):,} in the vocabulary, "
           f"built in {time.perf_counter() - start:.1f}s")
     warm = w2v.Corpus("warm-up", corpus.words, corpus.counts, corpus.tokens[:200_000], corpus.sentence[:200_000], 0)
-    run_ours(warm, SimpleNamespace(**{**vars(args), "epochs": 1, "seed": 0}), 65536, 0.5, device, evals)  # CUDA start-up
+    run_ours(warm, SimpleNamespace(**{**vars(args), "epochs": 1, "seed": 0}), w2v.Config.batch, w2v.Config.step_cap,
+             device, evals)                                                                      # CUDA start-up
     results = []
     for seed in map(int, args.seeds.split(",")):
         for setting in filter(None, args.runs.split(",")):
@@ -203,8 +204,9 @@ def parse(argv=None):
     r.add_argument("--negatives", type=int, default=5)
     r.add_argument("--sample", type=float, default=1e-3)
     r.add_argument("--min-count", type=int, default=5)
-    r.add_argument("--runs", default="65536:0.5", help="comma-separated BATCH:STEP_CAP settings of ours to try ('' for none)")
-    r.add_argument("--lr", type=float, default=0.1, help="our starting learning rate (02_word2vec.py's default)")
+    r.add_argument("--runs", default=f"{w2v.Config.batch}:{w2v.Config.step_cap:g}",
+                   help="comma-separated BATCH:STEP_CAP settings of ours to try ('' for none); default: 02's defaults")
+    r.add_argument("--lr", type=float, default=w2v.Config.lr, help="our starting learning rate (02_word2vec.py's default)")
     r.add_argument("--gensim-lr", type=float, default=0.025, help="gensim's starting learning rate (alpha; its default)")
     r.add_argument("--workers", type=int, default=os.cpu_count(), help="gensim threads (0: skip gensim)")
     r.add_argument("--eval-vocab", type=int, default=30000)
