@@ -363,27 +363,38 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=30, batch
 
     It runs `epochs` passes, or more when those give fewer than `min_steps` Adam steps: Adam moves a
     weight by at most about `lr` a step, and the optimum can lie far out (on separable data the
-    unregularised optimum is at infinity), so a small or few-shot training set needs extra passes."""
+    unregularised optimum is at infinity), so a small or few-shot training set needs extra passes.
+
+    A stack of S feature sets of the same images, train_x (S, N, D) and test_x (S, M, D), trains S independent
+    probes side by side and returns a list of S results: one batched step costs about what one probe's step
+    costs, since on a GPU the launches of its small kernels, not the arithmetic, set the pace."""
+    stacked = train_x.dim() == 3
     train_x, test_x = train_x.float(), test_x.float()
-    mean, std = train_x.mean(0), train_x.std(0, correction=0) + 1e-6
+    if not stacked:
+        train_x, test_x = train_x[None], test_x[None]                       # (S, N, D), S = 1
+    mean, std = train_x.mean(1, keepdim=True), train_x.std(1, correction=0, keepdim=True) + 1e-6
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    weight = torch.zeros(train_x.shape[1], num_classes, device=train_x.device, requires_grad=True)
-    bias = torch.zeros(num_classes, device=train_x.device, requires_grad=True)
+    S, N, D = train_x.shape
+    weight = torch.zeros(S, D, num_classes, device=train_x.device, requires_grad=True)
+    bias = torch.zeros(S, 1, num_classes, device=train_x.device, requires_grad=True)
     optimizer = torch.optim.Adam([weight, bias], lr=lr, fused=train_x.device.type == "cuda")
-    steps_per_epoch = -(-len(train_x) // batch_size)
+    steps_per_epoch = -(-N // batch_size)
     epochs = max(epochs, -(-min_steps // steps_per_epoch))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
     for _ in range(epochs):
-        for idx in torch.randperm(len(train_x), generator=generator).to(train_x.device).split(batch_size):
-            logits = train_x[idx] @ weight + bias                            # (B, D) @ (D, C) -> (B, C)
-            loss = F.cross_entropy(logits, train_y[idx]) + weight_decay * weight.square().sum()
+        for idx in torch.randperm(N, generator=generator).to(train_x.device).split(batch_size):
+            logits = train_x[:, idx] @ weight + bias                        # (S, B, D) @ (S, D, C) -> (S, B, C)
+            # the mean over all S*B rows, times S: each probe's own mean loss, summed, so each gets its own gradient
+            loss = (S * F.cross_entropy(logits.flatten(0, 1), train_y[idx].repeat(S))
+                    + weight_decay * weight.square().sum())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
     with torch.no_grad():
-        return topk_accuracy(test_x @ weight + bias, test_y, ks)
+        results = [topk_accuracy(scores, test_y, ks) for scores in test_x @ weight + bias]   # S of (M, C)
+    return results if stacked else results[0]
 
 
 @torch.no_grad()

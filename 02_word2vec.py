@@ -27,15 +27,14 @@ Papers:
 Run:  python 02_word2vec.py                      (the embedded planted corpus, generated offline in seconds)
       python 02_word2vec.py --corpus text8       (17M words of Wikipedia, downloaded once, checksum verified)
       python 02_word2vec.py --corpus my.txt --analogies questions-words.txt --similarity wordsim353.tsv
-Measured on one H100 (D=100, W=5, K=5, t=1e-3, 5 epochs, B=65536; the earlier defaults lr 0.025 and cap 1 unless
-an lr is named):
-  planted corpus, 3.1M words, 372 in the vocabulary: built in 0.3 s, trained in 1.0 s (14.7M words/s);
-    analogies 100.0% (PPMI-SVD 100.0%, random vectors 0.2%), similarity rho 0.93 (PPMI-SVD 0.87, random 0.04);
-    the whole run, start-up and evaluation included, 12.4 s wall (a later run: 12.6M words/s, rho 0.92).
-  6.1M words of real English (benchmarks/bench_02_word2vec.py's corpus), questions-words.txt and WordSim-353:
-    10.7M words/s end to end, 12.1M once warm; analogies 22.6% (PPMI-SVD 26.9%; gensim 4.4 on 16 CPU cores,
-    same options and epochs, 24.9% at 0.98M words/s), WordSim-353 rho 0.59 (0.66 after all-but-the-top;
-    PPMI-SVD 0.69; gensim 0.66). Over three seeds: ours 22.6-23.4% and rho 0.585-0.596, gensim 24.1-24.3% and
+Measured on one H100 (D=100, W=5, K=5, t=1e-3, 5 epochs, B=65536):
+  planted corpus, 3.1M words, 372 in the vocabulary, the defaults: trained in 1.05 s (14.7M words/s);
+    analogies 100.0% (PPMI-SVD 100.0%, random vectors 0.2%), similarity rho 0.92 (PPMI-SVD 0.87, random 0.04);
+    the whole run, start-up and evaluation included, 9.1 s wall.
+  6.1M words of real English (benchmarks/bench_02_word2vec.py's corpus), questions-words.txt and WordSim-353, with
+    the earlier defaults lr 0.025 and cap 1: 10.7M words/s end to end, 12.1M once warm; analogies 22.6%
+    (PPMI-SVD 26.9%; gensim 4.4 on 16 CPU cores, same options and epochs, 24.9% at 0.98M words/s),
+    WordSim-353 rho 0.59 (0.66 after all-but-the-top; PPMI-SVD 0.69; gensim 0.66). Over three seeds: ours 22.6-23.4% and rho 0.585-0.596, gensim 24.1-24.3% and
     0.647-0.664. With the current defaults, lr 0.1 and cap 0.5 (benchmark, seeds 0 and 1): 12.2-12.4M words/s,
     analogies 25.9-26.2%, WordSim-353 0.691-0.711, SimLex 0.386-0.389 (gensim 0.353-0.365).
 

@@ -231,6 +231,20 @@ def test_linear_probe_reaches_the_optimum_on_linearly_separable_data():
     assert ae.linear_probe(x, y, x, y, 10)["top1"] == 1.0          # separable: the optimum classifies every point
 
 
+def test_stacked_linear_probes_equal_separate_ones():
+    # three feature sets of the same images: separable, half noise, pure noise; fitted side by side or alone
+    g = generator(21)
+    x, y = separable(800, g)
+    noise = torch.randn(x.shape, generator=g)
+    sets = torch.stack([x, x + 2 * noise, noise])                     # (3, N, D)
+    train, test = slice(0, 500), slice(500, None)
+    stacked = ae.linear_probe(sets[:, train], y[train], sets[:, test], y[test], 10, min_steps=300)
+    alone = [ae.linear_probe(f[train], y[train], f[test], y[test], 10, min_steps=300) for f in sets]
+    assert len({round(r["top1"], 2) for r in alone}) == 3             # three different answers to get right
+    for ours, reference in zip(stacked, alone):
+        assert abs(ours["top1"] - reference["top1"]) <= 1 / 300 and abs(ours["top5"] - reference["top5"]) <= 1 / 300
+
+
 def test_factor_correlation_matches_corrcoef():
     g = generator(20)
     codes = torch.randn(300, 4, generator=g)

@@ -264,7 +264,7 @@ def test_quick_simclr_pretraining_saves_a_loadable_vit(tmp_path):
 
 @pytest.mark.parametrize("setting,device,kind,expected", [
     ("auto", "cuda", "vit", "reduce-overhead"), ("auto", "cuda", "cnn", None), ("auto", "cpu", "vit", None),
-    ("off", "cuda", "vit", None), ("on", "cpu", "cnn", "default"), ("on", "cuda", "cnn", "reduce-overhead")])
+    ("off", "cuda", "vit", None), ("on", "cuda", "cnn", "reduce-overhead"), ("off", "cpu", "vit", None)])
 def test_compile_setting_picks_the_models_and_the_mode(monkeypatch, setting, device, kind, expected):
     cfg = common.parse_config(vit.Config, ["--quick", "--compile", setting], "", quick=vit.QUICK)
     calls = []
@@ -278,6 +278,7 @@ def test_compile_setting_picks_the_models_and_the_mode(monkeypatch, setting, dev
 @pytest.mark.parametrize("argv,message", [
     (["--image-size", "30", "--patch-size", "4"], "not divisible by the patch size"),
     (["--compile", "yes"], "invalid choice"),
+    (["--compile", "on"], "needs a CUDA GPU"),
     (["--dim", "50", "--heads", "3"], "not divisible by the number of heads"),
     (["--dataset", "imagenet"], "unknown dataset"),
     (["--train-fraction", "0"], "train-fraction"),
