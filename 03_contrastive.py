@@ -42,6 +42,7 @@ Measured on one H100 (PyTorch 2.11, bf16), linear probe / weighted-kNN top-1 of 
   feeding the same encoder (62.5k vs 5.0k img/s; benchmarks/bench_03_contrastive.py).
 """
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -142,24 +143,38 @@ def random_flip(x, probability, generator=None):
     return torch.where(_per_image(flipped), x.flip(-1), x)
 
 
+@functools.cache
+def constant(values, device, dtype):
+    """A tensor of fixed numbers, made once per device and dtype. On a GPU, torch.tensor(numbers) copies them from
+    the CPU and makes the CPU wait until the GPU has finished all its queued work: once per training step, that
+    wait would stop the CPU from queueing kernels ahead (and on several GPUs, hold up every GPU)."""
+    return torch.tensor(values, device=device, dtype=dtype)
+
+
+@functools.cache
+def yiq_matrices(device, dtype):
+    """RGB -> YIQ and its inverse, (3, 3) each; inverted on the CPU once (inverting on a GPU would also wait)."""
+    to_yiq = torch.tensor(RGB_TO_YIQ, dtype=torch.float64)
+    return to_yiq.to(device, dtype), torch.linalg.inv(to_yiq).to(device, dtype)
+
+
 def to_gray(x):
     """Luminance (B, 1, H, W) of RGB images (B, 3, H, W); grayscale images are their own luminance."""
     if x.shape[1] == 1:
         return x
-    weights = torch.tensor(LUMA, device=x.device, dtype=x.dtype)
-    return torch.einsum("bchw,c->bhw", x, weights)[:, None]
+    return torch.einsum("bchw,c->bhw", x, constant(LUMA, x.device, x.dtype))[:, None]
 
 
 def rotate_hue(x, angle):
     """Turn every pixel's chroma by angle (B,) radians in the YIQ plane: luminance is kept, hue shifts.
     NOTE: torchvision shifts hue in HSV space; a YIQ rotation is the linear-algebra cousin of it."""
-    to_yiq = torch.tensor(RGB_TO_YIQ, device=x.device, dtype=x.dtype)
+    to_yiq, from_yiq = yiq_matrices(x.device, x.dtype)
     angle = angle.to(x.dtype)
     cos, sin, one, zero = angle.cos(), angle.sin(), torch.ones_like(angle), torch.zeros_like(angle)
     rotation = torch.stack([torch.stack([one, zero, zero], 1),
                             torch.stack([zero, cos, -sin], 1),
                             torch.stack([zero, sin, cos], 1)], 1)               # (B, 3, 3) about the Y axis
-    colour_map = torch.linalg.inv(to_yiq) @ rotation @ to_yiq                   # (B, 3, 3) RGB -> RGB
+    colour_map = from_yiq @ rotation @ to_yiq                                   # (B, 3, 3) RGB -> RGB
     return torch.einsum("bij,bjhw->bihw", colour_map, x)
 
 
@@ -399,8 +414,8 @@ def pretrain(cfg, data, device, temperature, negatives, desc="pre-train"):
         if device.type == "cuda":
             # SimCLR Sec. 2.2, global BN: BatchNorm statistics over the views of all GPUs. With per-GPU statistics
             # a view could find its partner (always on its own GPU) through the batch they share, not the image.
-            # NOTE: PyTorch's SyncBatchNorm needs GPUs; CPU processes (gloo, the tests) keep per-process statistics.
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            # NOTE: on fused CUDA kernels; CPU processes (gloo, the tests) keep per-process statistics.
+            model = common.global_batchnorm(model)
         # DDP starts every rank from rank 0's weights and averages the gradients over ranks during backward
         trained = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -524,24 +539,40 @@ def per_class_subset(labels, shots, num_classes, seed):
 FEW_SHOTS = (1, 10, 100)
 
 
-def evaluate_features(train_f, test_f, data, cfg, few_shot=True):
-    """Linear probe (top-1, top-5), weighted kNN (k = 20, tau = 0.07; top-1, top-5) and few-shot linear
-    probes of frozen features train_f (N, D), test_f (M, D). The kNN centres the features on the training mean
-    first (h comes out of a ReLU: all non-negative); the uncentred top-1 is kept beside it for comparison."""
-    classes = len(data.classes)
-    linear = autoencoder.linear_probe(train_f, data.y_train, test_f, data.y_test, classes, seed=cfg.seed,
+def stack_features(features):
+    """S feature sets of the same images, (N, D_s) each, as one (S, N, max D_s) stack for side-by-side probes.
+    Narrower sets get zero columns: a zero input has zero gradient, so Adam never moves its weights and each
+    probe in the stack learns what it would learn alone."""
+    width = max(f.shape[1] for f in features)
+    return torch.stack([F.pad(f.float(), (0, width - f.shape[1])) for f in features])
+
+
+def evaluate_features(features, data, cfg, few_shot=()):
+    """Frozen features {name: (train (N, D), test (M, D))} -> {name: scores}: linear probe (top-1, top-5),
+    weighted kNN (k = 20, tau = 0.07; top-1, top-5), and for the names in few_shot, linear probes trained on
+    1, 10 and 100 labelled images per class. The kNN centres the features on the training mean first (h comes
+    out of a ReLU: all non-negative); the uncentred top-1 is kept beside it for comparison. The probes of all
+    sets train side by side (stack_features): on a GPU a probe's step costs its kernel launches, not arithmetic."""
+    classes, names = len(data.classes), list(features)
+    train, test = stack_features([features[n][0] for n in names]), stack_features([features[n][1] for n in names])
+    linear = autoencoder.linear_probe(train, data.y_train, test, data.y_test, classes, seed=cfg.seed,
                                       min_steps=cfg.probe_steps)
-    knn = autoencoder.knn_classify(train_f, data.y_train, test_f, data.y_test, classes, centre=True)
-    raw = autoencoder.knn_classify(train_f, data.y_train, test_f, data.y_test, classes)
-    result = {"linear_top1": linear["top1"], "linear_top5": linear["top5"], "knn_top1": knn["top1"], "knn_top5": knn["top5"],
-              "knn_uncentred_top1": raw["top1"]}
+    results = {}
+    for name, probe in zip(names, linear):
+        train_f, test_f = features[name]
+        knn = autoencoder.knn_classify(train_f, data.y_train, test_f, data.y_test, classes, centre=True)
+        raw = autoencoder.knn_classify(train_f, data.y_train, test_f, data.y_test, classes)
+        results[name] = {"linear_top1": probe["top1"], "linear_top5": probe["top5"], "knn_top1": knn["top1"],
+                         "knn_top5": knn["top5"], "knn_uncentred_top1": raw["top1"]}
     if few_shot:
+        chosen = [names.index(n) for n in few_shot]
         for shots in FEW_SHOTS:
-            idx = per_class_subset(data.y_train, shots, classes, cfg.seed).to(train_f.device)
-            probe = autoencoder.linear_probe(train_f[idx], data.y_train[idx], test_f, data.y_test, classes,
-                                             seed=cfg.seed, min_steps=cfg.probe_steps)
-            result[f"{shots}_shot_top1"] = probe["top1"]
-    return result
+            idx = per_class_subset(data.y_train, shots, classes, cfg.seed).to(train.device)
+            probes = autoencoder.linear_probe(train[chosen][:, idx], data.y_train[idx], test[chosen], data.y_test,
+                                              classes, seed=cfg.seed, min_steps=cfg.probe_steps)
+            for i, probe in zip(chosen, probes):
+                results[names[i]][f"{shots}_shot_top1"] = probe["top1"]
+    return results
 
 
 def final_geometry(h, z):
@@ -810,10 +841,9 @@ def main(argv=None):
     r_train, _ = embed(random_model, data.x_train, device)
     r_test, rz_test = embed(random_model, data.x_test, device)
     pixels = lambda images: autoencoder.to_float(images).flatten(1)
-    evaluation = {"simclr_h": evaluate_features(h_train, h_test, data, cfg),
-                  "simclr_z": evaluate_features(z_train, z_test, data, cfg, few_shot=False),
-                  "random_h": evaluate_features(r_train, r_test, data, cfg),
-                  "pixels": evaluate_features(pixels(data.x_train), pixels(data.x_test), data, cfg)}
+    evaluation = evaluate_features({"simclr_h": (h_train, h_test), "simclr_z": (z_train, z_test),
+                                    "random_h": (r_train, r_test), "pixels": (pixels(data.x_train), pixels(data.x_test))},
+                                   data, cfg, few_shot=("simclr_h", "random_h", "pixels"))
     shape = {"simclr": final_geometry(h_test, z_test), "random": final_geometry(r_test, rz_test)}
     retrieval_images = data.x_test[:INVARIANCE_IMAGES]
     retrieval = {"simclr": view_retrieval(model, retrieval_images, strength, device, cfg.seed),
@@ -827,7 +857,7 @@ def main(argv=None):
         swept, swept_history, swept_stats = pretrain(cfg, shard, device, temperature, cfg.negatives, f"tau={temperature:g}")
         train_h, _ = embed(swept, data.x_train, device)
         test_h, _ = embed(swept, data.x_test, device)
-        scores = evaluate_features(train_h, test_h, data, cfg, few_shot=False)
+        scores = evaluate_features({"h": (train_h, test_h)}, data, cfg)["h"]
         sweep.append({"temperature": temperature, **scores, "seconds": swept_stats["seconds"],
                       **{key: swept_history[key][-1] for key in GEOMETRY}})
 

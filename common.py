@@ -7,7 +7,7 @@
 5. Reusing an earlier script      import_script
 6. The embedded image set         make_shapes, caption
 7. Real datasets                  DATASETS, load_images (MNIST, Fashion-MNIST, CIFAR-10)
-8. Several GPUs (torchrun)        rank, world_size, is_main, gather_with_grad, mean_over_ranks
+8. Several GPUs (torchrun)        rank, world_size, is_main, gather_with_grad, GlobalBatchNorm, mean_over_ranks
 """
 import argparse
 import dataclasses
@@ -689,6 +689,73 @@ def gather_with_grad(x):
     dist.all_gather(parts, x.detach().contiguous())
     parts[rank()] = x
     return torch.cat(parts)                                          # (W*B, D)
+
+
+class _GlobalBatchNormFunction(torch.autograd.Function):
+    """BatchNorm in training mode with the statistics of the batches of all ranks, on PyTorch's fused batch-norm
+    kernels (CUDA only). Forward: each rank's per-channel mean and 1/std and its row count are all-gathered and
+    combined. Backward: the input gradient needs two per-channel sums over the whole batch, sum(dy) and
+    sum(dy * (x - mean)); each rank computes its part, and one all-reduce adds them up.
+    NOTE: nn.SyncBatchNorm does the same, but first drops the statistics of ranks that had no rows, by boolean
+    indexing: the CPU must wait for the GPU to learn how many are left (PyTorch issue 78656), once per layer and
+    step, and can no longer queue kernels ahead. Here every rank always has rows, so nothing is dropped."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum):
+        C = x.shape[1]
+        mean, invstd = torch.batch_norm_stats(x, eps)                       # (C,), (C,): this rank's batch
+        count = torch.full((1,), x.numel() // C, dtype=mean.dtype, device=x.device)
+        everyone = torch.empty(world_size(), 2 * C + 1, dtype=mean.dtype, device=x.device)
+        dist.all_gather_into_tensor(everyone, torch.cat([mean, invstd, count]))     # (W, 2C + 1)
+        counts = everyone[:, 2 * C]
+        # the whole batch's mean and 1/std, and the running statistics updated with them (unbiased variance)
+        mean, invstd = torch.batch_norm_gather_stats_with_counts(
+            x, everyone[:, :C], everyone[:, C:2 * C], running_mean, running_var, momentum, eps, counts.to(running_mean.dtype))
+        ctx.save_for_backward(x, weight, mean, invstd, counts.to(torch.int32))
+        return torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, mean, invstd, counts = ctx.saved_tensors
+        if not grad_y.is_contiguous(memory_format=torch.channels_last):
+            grad_y = grad_y.contiguous()
+        sum_dy, sum_dy_xmu, grad_weight, grad_bias = torch.batch_norm_backward_reduce(
+            grad_y, x, mean, invstd, weight, True, True, True)              # this rank's sums, (C,) each
+        sums = torch.cat([sum_dy, sum_dy_xmu])
+        dist.all_reduce(sums)                                                # the whole batch's sums
+        sum_dy, sum_dy_xmu = sums.chunk(2)
+        grad_x = torch.batch_norm_backward_elemt(grad_y, x, mean, invstd, weight.to(mean.dtype), sum_dy, sum_dy_xmu,
+                                                 counts)
+        # weight and bias get this rank's share of their gradient: DDP adds the shares up, as for any parameter
+        return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """A BatchNorm layer for (B, C) or (B, C, H, W) inputs whose training-mode statistics are those of the batches of
+    all GPUs together (SimCLR's global BN). In eval mode, in one process or on CPU it is the ordinary BatchNorm."""
+
+    def _check_input_dim(self, x):
+        check(x.dim() in (2, 4), f"GlobalBatchNorm takes (B, C) or (B, C, H, W) inputs, got {x.dim()} dimensions")
+
+    def forward(self, x):
+        if not (self.training and world_size() > 1 and x.is_cuda):
+            return super().forward(x)
+        self.num_batches_tracked.add_(1)
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous()
+        return _GlobalBatchNormFunction.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                              self.eps, self.momentum)
+
+
+def global_batchnorm(module):
+    """module with every BatchNorm layer replaced by a GlobalBatchNorm with the same weights and statistics."""
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+        layer = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine)
+        layer.load_state_dict(module.state_dict())
+        return layer.to(module.running_mean.device)
+    for name, child in module.named_children():
+        setattr(module, name, global_batchnorm(child))
+    return module
 
 
 def mean_over_ranks(value):

@@ -110,6 +110,21 @@ def test_linear_probe_separates_separable_data():
     assert result["top1"] == 1.0
 
 
+def test_probes_of_feature_sets_of_different_widths_stacked_equal_separate_ones():
+    # the zero columns that stack_features adds must change nothing: each probe scores as it does alone
+    g = torch.Generator().manual_seed(8)
+    y = torch.randint(0, 5, (300,), generator=g)
+    narrow = torch.randn(5, 3, generator=g)[y] + torch.randn(300, 3, generator=g)
+    wide = torch.randn(5, 12, generator=g)[y] * 0.3 + torch.randn(300, 12, generator=g)
+    stacked = contrastive.stack_features([narrow, wide])
+    assert stacked.shape == (2, 300, 12) and (stacked[0, :, 3:] == 0).all()
+    together = autoencoder.linear_probe(stacked[:, :200], y[:200], stacked[:, 200:], y[200:], 5, min_steps=150)
+    for features, ours in zip([narrow, wide], together):
+        alone = autoencoder.linear_probe(features[:200], y[:200], features[200:], y[200:], 5, min_steps=150)
+        assert ours == pytest.approx(alone, abs=1 / 100)
+    assert together[0] != together[1]
+
+
 def test_per_class_subset_takes_that_many_of_each_class():
     labels = torch.arange(30) % 3
     idx = contrastive.per_class_subset(labels, 4, 3, seed=0)

@@ -1,6 +1,7 @@
 """Several processes (torchrun's setting), tried on CPU with the gloo backend: losses over gathered embeddings
 equal the single-process loss on the concatenated batch, values and gradients; so do whole DDP training steps
 of 03 and 05; torchrun runs of 03, 04 and 05 write their outputs once; bad setups fail with one line."""
+import copy
 import json
 import os
 import socket
@@ -83,11 +84,80 @@ def test_without_torchrun_nothing_changes():
     assert common.mean_over_ranks(2.5) == 2.5
 
 
+# ---- Global BatchNorm: statistics over the batches of all GPUs ----
+
+def test_global_batchnorm_keeps_weights_and_is_batchnorm_in_one_process():
+    torch.manual_seed(3)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 36, 6), torch.nn.BatchNorm1d(6))
+    for _ in range(2):
+        plain(torch.randn(5, 3, 8, 8))                                  # running statistics away from their start
+    converted = common.global_batchnorm(copy.deepcopy(plain))
+    assert [type(m) for m in converted.modules()].count(common.GlobalBatchNorm) == 2
+    assert converted.state_dict().keys() == plain.state_dict().keys()
+    for key, value in plain.state_dict().items():
+        assert torch.equal(converted.state_dict()[key], value), key
+    x = torch.randn(6, 3, 8, 8)
+    for mode in (True, False):                                          # training and eval mode
+        torch.testing.assert_close(converted.train(mode)(x), plain.train(mode)(x))
+    torch.testing.assert_close(converted[1].running_var, plain[1].running_var)
+
+
+def global_batchnorm_on_gpus(rank, port, inputs, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
+    device = common.init_distributed(torch.device("cuda"))
+    try:
+        out = {}
+        for name, (x, upstream, memory_format) in inputs.items():
+            layer = common.GlobalBatchNorm(x.shape[1]).to(device, torch.float64)
+            with torch.no_grad():
+                layer.weight.copy_(torch.linspace(0.5, 2, x.shape[1]))
+                layer.bias.copy_(torch.linspace(-1, 1, x.shape[1]))
+            mine = x.chunk(WORLD)[rank].to(device).contiguous(memory_format=memory_format).requires_grad_()
+            y = layer(mine)
+            (y * upstream.chunk(WORLD)[rank].to(device)).sum().backward()
+            out[name] = {"y": y.detach().cpu(), "grad_x": mine.grad.cpu(), "grad_weight": layer.weight.grad.cpu(),
+                         "grad_bias": layer.bias.grad.cpu(), "running_mean": layer.running_mean.cpu(),
+                         "running_var": layer.running_var.cpu()}
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason="needs two GPUs (its kernels are CUDA-only)")
+def test_global_batchnorm_on_two_gpus_equals_batchnorm_on_the_whole_batch():
+    g = torch.Generator().manual_seed(4)
+    inputs = {name: (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 1,
+                     torch.randn(shape, generator=g, dtype=torch.float64), memory_format)
+              for name, shape, memory_format in (("images_channels_last", (12, 5, 4, 4), torch.channels_last),
+                                                 ("images", (12, 5, 4, 4), torch.contiguous_format),
+                                                 ("vectors", (12, 7), torch.contiguous_format))}
+    results = mp.Manager().dict()
+    mp.start_processes(global_batchnorm_on_gpus, args=(free_port(), inputs, results), nprocs=WORLD, start_method="spawn")
+    for name, (x, upstream, _) in inputs.items():
+        whole = x.clone().requires_grad_()
+        weight = torch.linspace(0.5, 2, x.shape[1], dtype=torch.float64).requires_grad_()
+        bias = torch.linspace(-1, 1, x.shape[1], dtype=torch.float64).requires_grad_()
+        running_mean, running_var = torch.zeros(x.shape[1], dtype=torch.float64), torch.ones(x.shape[1], dtype=torch.float64)
+        y = torch.nn.functional.batch_norm(whole, running_mean, running_var, weight, bias, training=True)
+        (y * upstream).sum().backward()
+        for rank in range(WORLD):
+            got = results[rank][name]
+            torch.testing.assert_close(got["y"], y.detach().chunk(WORLD)[rank])
+            torch.testing.assert_close(got["grad_x"], whole.grad.chunk(WORLD)[rank])
+            torch.testing.assert_close(got["running_mean"], running_mean)
+            torch.testing.assert_close(got["running_var"], running_var)
+        # each rank holds its share of the weight's and bias's gradient; DDP adds the shares
+        torch.testing.assert_close(sum(results[r][name]["grad_weight"] for r in range(WORLD)), weight.grad)
+        torch.testing.assert_close(sum(results[r][name]["grad_bias"] for r in range(WORLD)), bias.grad)
+
+
 # ---- Whole training steps: DDP on W processes with per-process batch B == one process with batch W*B ----
 
 def tiny_models():
     """03's SimCLR (float64, eval mode: BatchNorm then uses its running statistics, so the step does not depend on
-    how the batch is split; on GPUs SyncBatchNorm does that job in training mode) and a small 05 CLIP."""
+    how the batch is split; on GPUs GlobalBatchNorm does that job in training mode) and a small 05 CLIP."""
     contrastive, clip = common.import_script("03_contrastive"), common.import_script("05_clip")
     torch.manual_seed(0)
     simclr = contrastive.SimCLR(3, width=2, hidden=8, projection=4).double().eval()
