@@ -732,10 +732,12 @@ class _GlobalBatchNormFunction(torch.autograd.Function):
 
 class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     """A BatchNorm layer for (B, C) or (B, C, H, W) inputs whose training-mode statistics are those of the batches of
-    all GPUs together (SimCLR's global BN). In eval mode, in one process or on CPU it is the ordinary BatchNorm."""
+    all GPUs together (SimCLR's global BN). In eval mode, in one process or on CPU it is the ordinary BatchNorm.
+    It has PyTorch's default BatchNorm settings: a weight and a bias, running statistics, a fixed momentum."""
 
     def _check_input_dim(self, x):
-        check(x.dim() in (2, 4), f"GlobalBatchNorm takes (B, C) or (B, C, H, W) inputs, got {x.dim()} dimensions")
+        if x.dim() not in (2, 4):
+            raise ValueError(f"GlobalBatchNorm takes (B, C) or (B, C, H, W) inputs, got {x.dim()} dimensions")
 
     def forward(self, x):
         if not (self.training and world_size() > 1 and x.is_cuda):
@@ -750,7 +752,7 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 def global_batchnorm(module):
     """module with every BatchNorm layer replaced by a GlobalBatchNorm with the same weights and statistics."""
     if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-        layer = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine)
+        layer = GlobalBatchNorm(module.num_features, module.eps, module.momentum)
         layer.load_state_dict(module.state_dict())
         return layer.to(module.running_mean.device)
     for name, child in module.named_children():
