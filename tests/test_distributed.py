@@ -1,6 +1,7 @@
 """Several processes (torchrun's setting), tried on CPU with the gloo backend: losses over gathered embeddings
 equal the single-process loss on the concatenated batch, values and gradients; so do whole DDP training steps
-of 03 and 05; torchrun runs of 03, 04 and 05 write their outputs once; bad setups fail with one line."""
+of 03 and 05; torchrun runs of 03, 04 and 05 write their outputs once; bad setups fail with one line. On a machine
+with two GPUs, also NCCL: GlobalBatchNorm split over them equals BatchNorm on the whole batch."""
 import copy
 import json
 import os
