@@ -566,9 +566,10 @@ def evaluate_features(features, data, cfg, few_shot=()):
                          "knn_top5": knn["top5"], "knn_uncentred_top1": raw["top1"]}
     if few_shot:
         chosen = [names.index(n) for n in few_shot]
+        test = test[chosen]
         for shots in FEW_SHOTS:
             idx = per_class_subset(data.y_train, shots, classes, cfg.seed).to(train.device)
-            probes = autoencoder.linear_probe(train[chosen][:, idx], data.y_train[idx], test[chosen], data.y_test,
+            probes = autoencoder.linear_probe(train[:, idx][chosen], data.y_train[idx], test, data.y_test,
                                               classes, seed=cfg.seed, min_steps=cfg.probe_steps)
             for i, probe in zip(chosen, probes):
                 results[names[i]][f"{shots}_shot_top1"] = probe["top1"]
