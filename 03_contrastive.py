@@ -34,12 +34,13 @@ Run
   torchrun --nproc_per_node=2 03_contrastive.py              # 2 GPUs, 1024 images each: 4094 negatives per view
 
 Measured on one H100 (PyTorch 2.11, bf16), linear probe / weighted-kNN top-1 of the frozen encoder's h:
-  shapes (default, 40 epochs, 29.1 s of pre-training at 68k img/s, 56.6 s process wall): 0.805 / 0.697;
+  shapes (default, 40 epochs, 30.2 s of pre-training at 65k img/s, 64.0 s process wall): 0.800 / 0.692;
     random encoder 0.199 / 0.149, raw pixels 0.138 / 0.209.
-  Fashion-MNIST (the command above, 79.7 s of pre-training at 60k img/s, 112 s process wall): 0.909 / 0.906;
-    random encoder 0.829 / 0.769, raw pixels 0.845 / 0.861.
-  The GPU augmentations pre-train 12.4x faster than torchvision transforms in 15 DataLoader workers
-  feeding the same encoder (62.5k vs 5.0k img/s; benchmarks/bench_03_contrastive.py, an earlier session).
+  Fashion-MNIST (the command above, 78.5 s of pre-training at 60k img/s, 114 s process wall): 0.909 / 0.904;
+    random encoder 0.829 / 0.770, raw pixels 0.845 / 0.861.
+  The GPU augmentations pre-train 16.3x faster than torchvision transforms in 15 DataLoader workers
+  feeding the same encoder (75.5k vs 4.6k img/s; benchmarks/bench_03_contrastive.py).
+  Two H200s under torchrun pre-train the default run at 142k img/s, 1.76x to 1.95x one H200 (README).
 """
 import dataclasses
 import functools
@@ -382,9 +383,10 @@ def contrastive_step(model, optimizer, view1, view2, temperature, loss_fn, devic
     views = torch.cat([view1, view2]).contiguous(memory_format=torch.channels_last)   # (V, C, H, W)
     with common.autocast(device):
         _, z = model(views)                                         # both views in one batch: one set of BN statistics
-    # Negatives from every GPU: under torchrun each rank's z1, z2 (B, P) become (W*B, P) in rank order, so row i
-    # of the two is still a pair; without torchrun (W = 1) they are returned as they are
-    z1, z2 = (common.gather_with_grad(half) for half in z.chunk(2))    # z[:B] and z[B:] are partners, row by row
+    # Negatives from every GPU: under torchrun every rank's z (2B, P) is gathered, in rank order, into (W*2B, P),
+    # one collective for both views; without torchrun (W = 1) z is returned as it is
+    z = common.gather_with_grad(z).unflatten(0, (-1, 2, len(view1)))    # (W, 2, B, P): rank, view, image
+    z1, z2 = z[:, 0].flatten(0, 1), z[:, 1].flatten(0, 1)               # (W*B, P) each; row i of both is a pair
     loss = loss_fn(z1, z2, temperature)
     optimizer.zero_grad(set_to_none=True)
     # Every rank holds the exact gradient of the full-batch loss for its own rows, and DDP AVERAGES gradients
@@ -400,6 +402,7 @@ def warmup_cosine(step, total, warmup):
     return min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / total))
 
 
+VIEW_STEPS = 8             # training steps whose views are made together
 TRACK_POINTS = 25          # geometry measurements per pre-training run
 TRACK_IMAGES = 512         # test images whose views are measured, the same ones each time
 GEOMETRY = ("alignment", "uniformity", "effective_rank", "std")   # what geometry() measures of z
@@ -416,8 +419,13 @@ def pretrain(cfg, data, device, temperature, negatives, desc="pre-train"):
             # a view could find its partner (always on its own GPU) through the batch they share, not the image.
             # NOTE: on fused CUDA kernels; CPU processes (gloo, the tests) keep per-process statistics.
             model = common.global_batchnorm(model)
-        # DDP starts every rank from rank 0's weights and averages the gradients over ranks during backward
-        trained = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        # DDP starts every rank from rank 0's weights and averages the gradients over ranks during backward. The
+        # gradients live in its communication buckets (no copy into them); every step uses the same layers in the
+        # same order, so it plans once; and on GPUs global BN already gives every rank the same running statistics,
+        # so DDP need not copy rank 0's to the others before every forward (it does so for the CPU processes)
+        trained = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                                      gradient_as_bucket_view=True, static_graph=True,
+                                                      broadcast_buffers=device.type != "cuda")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
     n, B = len(data.x_train), cfg.batch_size
@@ -430,23 +438,28 @@ def pretrain(cfg, data, device, temperature, negatives, desc="pre-train"):
     track_every = max(1, total // TRACK_POINTS)
     history = {"step": [], "loss": [], **{key: [] for key in GEOMETRY}}
     bar = common.progress(total * B, desc)
-    watch = common.Stopwatch(device)
-    step = 0
+    watch, seconds, step = common.Stopwatch(device), 0.0, 0
     for _ in range(cfg.epochs):
         order = torch.randperm(n, device=device, generator=generator)[: steps_per_epoch * B]
-        for idx in order.view(steps_per_epoch, B):
-            view1, view2 = two_views(data.x_train[idx], strength, generator)
-            loss = contrastive_step(trained, optimizer, view1, view2, temperature, loss_fn, device)
-            schedule.step()
-            step += 1
-            bar.update(B)
-            if step % track_every == 0 or step == 1 or step == total:
-                history["step"].append(step)
-                history["loss"].append(loss.item())                 # the full batch's loss: the same on every rank
-                for key, value in geometry(model, tracked, strength, device, cfg.seed).items():
-                    history[key].append(value)
-                bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
-    seconds = common.mean_over_ranks(watch.seconds())
+        # NOTE: the views of VIEW_STEPS steps are made in one call. The augmentations are some 250 small tensor ops,
+        # each launched by the CPU; once per step, launching them kept the CPU as busy as the GPU, and under torchrun
+        # the CPU set the pace
+        for chunk in order.split(VIEW_STEPS * B):
+            views1, views2 = two_views(data.x_train[chunk], strength, generator)
+            for view1, view2 in zip(views1.split(B), views2.split(B)):
+                loss = contrastive_step(trained, optimizer, view1, view2, temperature, loss_fn, device)
+                schedule.step()
+                step += 1
+                bar.update(B)
+                if step % track_every == 0 or step == 1 or step == total:
+                    seconds += watch.seconds()                      # the clock stops while the geometry is measured
+                    history["step"].append(step)
+                    history["loss"].append(loss.item())             # the full batch's loss: the same on every rank
+                    for key, value in geometry(model, tracked, strength, device, cfg.seed).items():
+                        history[key].append(value)
+                    bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
+                    watch = common.Stopwatch(device)
+    seconds = common.mean_over_ranks(seconds + watch.seconds())
     bar.close()
     images = total * B * common.world_size()                        # on all GPUs together
     return model, history, {"seconds": seconds, "images_per_second": images / seconds, "steps": total}
