@@ -410,7 +410,8 @@ GEOMETRY = ("alignment", "uniformity", "effective_rank", "std")   # what geometr
 
 def pretrain(cfg, data, device, temperature, negatives, desc="pre-train"):
     """SimCLR pre-training on data.x_train (labels unused; under torchrun, this rank's share of the training split).
-    Returns (model, history, stats); the model is the plain module, with the same weights on every rank."""
+    Returns (model, history, stats); the model is the plain module, with the same weights on every rank, and stats
+    times the training steps alone (not the geometry measurements of history)."""
     model = build_model(cfg, data.shape[0], device)
     trained = model                                                 # what the training step calls
     if common.world_size() > 1:
