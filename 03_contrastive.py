@@ -271,6 +271,19 @@ def two_views(images, strength, generator=None):
     return both.chunk(2)
 
 
+VIEW_STEPS = 8             # training batches whose views are made together
+
+
+def view_batches(images, order, batch_size, strength, generator=None):
+    """(view1, view2) of images[idx] for each run of batch_size indices idx in order (whose length is a multiple).
+    NOTE: the views of VIEW_STEPS batches are made in one call. The augmentations are some 250 small tensor ops,
+    each launched by the CPU; once per training step, launching them kept the CPU as busy as the GPU, and under
+    torchrun the CPU set the pace."""
+    for chunk in order.split(VIEW_STEPS * batch_size):
+        views1, views2 = two_views(images[chunk], strength, generator)
+        yield from zip(views1.split(batch_size), views2.split(batch_size))
+
+
 # ---- 2. Model: an encoder f and a projection head g (SimCLR Section 2.1) ----
 
 def conv_bn(c_in, c_out, stride=1):
@@ -402,7 +415,6 @@ def warmup_cosine(step, total, warmup):
     return min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / total))
 
 
-VIEW_STEPS = 8             # training steps whose views are made together
 TRACK_POINTS = 25          # geometry measurements per pre-training run
 TRACK_IMAGES = 512         # test images whose views are measured, the same ones each time
 GEOMETRY = ("alignment", "uniformity", "effective_rank", "std")   # what geometry() measures of z
@@ -442,24 +454,19 @@ def pretrain(cfg, data, device, temperature, negatives, desc="pre-train"):
     watch, seconds, step = common.Stopwatch(device), 0.0, 0
     for _ in range(cfg.epochs):
         order = torch.randperm(n, device=device, generator=generator)[: steps_per_epoch * B]
-        # NOTE: the views of VIEW_STEPS steps are made in one call. The augmentations are some 250 small tensor ops,
-        # each launched by the CPU; once per step, launching them kept the CPU as busy as the GPU, and under torchrun
-        # the CPU set the pace
-        for chunk in order.split(VIEW_STEPS * B):
-            views1, views2 = two_views(data.x_train[chunk], strength, generator)
-            for view1, view2 in zip(views1.split(B), views2.split(B)):
-                loss = contrastive_step(trained, optimizer, view1, view2, temperature, loss_fn, device)
-                schedule.step()
-                step += 1
-                bar.update(B)
-                if step % track_every == 0 or step == 1 or step == total:
-                    seconds += watch.seconds()                      # the clock stops while the geometry is measured
-                    history["step"].append(step)
-                    history["loss"].append(loss.item())             # the full batch's loss: the same on every rank
-                    for key, value in geometry(model, tracked, strength, device, cfg.seed).items():
-                        history[key].append(value)
-                    bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
-                    watch = common.Stopwatch(device)
+        for view1, view2 in view_batches(data.x_train, order, B, strength, generator):
+            loss = contrastive_step(trained, optimizer, view1, view2, temperature, loss_fn, device)
+            schedule.step()
+            step += 1
+            bar.update(B)
+            if step % track_every == 0 or step == 1 or step == total:
+                seconds += watch.seconds()                          # the clock stops while the geometry is measured
+                history["step"].append(step)
+                history["loss"].append(loss.item())                 # the full batch's loss: the same on every rank
+                for key, value in geometry(model, tracked, strength, device, cfg.seed).items():
+                    history[key].append(value)
+                bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
+                watch = common.Stopwatch(device)
     seconds = common.mean_over_ranks(seconds + watch.seconds())
     bar.close()
     images = total * B * common.world_size()                        # on all GPUs together

@@ -78,13 +78,12 @@ def main():
           f"batch {cfg.batch_size} images (x2 views), encoder width {cfg.width}, {args.workers} workers")
 
     def gpu_batches():
-        """(view1, view2) batches; the views of VIEW_STEPS batches are made in one call, as the script makes them."""
+        """(view1, view2) batches, made as the script's pre-training makes them."""
         generator = torch.Generator(device).manual_seed(0)
-        chunk = contrastive.VIEW_STEPS * cfg.batch_size
+        usable = len(data.x_train) // cfg.batch_size * cfg.batch_size      # every batch full
         while True:
-            for idx in torch.randperm(len(data.x_train), device=device, generator=generator).split(chunk)[:-1]:
-                views1, views2 = contrastive.two_views(data.x_train[idx], strength, generator)
-                yield from zip(views1.split(cfg.batch_size), views2.split(cfg.batch_size))
+            order = torch.randperm(len(data.x_train), device=device, generator=generator)[:usable]
+            yield from contrastive.view_batches(data.x_train, order, cfg.batch_size, strength, generator)
 
     watch, batches = common.Stopwatch(device), gpu_batches()
     for _ in range(args.steps):

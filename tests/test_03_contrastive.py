@@ -125,6 +125,20 @@ def test_probes_of_feature_sets_of_different_widths_stacked_equal_separate_ones(
     assert together[0] != together[1]
 
 
+def test_view_batches_are_the_batches_of_order_with_partners_row_by_row():
+    # with every augmentation off a view is its image, so each batch must be images[order] cut in runs of B,
+    # the same rows in both views, over a chunk of VIEW_STEPS batches and a shorter last one
+    B = 3
+    stored = torch.randint(0, 256, (40, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(9))
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(10))[: (contrastive.VIEW_STEPS + 2) * B]
+    batches = list(contrastive.view_batches(stored, order, B, OFF))
+    assert len(batches) == contrastive.VIEW_STEPS + 2
+    for (view1, view2), idx in zip(batches, order.split(B)):
+        expected = autoencoder.to_float(stored[idx])
+        torch.testing.assert_close(view1, expected, rtol=0, atol=0)
+        torch.testing.assert_close(view2, expected, rtol=0, atol=0)
+
+
 def test_per_class_subset_takes_that_many_of_each_class():
     labels = torch.arange(30) % 3
     idx = contrastive.per_class_subset(labels, 4, 3, seed=0)
