@@ -38,8 +38,8 @@ Measured on one H100 (PyTorch 2.11, bf16), linear probe / weighted-kNN top-1 of 
     random encoder 0.199 / 0.149, raw pixels 0.138 / 0.209.
   Fashion-MNIST (the command above, 78.5 s of pre-training at 60k img/s, 114 s process wall): 0.909 / 0.904;
     random encoder 0.829 / 0.770, raw pixels 0.845 / 0.861.
-  The GPU augmentations pre-train 16.3x faster than torchvision transforms in 15 DataLoader workers
-  feeding the same encoder (75.5k vs 4.6k img/s; benchmarks/bench_03_contrastive.py).
+  The GPU augmentations pre-train 15.5x to 16.3x faster than torchvision transforms in 15 DataLoader workers
+  feeding the same encoder (75.5k vs 4.6k img/s and 75.1k vs 4.8k on two H100s; benchmarks/bench_03_contrastive.py).
   Two H200s under torchrun pre-train the default run at 142k img/s, 1.76x to 1.95x one H200 (README).
 """
 import dataclasses
