@@ -52,8 +52,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import evaluation
 
-autoencoder = common.import_script("01_autoencoder")   # linear_probe, knn_classify, to_float
 
 # Shape legend: B images in a batch, V = 2B views, C channels, H x W pixels, w encoder width,
 # D feature size (h: D = 4w), P projection size (z), N images in an evaluation set.
@@ -266,7 +266,7 @@ def strengths(cfg):
 
 def two_views(images, strength, generator=None):
     """Two independent views of each image: uint8 (B, C, H, W) -> two float (B, C, H, W) in [0, 1]."""
-    x = autoencoder.to_float(images)
+    x = common.to_float(images)
     both = augment(torch.cat([x, x]), **strength, generator=generator)   # one call: each row draws its own
     return both.chunk(2)
 
@@ -515,7 +515,7 @@ def embed(model, images, device, batch=2048):
     hs, zs = [], []
     for chunk in images.split(batch):
         with common.autocast(device):
-            h, z = model(autoencoder.to_float(chunk).contiguous(memory_format=torch.channels_last))
+            h, z = model(common.to_float(chunk).contiguous(memory_format=torch.channels_last))
         hs.append(h.float())
         zs.append(z.float())
     model.train(was_training)
@@ -576,13 +576,13 @@ def evaluate_features(features, data, cfg, few_shot=()):
     sets train side by side (stack_features): on a GPU a probe's step costs its kernel launches, not arithmetic."""
     classes, names = len(data.classes), list(features)
     train, test = stack_features([features[n][0] for n in names]), stack_features([features[n][1] for n in names])
-    linear = autoencoder.linear_probe(train, data.y_train, test, data.y_test, classes, seed=cfg.seed,
+    linear = evaluation.linear_probe(train, data.y_train, test, data.y_test, classes, seed=cfg.seed,
                                       min_steps=cfg.probe_steps)
     results = {}
     for name, probe in zip(names, linear):
         train_f, test_f = features[name]
-        knn = autoencoder.knn_classify(train_f, data.y_train, test_f, data.y_test, classes, centre=True)
-        raw = autoencoder.knn_classify(train_f, data.y_train, test_f, data.y_test, classes)
+        knn = evaluation.knn_classify(train_f, data.y_train, test_f, data.y_test, classes, centre=True)
+        raw = evaluation.knn_classify(train_f, data.y_train, test_f, data.y_test, classes)
         results[name] = {"linear_top1": probe["top1"], "linear_top5": probe["top5"], "knn_top1": knn["top1"],
                          "knn_top5": knn["top5"], "knn_uncentred_top1": raw["top1"]}
     if few_shot:
@@ -590,7 +590,7 @@ def evaluate_features(features, data, cfg, few_shot=()):
         test = test[chosen]
         for shots in FEW_SHOTS:
             idx = per_class_subset(data.y_train, shots, classes, cfg.seed).to(train.device)
-            probes = autoencoder.linear_probe(train[:, idx][chosen], data.y_train[idx], test, data.y_test,
+            probes = evaluation.linear_probe(train[:, idx][chosen], data.y_train[idx], test, data.y_test,
                                               classes, seed=cfg.seed, min_steps=cfg.probe_steps)
             for i, probe in zip(chosen, probes):
                 results[names[i]][f"{shots}_shot_top1"] = probe["top1"]
@@ -634,7 +634,7 @@ def invariance(model, data, strength, device, seed):
     for name in AUGMENTATIONS:
         if strength[name] > 0:
             alone = {other: (strength[name] if other == name else 0.0) for other in AUGMENTATIONS}
-            view = augment(autoencoder.to_float(images), **alone, generator=generator)
+            view = augment(common.to_float(images), **alone, generator=generator)
             distances[f"augment: {name}"] = cosine_distance(h, embed(model, view, device)[0], centre)
     shuffle = torch.randperm(len(images), device=device, generator=generator)
     if data.factors_test is not None:
@@ -672,7 +672,7 @@ def show(ax, grid, title):
 def plot_views(ax, images, strength, device, seed, count=8):
     """Each column: an image, then its two views (rows)."""
     view1, view2 = two_views(images[:count], strength, torch.Generator(device).manual_seed(seed + 3))
-    show(ax, tile(torch.cat([autoencoder.to_float(images[:count]), view1, view2]), count), "originals, view 1, view 2")
+    show(ax, tile(torch.cat([common.to_float(images[:count]), view1, view2]), count), "originals, view 1, view 2")
 
 
 def plot_similarity(ax, model, images, strength, device, seed, count=16):
@@ -862,7 +862,7 @@ def main(argv=None):
     h_test, z_test = embed(model, data.x_test, device)
     r_train, _ = embed(random_model, data.x_train, device)
     r_test, rz_test = embed(random_model, data.x_test, device)
-    pixels = lambda images: autoencoder.to_float(images).flatten(1)
+    pixels = lambda images: common.to_float(images).flatten(1)
     evaluation = evaluate_features({"simclr_h": (h_train, h_test), "simclr_z": (z_train, z_test),
                                     "random_h": (r_train, r_test), "pixels": (pixels(data.x_train), pixels(data.x_test))},
                                    data, cfg, few_shot=("simclr_h", "random_h", "pixels"))

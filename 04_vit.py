@@ -48,8 +48,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import evaluation
 
-autoencoder = common.import_script("01_autoencoder")    # linear_probe, knn_classify, topk_accuracy
 contrastive = common.import_script("03_contrastive")    # augment, nt_xent
 
 
@@ -406,7 +406,7 @@ def fit(model, loss_of_batch, pool, steps, steps_per_epoch, cfg, device, desc, e
     watch = common.Stopwatch(device)
     for step, indices in enumerate(index_batches(pool, batch_size, steps, generator)):
         for group in optimizer.param_groups:
-            group["lr"] = autoencoder.learning_rate(step, steps, cfg.lr, int(cfg.warmup * steps))
+            group["lr"] = cfg.lr * common.warmup_cosine(step, steps, int(cfg.warmup * steps))
         # under torchrun every rank draws the same batch (one seed) and takes its own share of it; DDP averages
         # the W share-mean gradients into the gradient of the whole batch's mean loss
         loss = loss_of_batch(indices.tensor_split(W)[common.rank()])
@@ -516,7 +516,7 @@ def predict(model, images, stats, batch_size=1024):
 
 
 def test_accuracy(model, data, stats):
-    return autoencoder.topk_accuracy(predict(model, data.x_test, stats), data.y_test)
+    return evaluation.topk_accuracy(predict(model, data.x_test, stats), data.y_test)
 
 
 @torch.no_grad()
@@ -541,7 +541,7 @@ def depth_probes(vit, data, stats, pool, cfg):
     y_train, classes = data.y_train[train], len(data.classes)
     cls_train, patch_train = layer_features(vit, data.x_train[train], stats)
     cls_test, patch_test = layer_features(vit, data.x_test, stats)
-    probe = lambda a, b: autoencoder.linear_probe(a, y_train, b, data.y_test, classes, seed=cfg.seed,
+    probe = lambda a, b: evaluation.linear_probe(a, y_train, b, data.y_test, classes, seed=cfg.seed,
                                                   min_steps=cfg.probe_steps)
     pixels = lambda images: images.flatten(1).float() / 255
     # all 2(L + 1) probes side by side, one batched step each: (2(L + 1), n, E)
@@ -717,7 +717,7 @@ def init_from_checkpoint(model, path, cfg):
 def probe_features(encoder, data, stats, pool, cfg):
     """01's linear probe on encoder(images) (B, E): fitted on the labelled pool, scored on the test set."""
     encode = lambda images: predict(encoder, images, stats)                  # a batch at a time
-    return autoencoder.linear_probe(encode(data.x_train[pool]), data.y_train[pool], encode(data.x_test), data.y_test,
+    return evaluation.linear_probe(encode(data.x_train[pool]), data.y_train[pool], encode(data.x_test), data.y_test,
                                     len(data.classes), seed=cfg.seed, min_steps=cfg.probe_steps)["top1"]
 
 

@@ -48,10 +48,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import evaluation
 
 vit = common.import_script("04_vit")
 contrastive = common.import_script("03_contrastive")     # warmup_cosine
-evaluation = common.import_script("01_autoencoder")
 
 
 @dataclass

@@ -1,13 +1,15 @@
-"""Plumbing shared by the numbered scripts, and nothing else: no model or loss lives here.
+"""Plumbing shared by the numbered scripts, and nothing else: no model, loss or evaluation lives here
+(the evaluation protocol is evaluation.py).
 
 1. Errors a user can fix          UserError, run
 2. Configuration                  arg, RunConfig, parse_config
-3. Device, seeds, speed           setup, autocast, Stopwatch, progress
+3. Device, seeds, speed           setup, autocast, Stopwatch, warmup_cosine, to_float, progress
 4. Outputs                        save_json, save_figure, save_checkpoint, load_checkpoint
 5. Reusing an earlier script      import_script
 6. The embedded image set         make_shapes, caption
 7. Real datasets                  DATASETS, load_images (MNIST, Fashion-MNIST, CIFAR-10)
-8. Several GPUs (torchrun)        rank, world_size, is_main, gather_with_grad, GlobalBatchNorm, mean_over_ranks
+8. Several GPUs (torchrun)        rank, world_size, is_main, rank_share, data_parallel, backward_full_batch,
+                                  gather_with_grad, GlobalBatchNorm, mean_over_ranks
 """
 import argparse
 import dataclasses
@@ -170,6 +172,20 @@ class Stopwatch:
 
     def seconds(self):
         return self._now() - self.start
+
+
+def warmup_cosine(step, total, warmup_steps):
+    """The learning-rate multiplier of every script: a linear warm-up over the first warmup_steps, then a cosine
+    decay to 0 over the rest (SGDR, Eq. 5 of Loshchilov and Hutter 2017, one cycle). Adam's early steps rest on
+    poor second-moment estimates, and attention logits can blow up then: the warm-up keeps those steps small."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total - warmup_steps)))
+
+
+def to_float(images):
+    """uint8 (B, C, H, W) -> float32 in [0, 1]. Float input (already converted) passes through."""
+    return images.float() / 255 if images.dtype == torch.uint8 else images.float()
 
 
 def progress(total, desc, unit="img"):
@@ -674,6 +690,34 @@ def init_distributed(device):
     else:
         dist.init_process_group("gloo")                     # gloo between CPU processes (the tests use it)
     return device
+
+
+def rank_share(n):
+    """This rank's contiguous share of n training items, as a slice (all of them in one process)."""
+    share = n // world_size()
+    return slice(rank() * share, (rank() + 1) * share)
+
+
+def data_parallel(module, device, **options):
+    """module itself in one process. Under torchrun, DistributedDataParallel around it: every rank starts from
+    rank 0's weights, and backward averages the gradients over the ranks. options go to DDP."""
+    if world_size() == 1:
+        return module
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
+                                                     **options)
+
+
+def backward_full_batch(loss, replicated=()):
+    """loss.backward() for a loss that every rank computes over the gathered batch of all W ranks (gather_with_grad).
+    Each rank then holds the exact full-batch gradient for its own rows, and DDP AVERAGES gradients over the W
+    ranks: multiplying by W makes the update equal to the one-GPU update with batch W*B. `replicated` parameters
+    act on the gathered batch directly (CLIP's logit scale): each rank's loss gives them their whole gradient,
+    not a share, so dividing by W again leaves DDP's average equal to it. With W = 1 this is loss.backward()."""
+    W = world_size()
+    (loss * W).backward()
+    for parameter in replicated:
+        if W > 1 and parameter.grad is not None:
+            parameter.grad /= W
 
 
 def gather_with_grad(x):

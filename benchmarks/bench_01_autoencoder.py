@@ -78,7 +78,7 @@ def main(argv=None):
     features = torch.randn(60_000, 512, device=device)
     labels = torch.randint(0, 10, (60_000,), device=device)
     watch = common.Stopwatch(device)
-    autoencoder.linear_probe(features, labels, features[:10_000], labels[:10_000], 10)
+    evaluation.linear_probe(features, labels, features[:10_000], labels[:10_000], 10)
     results["linear probe seconds (60k x 512, default steps)"] = watch.seconds()
     print(f"linear_probe on 60 000 x 512 features: {results['linear probe seconds (60k x 512, default steps)']:.2f} s "
           f"on {results['device']}")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
-autoencoder = common.import_script("01_autoencoder")
+import evaluation  # noqa: E402
 
 
 def small_cnn():
@@ -29,7 +29,7 @@ def main():
         print(f"generate 50k train + 10k test on {target}: {watch.seconds():.2f} s")
     data = common.load_images("shapes", device=device)
     flat = lambda x: x.flatten(1).float() / 255
-    raw = autoencoder.linear_probe(flat(data.x_train), data.y_train, flat(data.x_test), data.y_test, 10, epochs=30)
+    raw = evaluation.linear_probe(flat(data.x_train), data.y_train, flat(data.x_test), data.y_test, 10, epochs=30)
     print(f"linear classifier on raw pixels: top-1 {raw['top1']:.3f}")
     model = small_cnn().to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=5e-4)
@@ -48,7 +48,7 @@ def main():
     model.eval()
     with torch.no_grad(), common.autocast(device):
         logits = torch.cat([model(x.float() / 255) for x in data.x_test.split(1000)])
-    cnn = autoencoder.topk_accuracy(logits.float(), data.y_test)
+    cnn = evaluation.topk_accuracy(logits.float(), data.y_test)
     params = sum(p.numel() for p in model.parameters())
     print(f"small CNN ({params / 1e3:.0f}k parameters, {epochs} epochs, {seconds:.1f} s): top-1 {cnn['top1']:.3f}")
 

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import common
+import evaluation
 
 contrastive = common.import_script("03_contrastive")
-autoencoder = common.import_script("01_autoencoder")
 ROOT = Path(__file__).resolve().parents[1]
 OFF = dict(crop=0.0, flip=0.0, jitter=0.0, grayscale=0.0, blur=0.0)
 
@@ -106,7 +106,7 @@ def test_linear_probe_separates_separable_data():
     centres = torch.randn(4, 8, generator=g) * 6
     y = torch.randint(0, 4, (400,), generator=g)
     x = centres[y] + torch.randn(400, 8, generator=g)
-    result = autoencoder.linear_probe(x[:300], y[:300], x[300:], y[300:], 4, min_steps=200)
+    result = evaluation.linear_probe(x[:300], y[:300], x[300:], y[300:], 4, min_steps=200)
     assert result["top1"] == 1.0
 
 
@@ -118,9 +118,9 @@ def test_probes_of_feature_sets_of_different_widths_stacked_equal_separate_ones(
     wide = torch.randn(5, 12, generator=g)[y] * 0.3 + torch.randn(300, 12, generator=g)
     stacked = contrastive.stack_features([narrow, wide])
     assert stacked.shape == (2, 300, 12) and (stacked[0, :, 3:] == 0).all()
-    together = autoencoder.linear_probe(stacked[:, :200], y[:200], stacked[:, 200:], y[200:], 5, min_steps=150)
+    together = evaluation.linear_probe(stacked[:, :200], y[:200], stacked[:, 200:], y[200:], 5, min_steps=150)
     for features, ours in zip([narrow, wide], together):
-        alone = autoencoder.linear_probe(features[:200], y[:200], features[200:], y[200:], 5, min_steps=150)
+        alone = evaluation.linear_probe(features[:200], y[:200], features[200:], y[200:], 5, min_steps=150)
         assert ours == pytest.approx(alone, abs=1 / 100)
     assert together[0] != together[1]
 
@@ -134,7 +134,7 @@ def test_view_batches_are_the_batches_of_order_with_partners_row_by_row():
     batches = list(contrastive.view_batches(stored, order, B, OFF))
     assert len(batches) == contrastive.VIEW_STEPS + 2
     for (view1, view2), idx in zip(batches, order.split(B)):
-        expected = autoencoder.to_float(stored[idx])
+        expected = common.to_float(stored[idx])
         torch.testing.assert_close(view1, expected, rtol=0, atol=0)
         torch.testing.assert_close(view2, expected, rtol=0, atol=0)
 
