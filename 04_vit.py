@@ -382,13 +382,21 @@ def count_parameters(model):
 
 # ---- 3. Training, as practitioners train small ViTs: AdamW, warm-up then cosine, label smoothing, clipping ----
 
+def decay_groups(model, weight_decay):
+    """AdamW's two parameter groups: decoupled weight decay on the weight matrices of linear and conv layers,
+    none on anything else. Pulling norms' gains, biases, the class token or the position embeddings towards 0
+    makes no simpler model; an nn.Embedding table would lose its rare rows, decayed at every step but seldom
+    given a gradient. 05 uses the same groups."""
+    matrices = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))}
+    decay = [p for p in model.parameters() if id(p) in matrices]
+    rest = [p for p in model.parameters() if id(p) not in matrices]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
 def make_optimizer(model, cfg, device):
-    """AdamW (decoupled weight decay) with the decay on the weight matrices of linear and conv layers only:
-    pulling norms' gains, biases, the class token or the position embeddings towards 0 makes no simpler model."""
-    decay = [p for p in model.parameters() if p.ndim in (2, 4)]
-    rest = [p for p in model.parameters() if p.ndim not in (2, 4)]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+    """AdamW (Loshchilov & Hutter 2019) with 04's weight-decay policy (decay_groups)."""
+    return torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
+                             fused=device.type == "cuda")
 
 
 def fit(model, loss_of_batch, pool, steps, steps_per_epoch, cfg, device, desc, evaluate=None):

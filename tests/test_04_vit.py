@@ -170,6 +170,19 @@ def test_attention_rollout_matches_a_loop():
     torch.testing.assert_close(vit.attention_rollout(maps), expected[:, 0, 1:])
 
 
+def test_weight_decay_only_on_the_weight_matrices_of_linear_and_conv_layers():
+    model = nn.ModuleDict({"vit": vit.ViT(image_size=8, patch_size=4, dim=12, depth=1, heads=3, num_classes=5),
+                           "cnn": vit.ConvNet(3, 4, 5), "table": nn.Embedding(7, 12)})
+    decay, rest = vit.decay_groups(model, 0.3)
+    assert (decay["weight_decay"], rest["weight_decay"]) == (0.3, 0.0)
+    names = {id(p): name for name, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    expected = {name for name, p in model.named_parameters()
+                if name.endswith("weight") and p.ndim in (2, 4) and not name.startswith("table")}
+    assert decayed == expected and "vit.patch_embed.weight" in decayed and "cnn.stages.0.0.weight" in decayed
+    assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
+
+
 def test_vit_overfits_one_batch():
     torch.manual_seed(0)
     model = vit.ViT(image_size=8, patch_size=4, in_channels=3, dim=32, depth=2, heads=4, num_classes=4)
