@@ -5,9 +5,10 @@ turns that sentence into an objective: give every word two vectors, one for when
 window and one for when it is a context, and make the dot product of a centre with its real contexts large
 and with random words small. Words with the same contexts then get the same vectors, even if they never
 meet. This script writes the whole pipeline of the original tool from tensor operations:
-  - tokenising and lower-casing, a vocabulary of words seen --min-count times, subsampling of frequent words,
-    a dynamic context window, K negative samples per pair from the unigram distribution raised to 3/4,
-    the loss -log s(u.v) - sum_k log s(-u_k.v) with its gradient written out, and a linear learning-rate decay;
+  - the model (two tables and their scores v'_c . v_w), the loss -log s(v'_c . v_w) - sum_k log s(-v'_k . v_w)
+    with its gradient written out, and SGD with a linear learning-rate decay on many pairs at once;
+  - word2vec's data pipeline: a vocabulary of words seen --min-count times, subsampling of frequent words,
+    a dynamic context window, K negative samples per pair from the unigram distribution raised to 3/4;
   - evaluation: nearest neighbours, analogies (a - b + c) on a questions-words.txt file, the Spearman
     correlation with human similarity scores, and a 2-D PCA picture with analogy arrows;
   - anisotropy: all vectors share a common direction; "all-but-the-top" removes it;
@@ -27,16 +28,12 @@ Papers:
 Run:  python 02_word2vec.py                      (the embedded planted corpus, generated offline in seconds)
       python 02_word2vec.py --corpus text8       (17M words of Wikipedia, downloaded once, checksum verified)
       python 02_word2vec.py --corpus my.txt --analogies questions-words.txt --similarity wordsim353.tsv
-Measured on one H100 (D=100, W=5, K=5, t=1e-3, 5 epochs, B=65536):
-  planted corpus, 3.1M words, 372 in the vocabulary, the defaults: trained in 1.05 s (14.7M words/s);
-    analogies 100.0% (PPMI-SVD 100.0%, random vectors 0.2%), similarity rho 0.92 (PPMI-SVD 0.87, random 0.04);
-    the whole run, start-up and evaluation included, 9.1 s wall.
-  6.1M words of real English (benchmarks/bench_02_word2vec.py's corpus), questions-words.txt and WordSim-353, with
-    the earlier defaults lr 0.025 and cap 1: 10.7M words/s end to end, 12.1M once warm; analogies 22.6%
-    (PPMI-SVD 26.9%; gensim 4.4 on 16 CPU cores, same options and epochs, 24.9% at 0.98M words/s),
-    WordSim-353 rho 0.59 (0.66 after all-but-the-top; PPMI-SVD 0.69; gensim 0.66). Over three seeds: ours 22.6-23.4% and rho 0.585-0.596, gensim 24.1-24.3% and
-    0.647-0.664. With the current defaults, lr 0.1 and cap 0.5 (benchmark, seeds 0 and 1): 12.2-12.4M words/s,
-    analogies 25.9-26.2%, WordSim-353 0.691-0.711, SimLex 0.386-0.389 (gensim 0.353-0.365).
+Measured on one H100 (D=100, W=5, K=5, t=1e-3, 5 epochs, B=65536, lr 0.1, step cap 0.5):
+  planted corpus, 3.1M words, 372 in the vocabulary: trained in 1.05 s (14.7M words/s), 9.1 s for the whole run;
+    analogies 100.0% (PPMI-SVD 100.0%, random vectors 0.2%), similarity rho 0.92 (PPMI-SVD 0.87, random 0.04).
+  6.1M words of real English (benchmarks/bench_02_word2vec.py), seeds 0 and 1: 12.2-12.4M words/s, analogies
+    25.9-26.2%, WordSim-353 rho 0.691-0.711, SimLex 0.386-0.389; gensim on 16 CPU cores: 0.68-0.75M words/s,
+    24.1-24.3%, 0.647-0.664, 0.353-0.365.
 
 Shapes legend: V vocabulary, N words of running text, B (centre, context) pairs per step, K negatives,
 D vector size, M the most frequent words used for evaluation and the count baseline, Q questions.
@@ -93,20 +90,168 @@ class Config(common.RunConfig):
 QUICK = dict(sentences=20_000, dim=32, epochs=5, batch=4096, eval_vocab=2000)
 
 
-def validate(cfg):
-    common.check(cfg.dataset == "", "--dataset is for the image scripts; word2vec reads --corpus planted|text8|PATH")
-    for name in ("sentences", "min_count", "dim", "window", "negatives", "epochs", "batch"):
-        common.check(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    common.check(cfg.eval_vocab >= 2, f"--eval-vocab must be at least 2, got {cfg.eval_vocab}")
-    common.check(0 <= cfg.sample < 1, f"--sample must be in [0, 1), got {cfg.sample}")
-    common.check(0 < cfg.min_lr <= cfg.lr, f"need 0 < --min-lr <= --lr, got {cfg.min_lr} and {cfg.lr}")
-    common.check(cfg.step_cap > 0, f"--step-cap must be positive, got {cfg.step_cap}")
-    common.check(0 <= cfg.abtt < cfg.dim, f"--abtt must be in [0, dim), got {cfg.abtt}")
-    for option, path in (("--analogies", cfg.analogies), ("--similarity", cfg.similarity)):
-        common.check(not path or Path(path).is_file(), f"{option} file {path!r} does not exist")
+# ---- 1. Model: two tables of vectors ----
+
+class SkipGram(nn.Module):
+    """v_w (in_vectors) for a word as the centre of a window, v'_w (out_vectors) for a word as a context.
+    Initialised as word2vec.c does: centres uniform in +-0.5/D, contexts zero."""
+
+    def __init__(self, vocab_size, dim, generator=None):
+        super().__init__()
+        device = generator.device if generator is not None else "cpu"
+        self.in_vectors = nn.Parameter((torch.rand(vocab_size, dim, generator=generator, device=device) - 0.5) / dim)
+        self.out_vectors = nn.Parameter(torch.zeros(vocab_size, dim, device=device))
+
+    def scores(self, centre, targets):
+        """v_centre . v'_target for each centre and each of its targets: (B,), (B, T) -> (B, T)."""
+        v = self.in_vectors[centre]                                   # (B, D)
+        u = self.out_vectors[targets]                                 # (B, T, D)
+        return (u @ v[:, :, None]).squeeze(2)                         # (B, T, D) @ (B, D, 1) -> (B, T)
 
 
-# ---- 1. Data: text -> word ids -> (centre, context) pairs ----
+# ---- 2. Objective: negative sampling ----
+
+def sgns_loss(scores, valid):
+    """Eq. 4 of Mikolov et al. 2013b, negated and summed over the pairs:
+        -log s(v'_c . v_w) - sum_k log s(-v'_k . v_w),   s the logistic sigmoid.
+    scores (B, 1+K): column 0 the true context, then the K negatives; valid (B, 1+K) drops the negatives that
+    drew the context itself (word2vec.c skips them too). -log s(x) = softplus(-x)."""
+    sign = torch.ones_like(scores)
+    sign[:, 1:] = -1
+    return (F.softplus(-sign * scores) * valid).sum()
+
+
+def sgns_score_gradient(scores, valid):
+    """d loss / d score, written out: s(x) - 1 for the true context, s(x) for a negative, 0 where not valid."""
+    label = torch.zeros_like(scores)
+    label[:, 0] = 1
+    return (torch.sigmoid(scores) - label) * valid
+
+
+# ---- 3. Training: plain SGD, gradients written out, on many pairs at once ----
+
+@torch.no_grad()
+def sgd_step(model, centre, context, negatives, lr, step_cap=0.5):
+    """One SGD step on B (centre, context) pairs and their negatives; returns the summed loss (a 0-d tensor).
+    centre, context (B,), negatives (B, K). The gradient is two lines, as in word2vec.c: autograd would build
+    dense (V, D) gradients of both tables for the B(2+K) rows that a step touches.
+
+    NOTE: word2vec.c and gensim update after every pair, on many CPU threads; a GPU step adds up the gradients
+    of B pairs taken at one point. A frequent word ('the') then collects thousands of them at once, the sum
+    overshoots and training diverges (try --step-cap 1e9). So each row's learning rate is capped by its
+    curvature this step, h_r = sum of s'(x)|other vector|^2 over its pairs (the trace of its Gauss-Newton
+    Hessian, which bounds the largest eigenvalue): lr_r = min(lr, step_cap / h_r). A row seen a few times per
+    step keeps plain SGD; a busy row moves at most step_cap Newton steps. Both ends of a pair move at once, so
+    the default 0.5 lets the two together take at most one: with 1, a tiny corpus with few steps (0.8M planted
+    words, two epochs, B = 65536) diverged on a CPU, and so did 6M words of English at --lr 0.05."""
+    targets = torch.cat([context[:, None], negatives], 1)            # (B, 1+K)
+    valid = targets != context[:, None]
+    valid[:, 0] = True
+    v = model.in_vectors[centre]                                     # (B, D)
+    u = model.out_vectors[targets]                                   # (B, 1+K, D)
+    scores = (u @ v[:, :, None]).squeeze(2)                          # (B, 1+K, D) @ (B, D, 1) -> (B, 1+K)
+    g = sgns_score_gradient(scores, valid)                           # (B, 1+K) d loss / d score
+    # Curvature of each row this step: s'(x) = s(x)(1 - s(x)) = |g|(1 - |g|) for both labels.
+    curvature = g.abs() * (1 - g.abs())                              # (B, 1+K)
+    h_in = torch.zeros(len(model.in_vectors), device=g.device, dtype=g.dtype).index_add_(
+        0, centre, (curvature * torch.linalg.vector_norm(u, dim=2) ** 2).sum(1))
+    h_out = torch.zeros(len(model.out_vectors), device=g.device, dtype=g.dtype).index_add_(
+        0, targets.flatten(), (curvature * (v * v).sum(1, keepdim=True)).flatten())
+    lr_in = (step_cap / h_in).clamp(max=lr)                          # (V,) inf where h = 0 -> lr
+    lr_out = (step_cap / h_out).clamp(max=lr)
+    grad_v = (g[:, None, :] @ u).squeeze(1)                          # (B, 1, 1+K) @ (B, 1+K, D) -> (B, D)
+    step_u = (g * lr_out[targets])[:, :, None] * v[:, None, :]       # (B, 1+K, D) lr * d loss / d u
+    model.in_vectors.index_add_(0, centre, grad_v * lr_in[centre, None], alpha=-1)
+    model.out_vectors.index_add_(0, targets.flatten(), step_u.flatten(0, 1), alpha=-1)
+    return sgns_loss(scores, valid)
+
+
+def train(model, corpus, cfg, generator, log_points=100):
+    """cfg.epochs passes of SGD with a learning rate falling linearly from lr to min_lr.
+    Returns (history of (words seen, mean loss per pair), seconds, pairs trained on)."""
+    device = corpus.tokens.device
+    keep, cdf = keep_probability(corpus.counts, cfg.sample), negative_cdf(corpus.counts)
+    words = len(corpus.tokens)
+    bar = common.progress(cfg.epochs * words, "train", unit="word")
+    clock = common.Stopwatch(device)
+    history, pairs, running_loss, running_pairs = [], 0, torch.zeros((), device=device), 0
+    for epoch in range(cfg.epochs):
+        centre, context = epoch_pairs(corpus, keep, cfg.window, generator)        # (P,) each
+        steps = max(1, math.ceil(len(centre) / cfg.batch))
+        log_every = max(1, steps * cfg.epochs // log_points)
+        for step in range(steps):
+            progress = (epoch + step / steps) / cfg.epochs
+            lr = cfg.lr - (cfg.lr - cfg.min_lr) * progress
+            batch = slice(step * cfg.batch, (step + 1) * cfg.batch)
+            c, x = centre[batch], context[batch]
+            negatives = sample_negatives(cdf, (len(c), cfg.negatives), generator)     # (B, K)
+            running_loss += sgd_step(model, c, x, negatives, lr, cfg.step_cap)
+            running_pairs += len(c)
+            if (step + 1) % log_every == 0 or step == steps - 1:
+                seen = int((epoch + (step + 1) / steps) * words)
+                history.append((seen, running_loss.item() / max(running_pairs, 1)))    # one sync per log point
+                running_loss.zero_()
+                running_pairs = 0
+                bar.update(seen - bar.n)
+                bar.set_postfix(loss=f"{history[-1][1]:.3f}", lr=f"{lr:.4f}")
+        pairs += len(centre)
+    bar.close()
+    return history, clock.seconds(), pairs
+
+
+# ---- 4. Data: a corpus -> (centre, context) pairs and negatives ----
+
+def keep_probability(counts, sample):
+    """Subsampling (Mikolov et al. 2013b, Eq. 5 discards a word with probability 1 - sqrt(t/f), f its share of
+    the text). The released word2vec.c, and gensim, keep it with probability sqrt(t/f) + t/f, a little more; we
+    follow the code, so that the benchmark compares like with like. (V,) float64, 1 for rare words."""
+    if sample == 0:   # EXERCISE: --sample 0 keeps every 'the'; compare the neighbours of rare words and words/s
+        return torch.ones(len(counts), dtype=torch.float64, device=counts.device)
+    share = counts.double() / counts.sum()
+    return ((share / sample).sqrt() + 1).mul(sample / share).clamp(max=1)
+
+
+def window_pairs(tokens, sentence, radius, window):
+    """All (centre, context) pairs of a text whose token i sees the tokens up to radius[i] away in its sentence.
+    tokens, sentence, radius (N,) -> centre, context (P,) word ids. A loop over the W distances, not the words."""
+    centres, contexts = [], []
+    for d in range(1, window + 1):
+        same = sentence[:-d] == sentence[d:]                   # (N-d,) tokens i and i+d share a sentence
+        right = same & (radius[:-d] >= d)                      # centre i sees i+d
+        left = same & (radius[d:] >= d)                        # centre i+d sees i
+        centres += [tokens[:-d][right], tokens[d:][left]]
+        contexts += [tokens[d:][right], tokens[:-d][left]]
+    return torch.cat(centres), torch.cat(contexts)
+
+
+def epoch_pairs(corpus, keep, window, generator):
+    """One pass of word2vec's data pipeline, shuffled: subsample, draw each centre's window, cut the pairs.
+    Subsampled words vanish before the windows are cut (as in word2vec.c), so windows reach further."""
+    device = corpus.tokens.device
+    kept = torch.rand(len(corpus.tokens), generator=generator, device=device, dtype=torch.float64) < keep[corpus.tokens]
+    tokens, sentence = corpus.tokens[kept], corpus.sentence[kept]                  # (N',)
+    # Dynamic window: each centre looks 1..W words away, uniformly, so a context d words away is used with
+    # probability (W - d + 1) / W -- near words count more.
+    radius = torch.randint(1, window + 1, (len(tokens),), generator=generator, device=device)  # EXERCISE: fixed radius
+    centre, context = window_pairs(tokens, sentence, radius, window)
+    order = torch.randperm(len(centre), generator=generator, device=device)       # iid batches for SGD
+    return centre[order], context[order]
+
+
+def negative_cdf(counts, power=0.75):   # EXERCISE: power 1 (plain unigram) or 0 (uniform): watch the analogies
+    """Cumulative noise distribution P_n(w) ~ count(w)^(3/4) (Mikolov et al. 2013b, Sec. 2.2): rarer words are
+    drawn more often than their share of the text, frequent ones less. (V,) float64."""
+    weights = counts.double() ** power
+    return weights.cumsum(0) / weights.sum()
+
+
+def sample_negatives(cdf, shape, generator):
+    """Word ids drawn from the noise distribution by inverting its CDF: u ~ U[0, 1) falls in word i's slot."""
+    u = torch.rand(shape, generator=generator, device=cdf.device, dtype=torch.float64)
+    return torch.searchsorted(cdf, u, right=True).clamp(max=len(cdf) - 1)
+
+
+# ---- 5. Corpora: the planted text, text8, a text file -> word ids ----
 
 WORD = re.compile(r"[^\W_]+")          # runs of letters and digits: "Don't stop!" -> don, t, stop
 
@@ -158,36 +303,12 @@ def corpus_from_text(text, name, min_count, device):
     return build_corpus(name, list(index), np.array(ids, dtype=np.int64), sentence, min_count, device)
 
 
-def read_text(path):
-    """A user's text file as a string, with a one-line error for what is not UTF-8 text."""
-    path = Path(path)
-    common.check(path.is_file(), f"corpus file {str(path)!r} does not exist (or use --corpus planted or text8)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise common.UserError(f"corpus file {str(path)!r} is not UTF-8 text (bad byte at offset {error.start}); "
-                               "is it a binary file?") from None
-    except OSError as error:
-        raise common.UserError(f"cannot read corpus file {str(path)!r}: {error.strerror or error}") from None
-    common.check(text.strip(), f"corpus file {str(path)!r} is empty")
-    common.check("\0" not in text, f"corpus file {str(path)!r} holds NUL bytes; is it a binary file?")
-    return text
-
-
-# text8: the first 10^8 bytes of an English Wikipedia dump of 2006, lower-cased letters and spaces (Mahoney 2006).
-# Its publisher lists no MD5; the SHA-256 of text8.zip (31 344 016 bytes) is the one other projects pin.
-TEXT8 = common.RemoteDataset(["http://mattmahoney.net/dc/"],
-                             [common.RemoteFile("text8.zip", md5="", sha256="a6640522afe85d1963ad56c05b0ede0a0c000dd"
-                                                                           "dc9671758a6cc09b7a38e5232")], classes=[])
-
-
-def read_text8(data_dir):
-    (archive,) = common.fetch("text8", data_dir, spec=TEXT8)
-    try:
-        with zipfile.ZipFile(archive) as z:
-            return z.read("text8").decode("ascii")
-    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError) as error:
-        raise common.UserError(f"{archive} is not the text8 archive ({error}); delete it to download again") from None
+def load_corpus(cfg, device):
+    if cfg.corpus == "planted":
+        lexicon, ids, sentence = planted_text(cfg.sentences, cfg.seed)
+        return build_corpus("planted", lexicon, ids, sentence, cfg.min_count, device)
+    text = read_text8(cfg.data_dir) if cfg.corpus == "text8" else read_text(cfg.corpus)
+    return corpus_from_text(text, cfg.corpus, cfg.min_count, device)
 
 
 # The planted corpus: generated sentences in which relations are built in, so that the distributional
@@ -299,174 +420,39 @@ def planted_text(n_sentences, seed):
     return list(index), grid[present], sentence[present]
 
 
-def load_corpus(cfg, device):
-    if cfg.corpus == "planted":
-        lexicon, ids, sentence = planted_text(cfg.sentences, cfg.seed)
-        return build_corpus("planted", lexicon, ids, sentence, cfg.min_count, device)
-    text = read_text8(cfg.data_dir) if cfg.corpus == "text8" else read_text(cfg.corpus)
-    return corpus_from_text(text, cfg.corpus, cfg.min_count, device)
+def read_text(path):
+    """A user's text file as a string, with a one-line error for what is not UTF-8 text."""
+    path = Path(path)
+    common.check(path.is_file(), f"corpus file {str(path)!r} does not exist (or use --corpus planted or text8)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise common.UserError(f"corpus file {str(path)!r} is not UTF-8 text (bad byte at offset {error.start}); "
+                               "is it a binary file?") from None
+    except OSError as error:
+        raise common.UserError(f"cannot read corpus file {str(path)!r}: {error.strerror or error}") from None
+    common.check(text.strip(), f"corpus file {str(path)!r} is empty")
+    common.check("\0" not in text, f"corpus file {str(path)!r} holds NUL bytes; is it a binary file?")
+    return text
 
 
-def keep_probability(counts, sample):
-    """Subsampling (Mikolov et al. 2013b, Eq. 5 discards a word with probability 1 - sqrt(t/f), f its share of
-    the text). The released word2vec.c, and gensim, keep it with probability sqrt(t/f) + t/f, a little more; we
-    follow the code, so that the benchmark compares like with like. (V,) float64, 1 for rare words."""
-    if sample == 0:   # EXERCISE: --sample 0 keeps every 'the'; compare the neighbours of rare words and words/s
-        return torch.ones(len(counts), dtype=torch.float64, device=counts.device)
-    share = counts.double() / counts.sum()
-    return ((share / sample).sqrt() + 1).mul(sample / share).clamp(max=1)
+# text8: the first 10^8 bytes of an English Wikipedia dump of 2006, lower-cased letters and spaces (Mahoney 2006).
+# Its publisher lists no MD5; the SHA-256 of text8.zip (31 344 016 bytes) is the one other projects pin.
+TEXT8 = common.RemoteDataset(["http://mattmahoney.net/dc/"],
+                             [common.RemoteFile("text8.zip", md5="", sha256="a6640522afe85d1963ad56c05b0ede0a0c000dd"
+                                                                           "dc9671758a6cc09b7a38e5232")], classes=[])
 
 
-def window_pairs(tokens, sentence, radius, window):
-    """All (centre, context) pairs of a text whose token i sees the tokens up to radius[i] away in its sentence.
-    tokens, sentence, radius (N,) -> centre, context (P,) word ids. A loop over the W distances, not the words."""
-    centres, contexts = [], []
-    for d in range(1, window + 1):
-        same = sentence[:-d] == sentence[d:]                   # (N-d,) tokens i and i+d share a sentence
-        right = same & (radius[:-d] >= d)                      # centre i sees i+d
-        left = same & (radius[d:] >= d)                        # centre i+d sees i
-        centres += [tokens[:-d][right], tokens[d:][left]]
-        contexts += [tokens[d:][right], tokens[:-d][left]]
-    return torch.cat(centres), torch.cat(contexts)
+def read_text8(data_dir):
+    (archive,) = common.fetch("text8", data_dir, spec=TEXT8)
+    try:
+        with zipfile.ZipFile(archive) as z:
+            return z.read("text8").decode("ascii")
+    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError) as error:
+        raise common.UserError(f"{archive} is not the text8 archive ({error}); delete it to download again") from None
 
 
-def epoch_pairs(corpus, keep, window, generator):
-    """One pass of word2vec's data pipeline, shuffled: subsample, draw each centre's window, cut the pairs.
-    Subsampled words vanish before the windows are cut (as in word2vec.c), so windows reach further."""
-    device = corpus.tokens.device
-    kept = torch.rand(len(corpus.tokens), generator=generator, device=device, dtype=torch.float64) < keep[corpus.tokens]
-    tokens, sentence = corpus.tokens[kept], corpus.sentence[kept]                  # (N',)
-    # Dynamic window: each centre looks 1..W words away, uniformly, so a context d words away is used with
-    # probability (W - d + 1) / W -- near words count more.
-    radius = torch.randint(1, window + 1, (len(tokens),), generator=generator, device=device)  # EXERCISE: fixed radius
-    centre, context = window_pairs(tokens, sentence, radius, window)
-    order = torch.randperm(len(centre), generator=generator, device=device)       # iid batches for SGD
-    return centre[order], context[order]
-
-
-def negative_cdf(counts, power=0.75):   # EXERCISE: power 1 (plain unigram) or 0 (uniform): watch the analogies
-    """Cumulative noise distribution P_n(w) ~ count(w)^(3/4) (Mikolov et al. 2013b, Sec. 2.2): rarer words are
-    drawn more often than their share of the text, frequent ones less. (V,) float64."""
-    weights = counts.double() ** power
-    return weights.cumsum(0) / weights.sum()
-
-
-def sample_negatives(cdf, shape, generator):
-    """Word ids drawn from the noise distribution by inverting its CDF: u ~ U[0, 1) falls in word i's slot."""
-    u = torch.rand(shape, generator=generator, device=cdf.device, dtype=torch.float64)
-    return torch.searchsorted(cdf, u, right=True).clamp(max=len(cdf) - 1)
-
-
-# ---- 2. Model: two tables of vectors ----
-
-class SkipGram(nn.Module):
-    """v_w (in_vectors) for a word as the centre of a window, v'_w (out_vectors) for a word as a context.
-    Initialised as word2vec.c does: centres uniform in +-0.5/D, contexts zero."""
-
-    def __init__(self, vocab_size, dim, generator=None):
-        super().__init__()
-        device = generator.device if generator is not None else "cpu"
-        self.in_vectors = nn.Parameter((torch.rand(vocab_size, dim, generator=generator, device=device) - 0.5) / dim)
-        self.out_vectors = nn.Parameter(torch.zeros(vocab_size, dim, device=device))
-
-    def scores(self, centre, targets):
-        """v_centre . v'_target for each centre and each of its targets: (B,), (B, T) -> (B, T)."""
-        v = self.in_vectors[centre]                                   # (B, D)
-        u = self.out_vectors[targets]                                 # (B, T, D)
-        return (u @ v[:, :, None]).squeeze(2)                         # (B, T, D) @ (B, D, 1) -> (B, T)
-
-
-# ---- 3. Objective: negative sampling ----
-
-def sgns_loss(scores, valid):
-    """Eq. 4 of Mikolov et al. 2013b, negated and summed over the pairs:
-        -log s(v'_c . v_w) - sum_k log s(-v'_k . v_w),   s the logistic sigmoid.
-    scores (B, 1+K): column 0 the true context, then the K negatives; valid (B, 1+K) drops the negatives that
-    drew the context itself (word2vec.c skips them too). -log s(x) = softplus(-x)."""
-    sign = torch.ones_like(scores)
-    sign[:, 1:] = -1
-    return (F.softplus(-sign * scores) * valid).sum()
-
-
-def sgns_score_gradient(scores, valid):
-    """d loss / d score, written out: s(x) - 1 for the true context, s(x) for a negative, 0 where not valid."""
-    label = torch.zeros_like(scores)
-    label[:, 0] = 1
-    return (torch.sigmoid(scores) - label) * valid
-
-
-# ---- 4. Training: plain SGD, gradients written out, on many pairs at once ----
-
-@torch.no_grad()
-def sgd_step(model, centre, context, negatives, lr, step_cap=0.5):
-    """One SGD step on B (centre, context) pairs and their negatives; returns the summed loss (a 0-d tensor).
-    centre, context (B,), negatives (B, K). The gradient is two lines, as in word2vec.c: autograd would build
-    dense (V, D) gradients of both tables for the B(2+K) rows that a step touches.
-
-    NOTE: word2vec.c and gensim update after every pair, on many CPU threads; a GPU step adds up the gradients
-    of B pairs taken at one point. A frequent word ('the') then collects thousands of them at once, the sum
-    overshoots and training diverges (try --step-cap 1e9). So each row's learning rate is capped by its
-    curvature this step, h_r = sum of s'(x)|other vector|^2 over its pairs (the trace of its Gauss-Newton
-    Hessian, which bounds the largest eigenvalue): lr_r = min(lr, step_cap / h_r). A row seen a few times per
-    step keeps plain SGD; a busy row moves at most step_cap Newton steps. Both ends of a pair move at once, so
-    the default 0.5 lets the two together take at most one: with 1, a tiny corpus with few steps (0.8M planted
-    words, two epochs, B = 65536) diverged on a CPU, and so did 6M words of English at --lr 0.05."""
-    targets = torch.cat([context[:, None], negatives], 1)            # (B, 1+K)
-    valid = targets != context[:, None]
-    valid[:, 0] = True
-    v = model.in_vectors[centre]                                     # (B, D)
-    u = model.out_vectors[targets]                                   # (B, 1+K, D)
-    scores = (u @ v[:, :, None]).squeeze(2)                          # (B, 1+K, D) @ (B, D, 1) -> (B, 1+K)
-    g = sgns_score_gradient(scores, valid)                           # (B, 1+K) d loss / d score
-    # Curvature of each row this step: s'(x) = s(x)(1 - s(x)) = |g|(1 - |g|) for both labels.
-    curvature = g.abs() * (1 - g.abs())                              # (B, 1+K)
-    h_in = torch.zeros(len(model.in_vectors), device=g.device, dtype=g.dtype).index_add_(
-        0, centre, (curvature * torch.linalg.vector_norm(u, dim=2) ** 2).sum(1))
-    h_out = torch.zeros(len(model.out_vectors), device=g.device, dtype=g.dtype).index_add_(
-        0, targets.flatten(), (curvature * (v * v).sum(1, keepdim=True)).flatten())
-    lr_in = (step_cap / h_in).clamp(max=lr)                          # (V,) inf where h = 0 -> lr
-    lr_out = (step_cap / h_out).clamp(max=lr)
-    grad_v = (g[:, None, :] @ u).squeeze(1)                          # (B, 1, 1+K) @ (B, 1+K, D) -> (B, D)
-    step_u = (g * lr_out[targets])[:, :, None] * v[:, None, :]       # (B, 1+K, D) lr * d loss / d u
-    model.in_vectors.index_add_(0, centre, grad_v * lr_in[centre, None], alpha=-1)
-    model.out_vectors.index_add_(0, targets.flatten(), step_u.flatten(0, 1), alpha=-1)
-    return sgns_loss(scores, valid)
-
-
-def train(model, corpus, cfg, generator, log_points=100):
-    """cfg.epochs passes of SGD with a learning rate falling linearly from lr to min_lr.
-    Returns (history of (words seen, mean loss per pair), seconds, pairs trained on)."""
-    device = corpus.tokens.device
-    keep, cdf = keep_probability(corpus.counts, cfg.sample), negative_cdf(corpus.counts)
-    words = len(corpus.tokens)
-    bar = common.progress(cfg.epochs * words, "train", unit="word")
-    clock = common.Stopwatch(device)
-    history, pairs, running_loss, running_pairs = [], 0, torch.zeros((), device=device), 0
-    for epoch in range(cfg.epochs):
-        centre, context = epoch_pairs(corpus, keep, cfg.window, generator)        # (P,) each
-        steps = max(1, math.ceil(len(centre) / cfg.batch))
-        log_every = max(1, steps * cfg.epochs // log_points)
-        for step in range(steps):
-            progress = (epoch + step / steps) / cfg.epochs
-            lr = cfg.lr - (cfg.lr - cfg.min_lr) * progress
-            batch = slice(step * cfg.batch, (step + 1) * cfg.batch)
-            c, x = centre[batch], context[batch]
-            negatives = sample_negatives(cdf, (len(c), cfg.negatives), generator)     # (B, K)
-            running_loss += sgd_step(model, c, x, negatives, lr, cfg.step_cap)
-            running_pairs += len(c)
-            if (step + 1) % log_every == 0 or step == steps - 1:
-                seen = int((epoch + (step + 1) / steps) * words)
-                history.append((seen, running_loss.item() / max(running_pairs, 1)))    # one sync per log point
-                running_loss.zero_()
-                running_pairs = 0
-                bar.update(seen - bar.n)
-                bar.set_postfix(loss=f"{history[-1][1]:.3f}", lr=f"{lr:.4f}")
-        pairs += len(centre)
-    bar.close()
-    return history, clock.seconds(), pairs
-
-
-# ---- 5. The count-based baseline: PPMI, factorised by SVD ----
+# ---- 6. The count-based baseline: PPMI, factorised by SVD ----
 
 def cooccurrence(corpus, size, window):
     """#(w, c) for the `size` most frequent words, counted as SGNS sees them without subsampling: a context
@@ -501,7 +487,7 @@ def ppmi_svd(counts, dim, alpha=0.75):
     return u[:, :dim] * s[:dim].sqrt()
 
 
-# ---- 6. Evaluation ----
+# ---- 7. Evaluation ----
 
 def read_analogies(path):
     """Questions 'a b c d' (a is to b as c is to d) in sections ': name', as in Mikolov's questions-words.txt.
@@ -677,7 +663,7 @@ def pmi_agreement(model, counts, negatives, min_count=5.0, max_pairs=20000, seed
     return r, (dot.cpu(), target.cpu())
 
 
-# ---- 7. Files: the word2vec text format ----
+# ---- 8. Files: the word2vec text format ----
 
 def save_vec(path, words, vectors):
     """word2vec's text format: a line 'V D', then 'word x1 ... xD' per word."""
@@ -703,7 +689,7 @@ def load_vec(path):
     return words, torch.tensor(rows, dtype=torch.float32).reshape(count, dim)
 
 
-# ---- 8. Figures ----
+# ---- 9. Figures ----
 
 def relation_pairs(index):
     """The pairs drawn with arrows: gender and country -> capital, where both words are in the vocabulary."""
@@ -771,7 +757,20 @@ def plot_all(vectors, index, history, random_pairs, results, agreement, out_path
     common.save_figure(fig, out_path)
 
 
-# ---- 9. main ----
+# ---- 10. main ----
+
+def validate(cfg):
+    common.check(cfg.dataset == "", "--dataset is for the image scripts; word2vec reads --corpus planted|text8|PATH")
+    for name in ("sentences", "min_count", "dim", "window", "negatives", "epochs", "batch"):
+        common.check(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    common.check(cfg.eval_vocab >= 2, f"--eval-vocab must be at least 2, got {cfg.eval_vocab}")
+    common.check(0 <= cfg.sample < 1, f"--sample must be in [0, 1), got {cfg.sample}")
+    common.check(0 < cfg.min_lr <= cfg.lr, f"need 0 < --min-lr <= --lr, got {cfg.min_lr} and {cfg.lr}")
+    common.check(cfg.step_cap > 0, f"--step-cap must be positive, got {cfg.step_cap}")
+    common.check(0 <= cfg.abtt < cfg.dim, f"--abtt must be in [0, dim), got {cfg.abtt}")
+    for option, path in (("--analogies", cfg.analogies), ("--similarity", cfg.similarity)):
+        common.check(not path or Path(path).is_file(), f"{option} file {path!r} does not exist")
+
 
 def describe(name, result):
     parts = []
