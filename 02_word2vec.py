@@ -102,10 +102,14 @@ class SkipGram(nn.Module):
         self.in_vectors = nn.Parameter((torch.rand(vocab_size, dim, generator=generator, device=device) - 0.5) / dim)
         self.out_vectors = nn.Parameter(torch.zeros(vocab_size, dim, device=device))
 
-    def scores(self, centre, targets):
-        """v_centre . v'_target for each centre and each of its targets: (B,), (B, T) -> (B, T)."""
-        v = self.in_vectors[centre]                                   # (B, D)
-        u = self.out_vectors[targets]                                 # (B, T, D)
+    def forward(self, centre, targets):
+        """The score of each centre with each of its targets: word ids (B,), (B, T) -> (B, T)."""
+        return self.scores(self.in_vectors[centre], self.out_vectors[targets])
+
+    @staticmethod
+    def scores(v, u):
+        """s = v'_c . v_w, the logit of "c is a real context of w", from the rows themselves: a centre's v_w (B, D)
+        and its targets' v'_c (B, T, D) -> (B, T). sgd_step calls it on the rows it gathered for the gradient."""
         return (u @ v[:, :, None]).squeeze(2)                         # (B, T, D) @ (B, D, 1) -> (B, T)
 
 
@@ -149,7 +153,7 @@ def sgd_step(model, centre, context, negatives, lr, step_cap=0.5):
     valid[:, 0] = True
     v = model.in_vectors[centre]                                     # (B, D)
     u = model.out_vectors[targets]                                   # (B, 1+K, D)
-    scores = (u @ v[:, :, None]).squeeze(2)                          # (B, 1+K, D) @ (B, D, 1) -> (B, 1+K)
+    scores = model.scores(v, u)                                      # (B, 1+K)
     g = sgns_score_gradient(scores, valid)                           # (B, 1+K) d loss / d score
     # Curvature of each row this step: s'(x) = s(x)(1 - s(x)) = |g|(1 - |g|) for both labels.
     curvature = g.abs() * (1 - g.abs())                              # (B, 1+K)

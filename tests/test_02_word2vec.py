@@ -13,6 +13,7 @@ import threading
 import zipfile
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -66,13 +67,37 @@ def test_sgd_step_is_sgd_on_the_loss(duplicates):
     targets = torch.cat([context[:, None], negatives], 1)
     valid = targets != context[:, None]
     valid[:, 0] = True
-    loss = w2v.sgns_loss(model.scores(centre, targets), valid)
+    scores = model(centre, targets)
+    rows_in, rows_out = model.in_vectors.detach(), model.out_vectors.detach()
+    dots = [[float(rows_in[centre[b]] @ rows_out[t]) for t in targets[b]] for b in range(B)]        # v'_t . v_c, a loop
+    torch.testing.assert_close(scores.detach(), torch.tensor(dots, dtype=torch.float64))
+    loss = w2v.sgns_loss(scores, valid)
     grad_in, grad_out = torch.autograd.grad(loss, (model.in_vectors, model.out_vectors))
     expected_in, expected_out = model.in_vectors.detach() - lr * grad_in, model.out_vectors.detach() - lr * grad_out
     returned = w2v.sgd_step(model, centre, context, negatives, lr, step_cap=1e12)
     torch.testing.assert_close(returned, loss.detach())
     torch.testing.assert_close(model.in_vectors.detach(), expected_in)
     torch.testing.assert_close(model.out_vectors.detach(), expected_out)
+
+
+def test_training_takes_its_scores_from_the_model(monkeypatch):
+    """train's step scores the pairs with SkipGram.scores, not a copy of it: a bias of 1 added to every score there
+    changes every recorded loss (at the first step all scores are 0, so the loss per pair moves from 3 log 2)."""
+    lexicon, ids, sentence = w2v.planted_text(300, seed=0)
+    corpus = w2v.build_corpus("planted", lexicon, ids, sentence, 1, "cpu")
+    cfg = SimpleNamespace(epochs=1, window=2, negatives=2, sample=0, lr=0.1, min_lr=1e-4, batch=200, step_cap=0.5)
+
+    def losses():
+        generator = torch.Generator().manual_seed(0)
+        history, _, _ = w2v.train(w2v.SkipGram(len(corpus.words), 8, generator), corpus, cfg, generator, log_points=5)
+        return [loss for _, loss in history]
+
+    plain = losses()
+    scores = w2v.SkipGram.scores
+    monkeypatch.setattr(w2v.SkipGram, "scores", staticmethod(lambda v, u: scores(v, u) + 1.0))
+    biased = losses()
+    assert len(plain) == len(biased) >= 3
+    assert all(abs(a - b) > 1e-3 for a, b in zip(plain, biased)), (plain, biased)
 
 
 def test_step_cap_keeps_a_busy_row_stable():
