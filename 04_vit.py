@@ -92,75 +92,7 @@ QUICK = dict(n_train=1200, n_test=1000, patch_size=8, dim=48, depth=2, heads=2, 
              lr=3e-3, pretrain_epochs=3, probe_samples=600, probe_steps=100)
 
 
-def validate(cfg):
-    """Every option checked before any work is done, so a mistake costs nothing."""
-    common.check_dataset(cfg.dataset)
-    common.check(cfg.image_size > 0 and cfg.patch_size > 0, "image_size and patch_size must be positive")
-    common.check(cfg.image_size % cfg.patch_size == 0,
-                 f"the image size {cfg.image_size} is not divisible by the patch size {cfg.patch_size}")
-    common.check(cfg.dim > 0 and cfg.heads > 0 and cfg.dim % cfg.heads == 0,
-                 f"the embedding width {cfg.dim} is not divisible by the number of heads {cfg.heads}")
-    common.check(cfg.model == "vit" or cfg.dim % 2 == 0, f"the CNN's widths are dim/2, dim, 2*dim: dim must be even, got {cfg.dim}")
-    for name in ("depth", "mlp_ratio", "epochs", "batch_size", "pretrain_epochs", "probe_samples", "probe_steps"):
-        common.check(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    common.check(cfg.n_train >= 0 and cfg.n_test >= 0, "--n-train and --n-test must be >= 0 (0 = all)")
-    common.check(cfg.lr > 0 and 0 <= cfg.warmup < 1, "--lr must be > 0 and --warmup in [0, 1)")
-    common.check(0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
-    common.check(0 <= cfg.crop < 1, f"--crop must be in [0, 1), got {cfg.crop}")
-    common.check(0 < cfg.train_fraction <= 1, f"--train-fraction must be in (0, 1], got {cfg.train_fraction}")
-    common.check(cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}")
-    common.check(not cfg.pretrain or cfg.model == "vit", "--pretrain simclr pre-trains the ViT; drop --model cnn")
-    common.check(not cfg.init or (cfg.model == "vit" and not cfg.pretrain), "--init starts a ViT without --pretrain")
-    common.check(not cfg.init or Path(cfg.init).is_file(), f"checkpoint {cfg.init!r} does not exist")
-    fractions = sweep_fractions(cfg.sweep)
-    common.check(all(0 < f <= 1 for f in fractions), f"--sweep shares must be in (0, 1], got {cfg.sweep!r}")
-
-
-def sweep_fractions(text):
-    try:
-        return sorted(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise common.UserError(f"--sweep takes comma-separated numbers such as 0.01,0.1,1, got {text!r}") from None
-
-
-# ---- 1. Data: images stay on the device as uint8; each batch is converted, augmented and normalised there ----
-
-def load_data(cfg, device):
-    """The dataset as 3-channel uint8 images of image_size pixels, resident on device."""
-    return common.load_images(cfg.dataset, cfg.data_dir, device, n_train=cfg.n_train or None, n_test=cfg.n_test or None,
-                              seed=cfg.seed, size=cfg.image_size, channels=3)
-
-
-def channel_stats(images):
-    """Per-channel mean and std of uint8 images (N, C, H, W) in [0, 1] units, each (1, C, 1, 1)."""
-    x = images.float() / 255
-    return x.mean((0, 2, 3), keepdim=True), x.std((0, 2, 3), keepdim=True) + 1e-3
-
-
-def normalise(x, stats):
-    """Floats in [0, 1] (B, C, H, W) -> zero mean, unit variance per channel, as the models expect."""
-    mean, std = stats
-    return (x - mean) / std
-
-
-def subset(n, fraction, seed, device):
-    """A fixed random share of the indices 0..n-1 (at least one image): the labelled images a run may use."""
-    generator = torch.Generator().manual_seed(seed + 1)
-    return torch.randperm(n, generator=generator)[:max(1, round(fraction * n))].to(device)
-
-
-def index_batches(pool, batch_size, steps, generator):
-    """`steps` batches of indices from pool, each pass over pool in a fresh random order. Every batch has the
-    same size (a pass's remainder is dropped), so torch.compile compiles one graph."""
-    batch_size = min(batch_size, len(pool))
-    per_pass = len(pool) // batch_size
-    for step in range(steps):
-        if step % per_pass == 0:
-            order = pool[torch.randperm(len(pool), generator=generator).to(pool.device)]
-        yield order[(step % per_pass) * batch_size:(step % per_pass + 1) * batch_size]
-
-
-# ---- 2. Model: a Vision Transformer, built up from its smallest parts ----
+# ---- 1. Model: a Vision Transformer, built up from its smallest parts ----
 #
 # Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words", Eqs. 1-4:
 #   z_0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos         (1) patches as tokens
@@ -378,6 +310,43 @@ def build_model(kind, cfg, num_classes):
 
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
+
+
+# ---- 2. Data: images stay on the device as uint8; each batch is converted, augmented and normalised there ----
+
+def load_data(cfg, device):
+    """The dataset as 3-channel uint8 images of image_size pixels, resident on device."""
+    return common.load_images(cfg.dataset, cfg.data_dir, device, n_train=cfg.n_train or None, n_test=cfg.n_test or None,
+                              seed=cfg.seed, size=cfg.image_size, channels=3)
+
+
+def channel_stats(images):
+    """Per-channel mean and std of uint8 images (N, C, H, W) in [0, 1] units, each (1, C, 1, 1)."""
+    x = images.float() / 255
+    return x.mean((0, 2, 3), keepdim=True), x.std((0, 2, 3), keepdim=True) + 1e-3
+
+
+def normalise(x, stats):
+    """Floats in [0, 1] (B, C, H, W) -> zero mean, unit variance per channel, as the models expect."""
+    mean, std = stats
+    return (x - mean) / std
+
+
+def subset(n, fraction, seed, device):
+    """A fixed random share of the indices 0..n-1 (at least one image): the labelled images a run may use."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    return torch.randperm(n, generator=generator)[:max(1, round(fraction * n))].to(device)
+
+
+def index_batches(pool, batch_size, steps, generator):
+    """`steps` batches of indices from pool, each pass over pool in a fresh random order. Every batch has the
+    same size (a pass's remainder is dropped), so torch.compile compiles one graph."""
+    batch_size = min(batch_size, len(pool))
+    per_pass = len(pool) // batch_size
+    for step in range(steps):
+        if step % per_pass == 0:
+            order = pool[torch.randperm(len(pool), generator=generator).to(pool.device)]
+        yield order[(step % per_pass) * batch_size:(step % per_pass + 1) * batch_size]
 
 
 # ---- 3. Training, as practitioners train small ViTs: AdamW, warm-up then cosine, label smoothing, clipping ----
@@ -714,6 +683,37 @@ def plot_sweep(results, path):
 
 
 # ---- 6. Main ----
+
+def validate(cfg):
+    """Every option checked before any work is done, so a mistake costs nothing."""
+    common.check_dataset(cfg.dataset)
+    common.check(cfg.image_size > 0 and cfg.patch_size > 0, "image_size and patch_size must be positive")
+    common.check(cfg.image_size % cfg.patch_size == 0,
+                 f"the image size {cfg.image_size} is not divisible by the patch size {cfg.patch_size}")
+    common.check(cfg.dim > 0 and cfg.heads > 0 and cfg.dim % cfg.heads == 0,
+                 f"the embedding width {cfg.dim} is not divisible by the number of heads {cfg.heads}")
+    common.check(cfg.model == "vit" or cfg.dim % 2 == 0, f"the CNN's widths are dim/2, dim, 2*dim: dim must be even, got {cfg.dim}")
+    for name in ("depth", "mlp_ratio", "epochs", "batch_size", "pretrain_epochs", "probe_samples", "probe_steps"):
+        common.check(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    common.check(cfg.n_train >= 0 and cfg.n_test >= 0, "--n-train and --n-test must be >= 0 (0 = all)")
+    common.check(cfg.lr > 0 and 0 <= cfg.warmup < 1, "--lr must be > 0 and --warmup in [0, 1)")
+    common.check(0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    common.check(0 <= cfg.crop < 1, f"--crop must be in [0, 1), got {cfg.crop}")
+    common.check(0 < cfg.train_fraction <= 1, f"--train-fraction must be in (0, 1], got {cfg.train_fraction}")
+    common.check(cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}")
+    common.check(not cfg.pretrain or cfg.model == "vit", "--pretrain simclr pre-trains the ViT; drop --model cnn")
+    common.check(not cfg.init or (cfg.model == "vit" and not cfg.pretrain), "--init starts a ViT without --pretrain")
+    common.check(not cfg.init or Path(cfg.init).is_file(), f"checkpoint {cfg.init!r} does not exist")
+    fractions = sweep_fractions(cfg.sweep)
+    common.check(all(0 < f <= 1 for f in fractions), f"--sweep shares must be in (0, 1], got {cfg.sweep!r}")
+
+
+def sweep_fractions(text):
+    try:
+        return sorted(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise common.UserError(f"--sweep takes comma-separated numbers such as 0.01,0.1,1, got {text!r}") from None
+
 
 def init_from_checkpoint(model, path, cfg):
     """Copy a pre-trained ViT (kind 'vit', no head) into model; its head stays freshly initialised."""
