@@ -4,15 +4,11 @@ A word is known by the company it keeps (Firth 1957; Harris 1954's distributiona
 turns that sentence into an objective: give every word two vectors, one for when it is the centre of a
 window and one for when it is a context, and make the dot product of a centre with its real contexts large
 and with random words small. Words with the same contexts then get the same vectors, even if they never
-meet. This script writes the whole pipeline of the original tool from tensor operations:
-  - the model (two tables and their scores v'_c . v_w), the loss -log s(v'_c . v_w) - sum_k log s(-v'_k . v_w)
-    with its gradient written out, and SGD with a linear learning-rate decay on many pairs at once;
-  - word2vec's data pipeline: a vocabulary of words seen --min-count times, subsampling of frequent words,
-    a dynamic context window, K negative samples per pair from the unigram distribution raised to 3/4;
-  - evaluation: nearest neighbours, analogies (a - b + c) on a questions-words.txt file, the Spearman
-    correlation with human similarity scores, and a 2-D PCA picture with analogy arrows;
-  - anisotropy: all vectors share a common direction; "all-but-the-top" removes it;
-  - a count-based baseline: PPMI factorised by SVD, the matrix that SGNS factorises implicitly.
+meet. This script writes the whole pipeline of the original tool from tensor operations: the two tables and
+their scores, the loss with its gradient written out, SGD on many pairs at once, subsampling, dynamic windows,
+unigram^(3/4) negatives. It evaluates the vectors by neighbours, analogies (b - a + c) and the Spearman
+correlation with similarity scores; shows their anisotropy and removes it ("all-but-the-top"); and compares
+them with a count-based baseline, PPMI factorised by SVD, the matrix that SGNS factorises implicitly.
 
 Papers:
   Mikolov, Chen, Corrado, Dean 2013a, "Efficient Estimation of Word Representations in Vector Space"
@@ -40,7 +36,6 @@ D vector size, M the most frequent words used for evaluation and the count basel
 """
 import math
 import re
-import zipfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -255,14 +250,7 @@ def sample_negatives(cdf, shape, generator):
     return torch.searchsorted(cdf, u, right=True).clamp(max=len(cdf) - 1)
 
 
-# ---- 5. Corpora: the planted text, text8, a text file -> word ids ----
-
-WORD = re.compile(r"[^\W_]+")          # runs of letters and digits: "Don't stop!" -> don, t, stop
-
-
-def tokenize(line):
-    return WORD.findall(line.lower())
-
+# ---- 5. Corpora: the planted text, or text8 or a text file (read by common.py) -> word ids ----
 
 @dataclass
 class Corpus:
@@ -295,11 +283,14 @@ def build_corpus(name, lexicon, ids, sentence, min_count, device):
                   as_tensor(sentence[kept]), len(ids))
 
 
+WORD = re.compile(r"[^\W_]+")          # runs of letters and digits: "Don't stop!" -> don, t, stop
+
+
 def corpus_from_text(text, name, min_count, device):
     """One sentence per line, tokenised and lower-cased."""
     index, ids, lengths = {}, [], []
     for line in text.splitlines():
-        words = tokenize(line)
+        words = WORD.findall(line.lower())
         ids.extend(index.setdefault(word, len(index)) for word in words)
         lengths.append(len(words))
     common.check(ids, f"{name!r} holds no words")
@@ -311,7 +302,7 @@ def load_corpus(cfg, device):
     if cfg.corpus == "planted":
         lexicon, ids, sentence = planted_text(cfg.sentences, cfg.seed)
         return build_corpus("planted", lexicon, ids, sentence, cfg.min_count, device)
-    text = read_text8(cfg.data_dir) if cfg.corpus == "text8" else read_text(cfg.corpus)
+    text = common.read_text8(cfg.data_dir) if cfg.corpus == "text8" else common.read_text(cfg.corpus, "corpus file")
     return corpus_from_text(text, cfg.corpus, cfg.min_count, device)
 
 
@@ -422,38 +413,6 @@ def planted_text(n_sentences, seed):
     sentence = np.broadcast_to(np.arange(len(grid))[:, None], grid.shape)
     present = grid >= 0
     return list(index), grid[present], sentence[present]
-
-
-def read_text(path):
-    """A user's text file as a string, with a one-line error for what is not UTF-8 text."""
-    path = Path(path)
-    common.check(path.is_file(), f"corpus file {str(path)!r} does not exist (or use --corpus planted or text8)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise common.UserError(f"corpus file {str(path)!r} is not UTF-8 text (bad byte at offset {error.start}); "
-                               "is it a binary file?") from None
-    except OSError as error:
-        raise common.UserError(f"cannot read corpus file {str(path)!r}: {error.strerror or error}") from None
-    common.check(text.strip(), f"corpus file {str(path)!r} is empty")
-    common.check("\0" not in text, f"corpus file {str(path)!r} holds NUL bytes; is it a binary file?")
-    return text
-
-
-# text8: the first 10^8 bytes of an English Wikipedia dump of 2006, lower-cased letters and spaces (Mahoney 2006).
-# Its publisher lists no MD5; the SHA-256 of text8.zip (31 344 016 bytes) is the one other projects pin.
-TEXT8 = common.RemoteDataset(["http://mattmahoney.net/dc/"],
-                             [common.RemoteFile("text8.zip", md5="", sha256="a6640522afe85d1963ad56c05b0ede0a0c000dd"
-                                                                           "dc9671758a6cc09b7a38e5232")], classes=[])
-
-
-def read_text8(data_dir):
-    (archive,) = common.fetch("text8", data_dir, spec=TEXT8)
-    try:
-        with zipfile.ZipFile(archive) as z:
-            return z.read("text8").decode("ascii")
-    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError) as error:
-        raise common.UserError(f"{archive} is not the text8 archive ({error}); delete it to download again") from None
 
 
 # ---- 6. The count-based baseline: PPMI, factorised by SVD ----
@@ -667,7 +626,7 @@ def pmi_agreement(model, counts, negatives, min_count=5.0, max_pairs=20000, seed
     return r, (dot.cpu(), target.cpu())
 
 
-# ---- 8. Files: the word2vec text format ----
+# ---- 8. Outputs: the word2vec text format, figures ----
 
 def save_vec(path, words, vectors):
     """word2vec's text format: a line 'V D', then 'word x1 ... xD' per word."""
@@ -675,25 +634,6 @@ def save_vec(path, words, vectors):
     lines = [f"{len(words)} {rows.shape[1]}"] + [w + " " + " ".join(f"{x:.6g}" for x in row) for w, row in zip(words, rows)]
     common.save_text(path, "\n".join(lines) + "\n")
 
-
-def load_vec(path):
-    """(words, vectors (V, D) float32) from a .vec file; a one-line error for a file of another format."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    try:
-        count, dim = map(int, lines[0].split())
-        words, rows = [], []
-        for line in lines[1:count + 1]:
-            word, *values = line.rstrip().split(" ")
-            common.check(len(values) == dim, "")
-            words.append(word)
-            rows.append([float(x) for x in values])
-        common.check(len(words) == count, "")
-    except (ValueError, IndexError, common.UserError):
-        raise common.UserError(f"{path} is not a word2vec text file ('V D' then 'word x1 ... xD' per line)") from None
-    return words, torch.tensor(rows, dtype=torch.float32).reshape(count, dim)
-
-
-# ---- 9. Figures ----
 
 def relation_pairs(index):
     """The pairs drawn with arrows: gender and country -> capital, where both words are in the vocabulary."""
@@ -761,10 +701,12 @@ def plot_all(vectors, index, history, random_pairs, results, agreement, out_path
     common.save_figure(fig, out_path)
 
 
-# ---- 10. main ----
+# ---- 9. main ----
 
 def validate(cfg):
     common.check(cfg.dataset == "", "--dataset is for the image scripts; word2vec reads --corpus planted|text8|PATH")
+    common.check(cfg.corpus in ("planted", "text8") or Path(cfg.corpus).is_file(),
+                 f"corpus file {cfg.corpus!r} does not exist (or use --corpus planted or text8)")
     for name in ("sentences", "min_count", "dim", "window", "negatives", "epochs", "batch"):
         common.check(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     common.check(cfg.eval_vocab >= 2, f"--eval-vocab must be at least 2, got {cfg.eval_vocab}")
@@ -827,12 +769,6 @@ def main(argv=None):
                   for w, row, crow in zip(probes, top, cos)}
     for w, near in neighbours.items():
         print(f"  {w:>10}: " + ", ".join(f"{n} {c:.2f}" for n, c in near))
-    gender, unit = relation_pairs(index)["male -> female"], unit_rows(vectors)
-    for a, b in gender[:1]:
-        for c, d in gender[1:4]:
-            scores = unit @ (unit[index[b]] - unit[index[a]] + unit[index[c]])     # 3CosAdd over all V words
-            scores[[index[a], index[b], index[c]]] = -math.inf
-            print(f"  {b} - {a} + {c} = {corpus.words[int(scores.argmax())]} (expected {d})")
     if unseen:
         print(f"  never within {cfg.window} words of each other, yet cosine {unseen['cosine']:.2f}: "
               f"{unseen['words'][0]!r} and {unseen['words'][1]!r} (neighbour #{unseen['rank_of_second_among_first']})")

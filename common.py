@@ -547,6 +547,39 @@ def fetch(name, data_dir, spec=None):
     return paths
 
 
+def read_text(path, what="text file"):
+    """A user's UTF-8 text file as a string; a one-line error for one that cannot be read, is empty or is binary."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{what} {str(path)!r} is not UTF-8 text (bad byte at offset {error.start}); "
+                        "is it a binary file?") from None
+    except OSError as error:
+        raise UserError(f"cannot read {what} {str(path)!r}: {error.strerror or error}") from None
+    check(text.strip(), f"{what} {str(path)!r} is empty")
+    check("\0" not in text, f"{what} {str(path)!r} holds NUL bytes; is it a binary file?")
+    return text
+
+
+# text8 (Mahoney 2006), 02's real corpus: the first 10^8 bytes of an English Wikipedia dump of 2006, lower-cased
+# letters and spaces. Its publisher lists no MD5; the SHA-256 of text8.zip (31 344 016 bytes) is the one other
+# projects pin.
+TEXT8 = RemoteDataset(["http://mattmahoney.net/dc/"],
+                      [RemoteFile("text8.zip", md5="",
+                                  sha256="a6640522afe85d1963ad56c05b0ede0a0c000dddc9671758a6cc09b7a38e5232")], classes=[])
+
+
+def read_text8(data_dir):
+    """text8 as one string of 17M words, downloaded into data_dir/text8/ once."""
+    import zipfile
+    (archive,) = fetch("text8", data_dir, spec=TEXT8)
+    try:
+        with zipfile.ZipFile(archive) as z:
+            return z.read("text8").decode("ascii")
+    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError) as error:
+        raise UserError(f"{archive} is not the text8 archive ({error}); delete it to download again") from None
+
+
 def read_idx(path):
     """An IDX file (gzipped or not) as a numpy array: magic 0x0000080N (N dims) of uint8, big-endian sizes."""
     path = Path(path)
