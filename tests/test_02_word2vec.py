@@ -195,6 +195,32 @@ def test_cooccurrence_matches_a_plain_loop(size, window):
     torch.testing.assert_close(w2v.cooccurrence(corpus, size, window), expected)
 
 
+@pytest.mark.parametrize("alpha", [0.75, 1.0])
+def test_pmi_matches_counting_by_hand(alpha):
+    """PMI(w, c) = log P(w, c) / (P(w) P_alpha(c)), P_alpha(c) = #(c)^alpha / sum_c' #(c')^alpha (Levy et al. 2015,
+    Eq. 3), on a tiny corpus whose pairs are counted with plain loops (a context d <= W away weighs (W - d + 1) / W);
+    float64 throughout. Words 4 and 0 never meet: -inf."""
+    sentences, window, size = [[0, 1, 2, 1], [2, 3, 0], [1, 1, 3, 2, 0], [4, 3]], 2, 5
+    counts = [[0.0] * size for _ in range(size)]
+    for s in sentences:
+        for i in range(len(s)):
+            for j in range(len(s)):
+                if 0 < abs(i - j) <= window:
+                    counts[s[i]][s[j]] += (window - abs(i - j) + 1) / window
+    total = sum(map(sum, counts))
+    p_word = [sum(counts[w]) / total for w in range(size)]
+    smoothed = [sum(counts[w][c] for w in range(size)) ** alpha for c in range(size)]
+    p_context = [x / sum(smoothed) for x in smoothed]
+    expected = [[math.log(counts[w][c] / total / (p_word[w] * p_context[c])) if counts[w][c] else -math.inf
+                 for c in range(size)] for w in range(size)]
+    tokens = torch.tensor([t for s in sentences for t in s])
+    sentence = torch.tensor([k for k, s in enumerate(sentences) for _ in s])
+    corpus = w2v.Corpus("t", list("abcde"), torch.bincount(tokens), tokens, sentence, len(tokens))
+    ours = w2v.pmi(w2v.cooccurrence(corpus, size, window).double(), alpha)
+    assert counts[4][0] == 0 and ours[4, 0] == -math.inf
+    torch.testing.assert_close(ours, torch.tensor(expected, dtype=torch.float64))
+
+
 def test_planted_pairs_never_cooccur_and_words_are_built_from_the_lists(small_planted):
     corpus = small_planted
     counts = w2v.cooccurrence(corpus, len(corpus.words), 5)
