@@ -70,7 +70,7 @@ class Config(common.RunConfig):
     # (sgd_step), and on 6M words of English 0.1 gave better analogies and similarities than 0.025 (README, 02)
     lr: float = common.arg(0.1, "SGD learning rate at the start; it falls linearly to --min-lr")
     min_lr: float = common.arg(1e-4, "learning rate at the end")
-    batch: int = common.arg(65536, "B: (centre, context) pairs per step")
+    batch_size: int = common.arg(65536, "B: (centre, context) pairs per step")
     step_cap: float = common.arg(0.5, "largest step of one vector per batch, in units of its Newton step "
                                       "(keeps large batches stable; see sgd_step)")
     analogies: str = common.arg("", "analogy questions in questions-words.txt format (default: the shipped "
@@ -82,7 +82,7 @@ class Config(common.RunConfig):
     abtt: int = common.arg(0, "principal directions removed by all-but-the-top (0: dim/100, at least 1)")
 
 
-QUICK = dict(sentences=20_000, dim=32, epochs=5, batch=4096, eval_vocab=2000)
+QUICK = dict(sentences=20_000, dim=32, epochs=5, batch_size=4096, eval_vocab=2000)
 
 
 # ---- 1. Model: two tables of vectors ----
@@ -176,12 +176,12 @@ def train(model, corpus, cfg, generator, log_points=100):
     history, pairs, running_loss, running_pairs = [], 0, torch.zeros((), device=device), 0
     for epoch in range(cfg.epochs):
         centre, context = epoch_pairs(corpus, keep, cfg.window, generator)        # (P,) each
-        steps = max(1, math.ceil(len(centre) / cfg.batch))
+        steps = max(1, math.ceil(len(centre) / cfg.batch_size))
         log_every = max(1, steps * cfg.epochs // log_points)
         for step in range(steps):
             progress = (epoch + step / steps) / cfg.epochs
             lr = cfg.lr - (cfg.lr - cfg.min_lr) * progress
-            batch = slice(step * cfg.batch, (step + 1) * cfg.batch)
+            batch = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
             c, x = centre[batch], context[batch]
             negatives = sample_negatives(cdf, (len(c), cfg.negatives), generator)     # (B, K)
             running_loss += sgd_step(model, c, x, negatives, lr, cfg.step_cap)
@@ -707,7 +707,7 @@ def validate(cfg):
     common.check(cfg.dataset == "", "--dataset is for the image scripts; word2vec reads --corpus planted|text8|PATH")
     common.check(cfg.corpus in ("planted", "text8") or Path(cfg.corpus).is_file(),
                  f"corpus file {cfg.corpus!r} does not exist (or use --corpus planted or text8)")
-    for name in ("sentences", "min_count", "dim", "window", "negatives", "epochs", "batch"):
+    for name in ("sentences", "min_count", "dim", "window", "negatives", "epochs", "batch_size"):
         common.check(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     common.check(cfg.eval_vocab >= 2, f"--eval-vocab must be at least 2, got {cfg.eval_vocab}")
     common.check(0 <= cfg.sample < 1, f"--sample must be in [0, 1), got {cfg.sample}")
@@ -744,7 +744,7 @@ def main(argv=None):
     model = SkipGram(len(corpus.words), cfg.dim, generator)
     history, seconds, trained_pairs = train(model, corpus, cfg, generator)
     common.check(math.isfinite(history[-1][1]), f"training diverged (the loss is {history[-1][1]}); "
-                                                "lower --lr, --batch or --step-cap")
+                                                "lower --lr, --batch-size or --step-cap")
     words_per_second = cfg.epochs * len(corpus.tokens) / seconds
     print(f"trained {cfg.epochs} epochs, {trained_pairs:,} pairs in {seconds:.1f}s: {words_per_second / 1e6:.2f}M words/s, "
           f"loss {history[0][1]:.3f} -> {history[-1][1]:.3f} per pair")

@@ -118,7 +118,7 @@ def score(vectors, index, evals, limit):
 
 def run_ours(corpus, args, batch, step_cap, device, evals):
     cfg = SimpleNamespace(epochs=args.epochs, window=args.window, negatives=args.negatives, sample=args.sample,
-                          lr=args.lr, min_lr=1e-4, batch=batch, step_cap=step_cap)
+                          lr=args.lr, min_lr=1e-4, batch_size=batch, step_cap=step_cap)
     generator = torch.Generator(device).manual_seed(args.seed)
     model = w2v.SkipGram(len(corpus.words), args.dim, generator)
     history, seconds, _ = w2v.train(model, corpus, cfg, generator)
@@ -159,7 +159,7 @@ def run(args):
     print(f"corpus: {corpus.raw_words:,} words, {len(corpus.words):,} in the vocabulary, "
           f"built in {time.perf_counter() - start:.1f}s")
     warm = w2v.Corpus("warm-up", corpus.words, corpus.counts, corpus.tokens[:200_000], corpus.sentence[:200_000], 0)
-    run_ours(warm, SimpleNamespace(**{**vars(args), "epochs": 1, "seed": 0}), w2v.Config.batch, w2v.Config.step_cap,
+    run_ours(warm, SimpleNamespace(**{**vars(args), "epochs": 1, "seed": 0}), w2v.Config.batch_size, w2v.Config.step_cap,
              device, evals)                                                                      # CUDA start-up
     results = []
     for seed in map(int, args.seeds.split(",")):
@@ -204,7 +204,7 @@ def parse(argv=None):
     r.add_argument("--negatives", type=int, default=5)
     r.add_argument("--sample", type=float, default=1e-3)
     r.add_argument("--min-count", type=int, default=5)
-    r.add_argument("--runs", default=f"{w2v.Config.batch}:{w2v.Config.step_cap:g}",
+    r.add_argument("--runs", default=f"{w2v.Config.batch_size}:{w2v.Config.step_cap:g}",
                    help="comma-separated BATCH:STEP_CAP settings of ours to try ('' for none); default: 02's defaults")
     r.add_argument("--lr", type=float, default=w2v.Config.lr, help="our starting learning rate (02_word2vec.py's default)")
     r.add_argument("--gensim-lr", type=float, default=0.025, help="gensim's starting learning rate (alpha; its default)")

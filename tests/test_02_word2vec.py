@@ -85,7 +85,7 @@ def test_training_takes_its_scores_from_the_model(monkeypatch):
     changes every recorded loss (at the first step all scores are 0, so the loss per pair moves from 3 log 2)."""
     lexicon, ids, sentence = w2v.planted_text(300, seed=0)
     corpus = w2v.build_corpus("planted", lexicon, ids, sentence, 1, "cpu")
-    cfg = SimpleNamespace(epochs=1, window=2, negatives=2, sample=0, lr=0.1, min_lr=1e-4, batch=200, step_cap=0.5)
+    cfg = SimpleNamespace(epochs=1, window=2, negatives=2, sample=0, lr=0.1, min_lr=1e-4, batch_size=200, step_cap=0.5)
 
     def losses():
         generator = torch.Generator().manual_seed(0)
@@ -417,7 +417,7 @@ def test_a_text_file_corpus_runs(tmp_path):
     path = tmp_path / "tiny.txt"
     path.write_text("\n".join(["The cat sat on the mat.", "A dog sat on the log!"] * 40))
     _, metrics = w2v.main(["--corpus", str(path), "--device", "cpu", "--out", str(tmp_path / "o"), "--dim", "8",
-                           "--epochs", "2", "--batch", "256", "--min-count", "2"])
+                           "--epochs", "2", "--batch-size", "256", "--min-count", "2"])
     assert metrics["vocabulary"] == 8 and metrics["results"]["SGNS"]["analogy"] is None
 
 
