@@ -16,13 +16,11 @@ WordSim-353 and SimLex-999 pairs (Spearman), as gensim ships them in gensim/test
 scored by the same functions of 02_word2vec.py. Throughput counts, for both, epochs x in-vocabulary words of
 the corpus / seconds of training (vocabulary building excluded for both).
 
-Measured (one H100 and its host's 16 cores, 5 epochs, one seed, before the all-but-the-top columns existed):
-gensim 0.98M words/s, analogies 24.9%, WS-353 0.660, SimLex 0.351; ours at B=65536 (the default) 12.07M words/s,
-22.6%, 0.593, 0.335; at B=16384 5.14M words/s, 23.8%, 0.609, 0.344; at B=4096 without the cap 1.47M words/s,
-24.2%, 0.619, 0.343; B=65536 without the cap diverged. Over seeds 0, 1, 2 (--seeds 0,1,2, a later run): gensim
-24.1-24.3%, 0.647-0.664, 0.353-0.365 at 0.68-0.75M words/s; ours at B=65536 22.6-23.4%, 0.585-0.596,
-0.335-0.341 at 12.1-12.2M words/s. With --lr 0.1 (02's default since) and cap 0.5, seeds 0 and 1: 12.2-12.4M
-words/s, 25.9-26.2%, 0.691-0.711, 0.386-0.389.
+Needs gensim (pip install gensim) for its evaluation files and its model; the project's requirements leave it out.
+Measured with the defaults (one H100 and its host's 16 cores, 5 epochs; RESULTS.md holds the tables): ours
+(lr 0.1, B=65536, cap 0.5; seeds 0 and 1) 12.2-12.4M words/s, analogies 25.9-26.2%, WS-353 0.691-0.711, SimLex
+0.386-0.389; gensim (alpha 0.025, its default; seeds 0, 1, 2) 0.68-0.75M words/s, 24.1-24.3%, 0.647-0.664,
+0.353-0.365.
 """
 import argparse
 import gzip
