@@ -620,7 +620,7 @@ def pmi_agreement(model, counts, negatives, min_count=5.0, max_pairs=20000, seed
         return None, None
     pick = torch.randperm(len(w), generator=torch.Generator().manual_seed(seed))[:max_pairs].to(w.device)
     w, c = w[pick], c[pick]
-    dot = (model.in_vectors[w] * model.out_vectors[c]).sum(1).float()
+    dot = model(w, c[:, None])[:, 0].float()                                 # the scores SGNS trained
     target = shifted[w, c]
     r = torch.corrcoef(torch.stack([dot, target]))[0, 1].item()
     return r, (dot.cpu(), target.cpu())
