@@ -67,7 +67,7 @@ class Config(common.RunConfig):
     sample: float = common.arg(1e-3, "subsampling threshold t: words more frequent than t are dropped at random (0: keep all)")
     epochs: int = common.arg(5, "passes over the text")
     # NOTE: 4x word2vec.c's and gensim's 0.025. Per-pair SGD there; here the summed step of a busy row is capped
-    # (sgd_step), and on 6M words of English 0.1 gave better analogies and similarities than 0.025 (README, 02)
+    # (sgd_step), and on 6M words of English 0.1 gave better analogies and similarities than 0.025 (RESULTS.md, 02)
     lr: float = common.arg(0.1, "SGD learning rate at the start; it falls linearly to --min-lr")
     min_lr: float = common.arg(1e-4, "learning rate at the end")
     batch_size: int = common.arg(65536, "B: (centre, context) pairs per step")
@@ -85,7 +85,7 @@ class Config(common.RunConfig):
 QUICK = dict(sentences=20_000, dim=32, epochs=5, batch_size=4096, eval_vocab=2000)
 
 
-# ---- 1. Model: two tables of vectors ----
+# ---- 1. Model: two tables of vectors and their scores ----
 
 class SkipGram(nn.Module):
     """v_w (in_vectors) for a word as the centre of a window, v'_w (out_vectors) for a word as a context.
