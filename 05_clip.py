@@ -33,14 +33,11 @@ Result (default run, one H100: 53 s wall, 23.7k image-caption pairs/s of trainin
 Shapes legend: B batch (image-caption pairs), L tokens of a caption, W text width, E image width,
 K shared embedding size, N images, M captions, C classes, P prompt templates, S image side.
 """
-import csv
 import dataclasses
 import math
 import re
-import zipfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -111,276 +108,146 @@ def validate(cfg):
     parse_holdout(cfg.holdout)
 
 
-# ---- 1. Data: images paired with captions, resident on the device ----
-#
-# Every image has one or more captions. A dataset is a table of unique caption strings plus, per image,
-# the ids of its captions (padded with -1), so a training step picks one caption per image with tensor ops.
+# ---- 1. Model: two encoders into one space ----
 
-@dataclass
-class Pairs:
-    images: torch.Tensor      # (N, 3, S, S) uint8
-    captions: torch.Tensor    # (N, most captions of an image) int64 ids into CaptionData.texts, -1 where none
-    counts: torch.Tensor      # (N,) captions per image (>= 1)
-    labels: torch.Tensor = None   # (N,) shape classes (embedded set only)
-    factors: dict = None          # the embedded set's factors, (N,) tensors
-
-    def __len__(self):
-        return len(self.images)
-
-    def subset(self, keep):
-        return Pairs(self.images[keep], self.captions[keep], self.counts[keep],
-                     None if self.labels is None else self.labels[keep],
-                     None if self.factors is None else {k: v[keep] for k, v in self.factors.items()})
+def causal_mask(length, device=None):
+    """(L, L) bool, True where token t may attend to token s: s <= t, never a later token."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()
 
 
-@dataclass
-class CaptionData:
-    name: str
-    train: Pairs
-    test: Pairs
-    texts: list               # unique caption strings; ids index this list
-    classes: list = None      # class names, for zero-shot classification (embedded set only)
-    skipped: dict = None      # rows left out while reading, counted by reason
+class TextTransformer(nn.Module):
+    """Tokens (B, L) -> features (B, W): 04's pre-norm Blocks under a causal mask, read at the end-of-text token.
+    CLIP masks its text encoder causally (Sec. 2.4) so that it could start from, or be trained with, a language
+    model. Under that mask only the last token has read the whole caption, so it is the one pooled; and
+    whatever follows it (padding) cannot change it."""
+
+    def __init__(self, vocab_size, context, dim, depth, heads, mlp_ratio=4):
+        super().__init__()
+        self.dim, self.eot = dim, vocab_size - 1
+        self.token_embedding = nn.Embedding(vocab_size, dim)
+        self.position_embedding = nn.Parameter(torch.zeros(context, dim))   # learned, one per position
+        self.blocks = nn.ModuleList(vit.Block(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = vit.LayerNorm(dim)
+        self.apply(vit.ViT._init_weights)            # 04's init: small normal weights, zero biases
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.position_embedding, std=0.01)
+
+    def hidden(self, tokens):                                        # (B, L) -> (B, L, W)
+        L = tokens.shape[1]
+        x = self.token_embedding(tokens) + self.position_embedding[:L]  # (B, L, W) + (L, W)
+        mask = causal_mask(L, tokens.device)                          # (L, L), broadcast over B and heads
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x)
+
+    def forward(self, tokens):                                       # (B, L) -> (B, W)
+        # EXERCISE: pool the mean over the caption's tokens instead; under the causal mask, which of them saw it all?
+        end = (tokens == self.eot).int().argmax(dim=1)                # (B,) the first end-of-text position
+        return self.hidden(tokens)[torch.arange(len(tokens), device=tokens.device), end]
 
 
-def index_captions(captions_per_image, texts, device):
-    """Lists of caption strings per image -> (ids (N, most) with -1 padding, counts (N,)); new strings join texts."""
-    ids = {text: i for i, text in enumerate(texts)}
-    most = max(len(c) for c in captions_per_image)
-    table = torch.full((len(captions_per_image), most), -1, dtype=torch.int64)
-    for row, captions in enumerate(captions_per_image):
-        for column, text in enumerate(captions):
-            if text not in ids:
-                ids[text] = len(texts)
-                texts.append(text)
-            table[row, column] = ids[text]
-    counts = torch.tensor([len(c) for c in captions_per_image], dtype=torch.int64)
-    return table.to(device), counts.to(device)
+MAX_SCALE = 100.0     # CLIP Sec. 2.5: the logit scale is clipped at 100 "to prevent training instability"
 
 
-# The embedded set: three phrasings of every image, from its factors. Identical strings recur across images
-# ("a red star" fits ~1 image in 80), which the loss must handle (section 4).
+class CLIP(nn.Module):
+    """encode_image (B, 3, S, S) uint8 -> (B, K) and encode_text (B, L) -> (B, K), unit vectors of one space."""
 
-def parse_holdout(text):
-    """'red star,blue circle' -> {(colour index, shape index), ...}."""
-    pairs = set()
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        words = item.split()
-        common.check(len(words) == 2 and words[0] in common.COLOURS and words[1] in common.SHAPES,
-                     f"--holdout item {item!r} is not 'colour shape' (colours: {', '.join(common.COLOURS)}; "
-                     f"shapes: {', '.join(common.SHAPES)})")
-        pairs.add((list(common.COLOURS).index(words[0]), common.SHAPES.index(words[1])))
-    return pairs
+    def __init__(self, image_encoder, text_encoder, embed_dim):
+        super().__init__()
+        self.visual, self.text = image_encoder, text_encoder
+        # linear maps into the shared space (CLIP uses no bias and no non-linearity here)
+        self.image_projection = nn.Linear(image_encoder.dim, embed_dim, bias=False)
+        self.text_projection = nn.Linear(text_encoder.dim, embed_dim, bias=False)
+        nn.init.normal_(self.image_projection.weight, std=image_encoder.dim ** -0.5)
+        nn.init.normal_(self.text_projection.weight, std=text_encoder.dim ** -0.5)
+        # the temperature is learned as a log, so it stays positive and moves by ratios; 1/0.07 at the start
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # per-channel pixel statistics of the training images (04's normalisation), saved with the weights
+        self.register_buffer("pixel_mean", torch.zeros(1, 3, 1, 1))
+        self.register_buffer("pixel_std", torch.ones(1, 3, 1, 1))
 
+    def set_pixel_stats(self, images):                       # (N, 3, S, S) uint8
+        mean, std = vit.channel_stats(images)
+        self.pixel_mean.copy_(mean)
+        self.pixel_std.copy_(std)
 
-def shape_captions(factors, i):
-    """Image i's captions, most to least specific: 'a small red striped star in the top left',
-    'a small red striped star', 'a red star'. factors: dict of Python lists (fast to index)."""
-    full = common.caption(factors, i)
-    place = common.PLACES[factors["row"][i] * 3 + factors["column"][i]]
-    colour, shape = list(common.COLOURS)[factors["colour"][i]], common.SHAPES[factors["label"][i]]
-    return [full, full[:-len(place) - 1], f"a {colour} {shape}"]
+    def image_features(self, images):                        # (B, 3, S, S) uint8 -> (B, E)
+        return self.visual.features(vit.normalise(images.float() / 255, (self.pixel_mean, self.pixel_std)))
 
+    def embed_image_features(self, features):                # (B, E) -> (B, K) on the unit sphere
+        return F.normalize(self.image_projection(features), dim=-1)
 
-def is_heldout(factors, holdout):
-    """(N,) bool: images whose colour-shape pair is held out of training."""
-    held = torch.zeros_like(factors["label"], dtype=torch.bool)
-    for colour, shape in holdout:
-        held |= (factors["colour"] == colour) & (factors["label"] == shape)
-    return held
+    def encode_image(self, images):                          # (B, 3, S, S) uint8 -> (B, K)
+        return self.embed_image_features(self.image_features(images))
 
+    def encode_text(self, tokens):                           # (B, L) -> (B, K)
+        return F.normalize(self.text_projection(self.text(tokens)), dim=-1)
 
-def load_shapes(cfg, device):
-    data = common.load_images("shapes", device=device, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed)
-    keep = ~is_heldout(data.factors_train, parse_holdout(cfg.holdout))        # the held-out pairs are never seen
-    train = (data.x_train[keep], data.y_train[keep], {k: v[keep] for k, v in data.factors_train.items()})
-    texts, splits = [], []
-    # test images keep only their full caption: retrieval then asks for one specific image description
-    for (images, labels, factors), phrasings in ((train, slice(None)), ((data.x_test, data.y_test, data.factors_test), slice(1))):
-        lists = {k: v.tolist() for k, v in factors.items()}
-        ids, counts = index_captions([shape_captions(lists, i)[phrasings] for i in range(len(images))], texts, device)
-        splits.append(Pairs(images, ids, counts, labels, factors))
-    return CaptionData("shapes", splits[0], splits[1], texts, list(common.SHAPES), {})
+    def scale(self):
+        """exp(logit_scale), at most 100. The clamp also stops the gradient past the cap, so the scale rests there."""
+        return self.logit_scale.clamp(max=math.log(MAX_SCALE)).exp()
 
-
-# Real images: any size, PNG or JPEG, grey, RGB or RGBA. matplotlib.image.imread reads PNG itself and
-# everything else through Pillow (a dependency of matplotlib). Each image is centre-cropped to a square and
-# brought to S x S by common.to_format, the project's one resizing function.
-
-def read_image(source, name, size):
-    """(3, S, S) uint8 tensor from a path or an open file; name gives the format and the error message."""
-    import matplotlib.image
-    try:
-        array = matplotlib.image.imread(source, format=Path(name).suffix.lstrip(".").lower() or None)
-    except Exception as error:  # Pillow and matplotlib raise many types for a bad file
-        raise common.UserError(f"image {name} cannot be read: {error}") from None
-    if array.dtype != np.uint8:                                   # PNG comes as floats in [0, 1]
-        array = (np.asarray(array, dtype=np.float32) * 255).round().clip(0, 255).astype(np.uint8)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    image = torch.from_numpy(np.array(array[:, :, :3])).permute(2, 0, 1)             # (3 or 1, h, w), a writable copy
-    h, w = image.shape[1:]
-    side = min(h, w)
-    image = image[:, (h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
-    return common.to_format(image[None], size=size, channels=3)[0]
+    def forward(self, images, tokens):
+        """Images (B, 3, S, S) uint8 -- or, with a locked image encoder, their cached features (B, E) -- and tokens
+        (B, L) -> unit embeddings (B, K), (B, K). The paper's logits_per_image is clip_logits(image, text, scale())
+        (section 2), and logits_per_text its transpose. forward stops at the embeddings, as open_clip's does: the
+        loss compares them with those of the whole batch, which under torchrun lies on several GPUs (section 5)."""
+        features = images if images.dim() == 2 else self.image_features(images)
+        return self.embed_image_features(features), self.encode_text(tokens)
 
 
-def read_images(open_image, names, size, desc):
-    """Decode names with open_image(name) -> path or file, into (N, 3, S, S) uint8, with a progress bar."""
-    images = torch.empty(len(names), 3, size, size, dtype=torch.uint8)
-    bar = common.progress(len(names), desc)
-    for i, name in enumerate(names):
-        images[i] = read_image(open_image(name), name, size)
-        bar.update(1)
-    bar.close()
-    return images
-
-
-def read_captions_csv(folder, size):
-    """folder/captions.csv (header image,caption; several rows per image allowed) and the images it names.
-    A malformed row is an error; a row with an empty caption or a missing image is skipped and counted.
-    Returns (images (N, 3, S, S) uint8, captions per image, skipped counts)."""
-    path = Path(folder) / "captions.csv"
-    common.check(path.is_file(), f"{path} does not exist; --dataset captions needs DIR/captions.csv "
-                                 "(or DIR/train/captions.csv and DIR/test/captions.csv)")
-    captions, skipped = defaultdict(list), Counter()
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
-            header = [cell.strip().lower() for cell in next(reader, [])]
-            common.check(header == ["image", "caption"], f"{path}: the first row must be the header 'image,caption', got {header}")
-            for row in reader:
-                if not row:
-                    continue                                          # a blank line holds no row
-                common.check(len(row) == 2, f"{path} line {reader.line_num}: expected 2 fields (image,caption), "
-                                            f"got {len(row)}; quote captions that contain commas")
-                name, text = row[0].strip(), " ".join(row[1].split())
-                if not text:
-                    skipped["empty caption"] += 1
-                elif not (Path(folder) / name).is_file():
-                    skipped["missing image"] += 1
-                else:
-                    captions[name].append(text)
-    except (UnicodeDecodeError, csv.Error) as error:
-        raise common.UserError(f"{path} is not a UTF-8 CSV file: {error}") from None
-    common.check(len(captions) > 0, f"{path} names no readable image with a caption (skipped: {dict(skipped)})")
-    names = sorted(captions)
-    images = read_images(lambda name: Path(folder) / name, names, size, f"reading {path.parent.name or path.parent}")
-    return images, [captions[name] for name in names], skipped
-
-
-def load_caption_folder(cfg, device):
-    """DIR/train and DIR/test, each with a captions.csv, are the splits; otherwise DIR/captions.csv is split
-    by image (10% of the images, at least one, for testing), so all captions of an image land on one side."""
-    folder = Path(cfg.data_dir)
-    common.check(folder.is_dir(), f"--data-dir {str(folder)!r} is not a folder")
-    if (folder / "train" / "captions.csv").is_file() and (folder / "test" / "captions.csv").is_file():
-        (x_train, c_train, s_train), (x_test, c_test, s_test) = (read_captions_csv(folder / s, cfg.image_size)
-                                                                  for s in ("train", "test"))
-        skipped = s_train + s_test
-    else:
-        images, captions, skipped = read_captions_csv(folder, cfg.image_size)
-        common.check(len(images) >= 2, f"{folder}/captions.csv has {len(images)} usable image; a train/test split needs 2")
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        n_test = max(1, round(0.1 * len(images)))
-        test, train = order[:n_test], order[n_test:]
-        x_train, c_train = images[train], [captions[i] for i in train]
-        x_test, c_test = images[test], [captions[i] for i in test]
-    return build_caption_data("captions", x_train, c_train, x_test, c_test, dict(skipped), device)
-
-
-def build_caption_data(name, x_train, c_train, x_test, c_test, skipped, device):
-    texts = []
-    (ids_train, n_train), (ids_test, n_test) = (index_captions(c, texts, device) for c in (c_train, c_test))
-    if skipped and common.is_main():
-        print(f"{name}: skipped " + ", ".join(f"{count} rows ({reason})" for reason, count in skipped.items()))
-    return CaptionData(name, Pairs(x_train.to(device), ids_train, n_train), Pairs(x_test.to(device), ids_test, n_test),
-                       texts, None, skipped)
-
-
-# Flickr8k (Hodosh, Young, Hockenmaier 2013): 8091 photos, 5 captions each, with an official split of 6000
-# training, 1000 development (unused here) and 1000 test images. The published zips, as their mirror
-# lists them; the MD5s are the ones torchvision's R port (mlverse/torchvision) checks.
-FLICKR8K = common.RemoteDataset(
-    ["https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/"],
-    [common.RemoteFile("Flickr8k_text.zip", "bf6c1abcb8e4a833b7f922104de18627"),
-     common.RemoteFile("Flickr8k_Dataset.zip", "f18a1e2920de5bd84dae7cf08ec78978")],
-    classes=[])
-FLICKR8K_IMAGES = "Flicker8k_Dataset/"     # sic: the folder inside the published zip is misspelt
-
-
-def read_flickr8k_text(text_zip):
-    """(captions by image name, training names, test names) from Flickr8k_text.zip."""
-    try:
-        with zipfile.ZipFile(text_zip) as archive:
-            read = lambda member: archive.read(member).decode("utf-8").splitlines()
-            tokens, train, test = (read(m) for m in ("Flickr8k.token.txt", "Flickr_8k.trainImages.txt",
-                                                     "Flickr_8k.testImages.txt"))
-    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError) as error:
-        raise common.UserError(f"{text_zip} is not Flickr8k's text archive: {error}") from None
-    captions = defaultdict(list)
-    for number, line in enumerate(tokens, 1):
-        if line.strip():
-            key, tab, text = line.partition("\t")
-            common.check(tab and "#" in key, f"Flickr8k.token.txt line {number} is not 'image#k<TAB>caption'")
-            captions[key.rsplit("#", 1)[0]].append(" ".join(text.split()))
-    return captions, [n.strip() for n in train if n.strip()], [n.strip() for n in test if n.strip()]
-
-
-def load_flickr8k(cfg, device):
-    """Flickr8k's split at S x S: images are decoded once into a cache beside the zips (images-S.npz)."""
-    folder = Path(cfg.data_dir) / "flickr8k"
-    (text_zip,) = common.fetch("flickr8k", cfg.data_dir, dataclasses.replace(FLICKR8K, files=FLICKR8K.files[:1]))
-    captions, train, test = read_flickr8k_text(text_zip)
-    cache = folder / f"images-{cfg.image_size}.npz"
-    if not cache.is_file():
-        (image_zip,) = common.fetch("flickr8k", cfg.data_dir, dataclasses.replace(FLICKR8K, files=FLICKR8K.files[1:]))
+def image_encoder(cfg, device):
+    """04's ViT: random, or from 04's checkpoint (whose saved constructor arguments then set its shape)."""
+    arch = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, dim=cfg.image_dim, depth=cfg.image_depth,
+                heads=cfg.image_heads, num_classes=0)
+    if cfg.init_image:
         try:
-            with zipfile.ZipFile(image_zip) as archive:
-                present = {m[len(FLICKR8K_IMAGES):] for m in archive.namelist() if m.startswith(FLICKR8K_IMAGES)}
-                names = sorted(n for n in set(train + test) if n in present)
-                images = read_images(lambda name: archive.open(FLICKR8K_IMAGES + name), names, cfg.image_size,
-                                     "decoding Flickr8k")
-        except zipfile.BadZipFile as error:
-            raise common.UserError(f"{image_zip} is not a zip archive: {error}") from None
-        common._atomic_write(cache, lambda tmp: np.savez(open(tmp, "wb"), names=np.array(names), images=images.numpy()))
-    try:
-        with np.load(cache, allow_pickle=False) as stored:
-            names, images = list(stored["names"]), torch.from_numpy(stored["images"])
-    except (OSError, ValueError, KeyError) as error:
-        raise common.UserError(f"{cache} is corrupt ({error}); delete it to decode the images again") from None
-    row = {name: i for i, name in enumerate(names)}
-    skipped = Counter()
-
-    def split(wanted):
-        usable = []
-        for name in wanted:
-            if name not in row:
-                skipped["image missing from the zip"] += 1
-            elif not captions.get(name):
-                skipped["image without captions"] += 1
-            else:
-                usable.append(name)
-        return images[[row[n] for n in usable]], [captions[n] for n in usable]
-
-    (x_train, c_train), (x_test, c_test) = split(train), split(test)
-    common.check(len(x_train) >= 2 and len(x_test) >= 1, f"Flickr8k in {folder} has too few usable images")
-    return build_caption_data("flickr8k", x_train, c_train, x_test, c_test, dict(skipped), device)
+            stored = torch.load(cfg.init_image, map_location="cpu", weights_only=True)
+            arch = {**stored["arch"], "num_classes": 0} if stored.get("kind") == "vit" else arch
+        except Exception:  # a missing or foreign file: common.load_checkpoint below says what is wrong
+            pass
+    encoder = vit.ViT(**arch)
+    if cfg.init_image:
+        common.load_checkpoint(cfg.init_image, encoder, kind="vit", device="cpu")
+    common.check(encoder.arch["in_channels"] == 3, "the image encoder must take 3-channel images")
+    return encoder.to(device)
 
 
-def load_data(cfg, device):
-    data = {"shapes": load_shapes, "flickr8k": load_flickr8k, "captions": load_caption_folder}[cfg.dataset](cfg, device)
-    if cfg.paired:
-        data.train = data.train.subset(slice(0, cfg.paired))
-    processes = common.world_size()
-    common.check(len(data.train) // processes >= cfg.batch_size,
-                 f"{len(data.train)} training images but --batch-size {cfg.batch_size}"
-                 + (f" for each of {processes} processes (the batch is per process)" if processes > 1 else "")
-                 + ": use a smaller batch")
-    return data
+# ---- 2. Objective: the symmetric contrastive loss (CLIP Fig. 3) ----
+#
+#   logits = exp(t) * I_e @ T_e^T                 (B, B): image i against caption j, both unit vectors
+#   loss   = (CE(logits, rows) + CE(logits, columns)) / 2,  labels = arange(B): the pair sits on the diagonal
+# Rows ask "which caption is this image's?", columns "which image is this caption's?". The temperature
+# 1/exp(t) sets how peaked the softmax is; it is learned, since a fixed one must be tuned by hand.
+
+def clip_logits(image_embeddings, text_embeddings, scale):
+    """(B, K) and (M, K) unit vectors, a scalar scale -> (B, M) logits."""
+    return scale * image_embeddings @ text_embeddings.T          # (B, K) @ (K, M) -> (B, M)
 
 
-# ---- 2. Tokenisation: byte-pair encoding, learned from the training captions ----
+def clip_loss(logits, positives=None):
+    """CLIP's loss on logits_per_image (B, B), with the matching caption of image i at column i.
+    positives (B, B) bool, optional: True where caption j is also right for image i (e.g. the same string).
+    Those other right answers are taken out of both softmaxes, so they are never pushed apart as negatives;
+    with positives=None (or the identity) this is exactly the loss of the paper's Fig. 3."""
+    B = logits.shape[0]
+    common.check(B >= 2, f"the contrastive loss needs at least 2 pairs (1 has no negatives), got {B}")
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))           # bf16 is too coarse for logits up to 100
+    diagonal = torch.eye(B, dtype=torch.bool, device=logits.device)
+    if positives is not None:
+        logits = logits.masked_fill(positives & ~diagonal, float("-inf"))          # exp(-inf) = 0: out of the sum
+    correct = logits.diagonal()                                                    # (B,)
+    loss_images = (torch.logsumexp(logits, dim=1) - correct).mean()                # CE over each row (image -> captions)
+    loss_texts = (torch.logsumexp(logits, dim=0) - correct).mean()                 # CE over each column (caption -> images)
+    return (loss_images + loss_texts) / 2
+
+
+def same_caption(caption_ids):
+    """(B,) caption ids -> (B, B) bool: pairs whose captions are the same string."""
+    return caption_ids[:, None] == caption_ids[None, :]
+
+
+# ---- 3. Tokenisation: byte-pair encoding, learned from the training captions ----
 #
 # A tokenizer decides what the text encoder's units are. Characters make long sequences of meaningless
 # units; whole words cannot spell a word never seen. BPE (Sennrich et al., Algorithm 1) starts from the 256
@@ -490,140 +357,70 @@ class BPETokenizer:
         return tokens, cut
 
 
-# ---- 3. Model: two encoders into one space ----
-
-def causal_mask(length, device=None):
-    """(L, L) bool, True where token t may attend to token s: s <= t, never a later token."""
-    return torch.ones(length, length, dtype=torch.bool, device=device).tril()
-
-
-class TextTransformer(nn.Module):
-    """Tokens (B, L) -> features (B, W): 04's pre-norm Blocks under a causal mask, read at the end-of-text token.
-    CLIP masks its text encoder causally (Sec. 2.4) so that it could start from, or be trained with, a language
-    model. Under that mask only the last token has read the whole caption, so it is the one pooled; and
-    whatever follows it (padding) cannot change it."""
-
-    def __init__(self, vocab_size, context, dim, depth, heads, mlp_ratio=4):
-        super().__init__()
-        self.dim, self.eot = dim, vocab_size - 1
-        self.token_embedding = nn.Embedding(vocab_size, dim)
-        self.position_embedding = nn.Parameter(torch.zeros(context, dim))   # learned, one per position
-        self.blocks = nn.ModuleList(vit.Block(dim, heads, mlp_ratio) for _ in range(depth))
-        self.norm = vit.LayerNorm(dim)
-        self.apply(vit.ViT._init_weights)            # 04's init: small normal weights, zero biases
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.position_embedding, std=0.01)
-
-    def hidden(self, tokens):                                        # (B, L) -> (B, L, W)
-        L = tokens.shape[1]
-        x = self.token_embedding(tokens) + self.position_embedding[:L]  # (B, L, W) + (L, W)
-        mask = causal_mask(L, tokens.device)                          # (L, L), broadcast over B and heads
-        for block in self.blocks:
-            x = block(x, mask)
-        return self.norm(x)
-
-    def forward(self, tokens):                                       # (B, L) -> (B, W)
-        # EXERCISE: pool the mean over the caption's tokens instead; under the causal mask, which of them saw it all?
-        end = (tokens == self.eot).int().argmax(dim=1)                # (B,) the first end-of-text position
-        return self.hidden(tokens)[torch.arange(len(tokens), device=tokens.device), end]
-
-
-MAX_SCALE = 100.0     # CLIP Sec. 2.5: the logit scale is clipped at 100 "to prevent training instability"
-
-
-class CLIP(nn.Module):
-    """encode_image (B, 3, S, S) uint8 -> (B, K) and encode_text (B, L) -> (B, K), unit vectors of one space."""
-
-    def __init__(self, image_encoder, text_encoder, embed_dim):
-        super().__init__()
-        self.visual, self.text = image_encoder, text_encoder
-        # linear maps into the shared space (CLIP uses no bias and no non-linearity here)
-        self.image_projection = nn.Linear(image_encoder.dim, embed_dim, bias=False)
-        self.text_projection = nn.Linear(text_encoder.dim, embed_dim, bias=False)
-        nn.init.normal_(self.image_projection.weight, std=image_encoder.dim ** -0.5)
-        nn.init.normal_(self.text_projection.weight, std=text_encoder.dim ** -0.5)
-        # the temperature is learned as a log, so it stays positive and moves by ratios; 1/0.07 at the start
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        # per-channel pixel statistics of the training images (04's normalisation), saved with the weights
-        self.register_buffer("pixel_mean", torch.zeros(1, 3, 1, 1))
-        self.register_buffer("pixel_std", torch.ones(1, 3, 1, 1))
-
-    def set_pixel_stats(self, images):                       # (N, 3, S, S) uint8
-        mean, std = vit.channel_stats(images)
-        self.pixel_mean.copy_(mean)
-        self.pixel_std.copy_(std)
-
-    def image_features(self, images):                        # (B, 3, S, S) uint8 -> (B, E)
-        return self.visual.features(vit.normalise(images.float() / 255, (self.pixel_mean, self.pixel_std)))
-
-    def embed_image_features(self, features):                # (B, E) -> (B, K) on the unit sphere
-        return F.normalize(self.image_projection(features), dim=-1)
-
-    def encode_image(self, images):                          # (B, 3, S, S) uint8 -> (B, K)
-        return self.embed_image_features(self.image_features(images))
-
-    def encode_text(self, tokens):                           # (B, L) -> (B, K)
-        return F.normalize(self.text_projection(self.text(tokens)), dim=-1)
-
-    def scale(self):
-        """exp(logit_scale), at most 100. The clamp also stops the gradient past the cap, so the scale rests there."""
-        return self.logit_scale.clamp(max=math.log(MAX_SCALE)).exp()
-
-    def forward(self, images, tokens):
-        """(logits_per_image (B, B), logits_per_text (B, B)): scaled cosine similarity of every image to every caption."""
-        logits = clip_logits(self.encode_image(images), self.encode_text(tokens), self.scale())
-        return logits, logits.T
-
-
-def image_encoder(cfg, device):
-    """04's ViT: random, or from 04's checkpoint (whose saved constructor arguments then set its shape)."""
-    arch = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, dim=cfg.image_dim, depth=cfg.image_depth,
-                heads=cfg.image_heads, num_classes=0)
-    if cfg.init_image:
-        try:
-            stored = torch.load(cfg.init_image, map_location="cpu", weights_only=True)
-            arch = {**stored["arch"], "num_classes": 0} if stored.get("kind") == "vit" else arch
-        except Exception:  # a missing or foreign file: common.load_checkpoint below says what is wrong
-            pass
-    encoder = vit.ViT(**arch)
-    if cfg.init_image:
-        common.load_checkpoint(cfg.init_image, encoder, kind="vit", device="cpu")
-    common.check(encoder.arch["in_channels"] == 3, "the image encoder must take 3-channel images")
-    return encoder.to(device)
-
-
-# ---- 4. Objective: the symmetric contrastive loss (CLIP Fig. 3) ----
+# ---- 4. Data: images paired with captions, resident on the device ----
 #
-#   logits = exp(t) * I_e @ T_e^T                 (B, B): image i against caption j, both unit vectors
-#   loss   = (CE(logits, rows) + CE(logits, columns)) / 2,  labels = arange(B): the pair sits on the diagonal
-# Rows ask "which caption is this image's?", columns "which image is this caption's?". The temperature
-# 1/exp(t) sets how peaked the softmax is; it is learned, since a fixed one must be tuned by hand.
+# common.CaptionData holds a table of unique caption strings and, per image, the ids of its captions, so one string
+# is one id; common.py also reads captioned photos (a captions.csv folder, Flickr8k). The embedded set has three
+# phrasings of every image, from its factors. Identical strings recur across images ("a red star" fits ~1 image
+# in 80), which the loss must handle: same_caption (section 2) compares the ids.
 
-def clip_logits(image_embeddings, text_embeddings, scale):
-    """(B, K) and (M, K) unit vectors, a scalar scale -> (B, M) logits."""
-    return scale * image_embeddings @ text_embeddings.T          # (B, K) @ (K, M) -> (B, M)
-
-
-def clip_loss(logits, positives=None):
-    """CLIP's loss on logits_per_image (B, B), with the matching caption of image i at column i.
-    positives (B, B) bool, optional: True where caption j is also right for image i (e.g. the same string).
-    Those other right answers are taken out of both softmaxes, so they are never pushed apart as negatives;
-    with positives=None (or the identity) this is exactly the loss of the paper's Fig. 3."""
-    B = logits.shape[0]
-    common.check(B >= 2, f"the contrastive loss needs at least 2 pairs (1 has no negatives), got {B}")
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))           # bf16 is too coarse for logits up to 100
-    diagonal = torch.eye(B, dtype=torch.bool, device=logits.device)
-    if positives is not None:
-        logits = logits.masked_fill(positives & ~diagonal, float("-inf"))          # exp(-inf) = 0: out of the sum
-    correct = logits.diagonal()                                                    # (B,)
-    loss_images = (torch.logsumexp(logits, dim=1) - correct).mean()                # CE over each row (image -> captions)
-    loss_texts = (torch.logsumexp(logits, dim=0) - correct).mean()                 # CE over each column (caption -> images)
-    return (loss_images + loss_texts) / 2
+def parse_holdout(text):
+    """'red star,blue circle' -> {(colour index, shape index), ...}."""
+    pairs = set()
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        words = item.split()
+        common.check(len(words) == 2 and words[0] in common.COLOURS and words[1] in common.SHAPES,
+                     f"--holdout item {item!r} is not 'colour shape' (colours: {', '.join(common.COLOURS)}; "
+                     f"shapes: {', '.join(common.SHAPES)})")
+        pairs.add((list(common.COLOURS).index(words[0]), common.SHAPES.index(words[1])))
+    return pairs
 
 
-def same_caption(caption_ids):
-    """(B,) caption ids -> (B, B) bool: pairs whose captions are the same string."""
-    return caption_ids[:, None] == caption_ids[None, :]
+def shape_captions(factors, i):
+    """Image i's captions, most to least specific: 'a small red striped star in the top left',
+    'a small red striped star', 'a red star'. factors: dict of Python lists (fast to index)."""
+    full = common.caption(factors, i)
+    place = common.PLACES[factors["row"][i] * 3 + factors["column"][i]]
+    colour, shape = list(common.COLOURS)[factors["colour"][i]], common.SHAPES[factors["label"][i]]
+    return [full, full[:-len(place) - 1], f"a {colour} {shape}"]
+
+
+def is_heldout(factors, holdout):
+    """(N,) bool: images whose colour-shape pair is held out of training."""
+    held = torch.zeros_like(factors["label"], dtype=torch.bool)
+    for colour, shape in holdout:
+        held |= (factors["colour"] == colour) & (factors["label"] == shape)
+    return held
+
+
+def load_shapes(cfg, device):
+    data = common.load_images("shapes", device=device, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed)
+    keep = ~is_heldout(data.factors_train, parse_holdout(cfg.holdout))        # the held-out pairs are never seen
+    train = (data.x_train[keep], data.y_train[keep], {k: v[keep] for k, v in data.factors_train.items()})
+    texts, splits = [], []
+    # test images keep only their full caption: retrieval then asks for one specific image description
+    for (images, labels, factors), phrasings in ((train, slice(None)), ((data.x_test, data.y_test, data.factors_test), slice(1))):
+        lists = {k: v.tolist() for k, v in factors.items()}
+        ids, counts = common.index_captions([shape_captions(lists, i)[phrasings] for i in range(len(images))], texts, device)
+        splits.append(common.Pairs(images, ids, counts, labels, factors))
+    return common.CaptionData("shapes", splits[0], splits[1], texts, list(common.SHAPES), {})
+
+
+def load_data(cfg, device):
+    if cfg.dataset == "shapes":
+        data = load_shapes(cfg, device)
+    elif cfg.dataset == "flickr8k":
+        data = common.read_flickr8k(cfg.data_dir, cfg.image_size, device)
+    else:
+        data = common.read_caption_folder(cfg.data_dir, cfg.image_size, cfg.seed, device)
+    if cfg.paired:
+        data.train = data.train.subset(slice(0, cfg.paired))
+    processes = common.world_size()
+    common.check(len(data.train) // processes >= cfg.batch_size,
+                 f"{len(data.train)} training images but --batch-size {cfg.batch_size}"
+                 + (f" for each of {processes} processes (the batch is per process)" if processes > 1 else "")
+                 + ": use a smaller batch")
+    return data
 
 
 # ---- 5. Training ----
@@ -646,44 +443,25 @@ def pick_captions(pairs, index, generator):
     return pairs.captions[index, (draw * pairs.counts[index]).long()]
 
 
-class StepEncoders(nn.Module):
-    """The encoders of one training step as one forward: images (B, 3, S, S) uint8 or frozen image features (B, E),
-    and tokens (B, L) -> image and text embeddings (B, K), (B, K). Under torchrun DistributedDataParallel wraps
-    this module, not CLIP: DDP sets up its gradient averaging in the forward of what it wraps, and the step needs
-    the embeddings (to gather them from every GPU), where CLIP's forward returns the local batch's logits."""
-
-    def __init__(self, model, frozen):
-        super().__init__()
-        self.model, self.frozen = model, frozen
-
-    def forward(self, inputs, tokens):
-        images = self.model.embed_image_features(inputs) if self.frozen else self.model.encode_image(inputs)
-        return images, self.model.encode_text(tokens)
-
-
-def clip_step_loss(model, inputs, tokens, caption_ids, device, frozen, encoders=None):
-    """The loss of one batch. inputs: images (B, 3, S, S) uint8, or frozen image features (B, E).
-    encoders: StepEncoders(model, frozen) (the default), or under torchrun the DDP module that wraps it."""
+def train_step(model, optimizer, images, tokens, caption_ids, device, parallel=None):
+    """One optimisation step on B image-caption pairs; returns the loss, still on the device (reading it would make
+    the CPU wait for the GPU). images: (B, 3, S, S) uint8, or with --freeze-image their cached features (B, E).
+    parallel: what runs CLIP.forward, the model itself or under torchrun DDP around it (common.data_parallel)."""
     with common.autocast(device):
-        image_embeddings, text_embeddings = (encoders or StepEncoders(model, frozen))(inputs, tokens)
-    # Negatives from every GPU: under torchrun (B, K) -> (W*B, K) in rank order, this rank's rows keeping their
-    # graph; the caption ids too, so that one string on two GPUs is not a negative. With W = 1 nothing changes.
+        image_embeddings, text_embeddings = (parallel or model)(images, tokens)               # (B, K), (B, K)
+    # Several GPUs (torchrun, W processes): every caption meets the images of all GPUs as negatives, so the embeddings
+    # are gathered, (B, K) -> (W*B, K) in rank order with this rank's rows keeping their graph, and the caption ids
+    # too, so that one string on two GPUs is not a negative. backward_full_batch then multiplies the loss by W against
+    # DDP's averaging and divides the logit scale's gradient by W again (common.py says why). With W = 1: unchanged.
     image_embeddings, text_embeddings, caption_ids = (common.gather_with_grad(x)
                                                       for x in (image_embeddings, text_embeddings, caption_ids))
-    logits = clip_logits(image_embeddings.float(), text_embeddings.float(), model.scale())
+    logits = clip_logits(image_embeddings.float(), text_embeddings.float(), model.scale())    # (W*B, W*B)
     # EXERCISE: pass positives=None (the paper's loss) and see whether "a red star" fighting "a red star" hurts
-    return clip_loss(logits, same_caption(caption_ids))
-
-
-def backward(model, loss):
-    """loss.backward() for a step over the batches of all W ranks (W = 1 without torchrun). Every rank holds the
-    exact gradient of the full-batch loss for its own rows, and DDP AVERAGES gradients over the W ranks:
-    multiplying by W makes the update equal to the single-GPU update with batch W*B. The learned scale is the
-    exception: it multiplies every logit, so each rank's loss gives it its whole gradient, not a share of it, and
-    dividing by W again leaves DDP's average equal to that gradient (tests/test_distributed.py checks both)."""
-    W = common.world_size()
-    (loss * W).backward()
-    model.logit_scale.grad /= W
+    loss = clip_loss(logits, same_caption(caption_ids))
+    optimizer.zero_grad(set_to_none=True)
+    common.backward_full_batch(loss, replicated=[model.logit_scale])
+    optimizer.step()
+    return loss.detach()
 
 
 def make_optimizer(model, cfg):
@@ -707,22 +485,18 @@ def train(model, data, tokens, cfg, device):
     """Returns (loss per step, scale per step, pairs per second) as CPU tensors and a float. Under torchrun each
     rank trains on its own contiguous share of the training pairs; every rank holds all of them, since the
     tokenizer and the caption ids, learned from all captions, must be the same on every rank."""
-    share = len(data.train) // common.world_size()
-    pairs = data.train.subset(slice(common.rank() * share, (common.rank() + 1) * share))
-    frozen = cfg.freeze_image
-    if frozen:
+    pairs = data.train.subset(common.rank_share(len(data.train)))
+    if cfg.freeze_image:
         # a fixed encoder and no augmentation: every image has one feature vector, so compute it once (LiT)
         # NOTE: the image projection still trains; LiT locks it too, but 04's features were never aimed at this space
         model.visual.requires_grad_(False).eval()
         inputs = embed_all(model.image_features, pairs.images, device)             # (N, E)
     else:
         inputs = pairs.images
-    encoders = StepEncoders(model, frozen)
-    if common.world_size() > 1:   # DDP starts every rank from rank 0's weights and averages gradients over ranks
-        # the gradients live in DDP's communication buckets (no copy into them), and every step uses the same
-        # parameters in the same order, so DDP plans once: on two H200s, 48.0k pairs/s against 42.8k without
-        encoders = nn.parallel.DistributedDataParallel(encoders, device_ids=[device] if device.type == "cuda" else None,
-                                                       gradient_as_bucket_view=True, static_graph=True)
+    # under torchrun DDP runs CLIP.forward and averages the gradients; they live in its communication buckets (no
+    # copy into them), and every step uses the same parameters in the same order, so DDP plans once: on two H200s,
+    # 48.0k pairs/s against 42.8k without
+    parallel = common.data_parallel(model, device, gradient_as_bucket_view=True, static_graph=True)
     optimizer, schedule = make_optimizer(model, cfg)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + common.rank())   # each rank its own draws
     losses, scales = torch.zeros(cfg.steps, device=device), torch.zeros(cfg.steps, device=device)
@@ -730,13 +504,10 @@ def train(model, data, tokens, cfg, device):
     clock = common.Stopwatch(device)
     for step, index in zip(range(cfg.steps), batches(len(pairs), cfg.batch_size, generator, device)):
         caption_ids = pick_captions(pairs, index, generator)                       # (B,)
-        loss = clip_step_loss(model, inputs[index], tokens[caption_ids], caption_ids, device, frozen, encoders)
-        optimizer.zero_grad(set_to_none=True)
-        backward(model, loss)
-        optimizer.step()
+        loss = train_step(model, optimizer, inputs[index], tokens[caption_ids], caption_ids, device, parallel)
         schedule.step()
         # kept on the device (no sync per step); the full batch's loss, the same on every rank
-        losses[step], scales[step] = loss.detach(), model.scale().detach()
+        losses[step], scales[step] = loss, model.scale().detach()
         bar.update(cfg.batch_size)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{model.scale().item():.1f}")
@@ -747,13 +518,6 @@ def train(model, data, tokens, cfg, device):
 
 
 # ---- 6. Evaluation: zero-shot classification, compositional zero-shot, retrieval ----
-
-def recall_at_k(similarity, relevant, ks=(1, 5, 10)):
-    """Share of queries with a relevant item among their k most similar. similarity, relevant (Q, N)."""
-    top = similarity.topk(min(max(ks), similarity.shape[1]), dim=1).indices      # (Q, k)
-    hits = relevant.gather(1, top)                                                # (Q, k) bool
-    return {f"r{k}": hits[:, :k].any(1).float().mean().item() for k in ks}
-
 
 # Prompts for zero-shot classification. CLIP (Sec. 3.1.4) wraps a class name in a sentence like its training
 # captions ("a photo of a {}"), and averages the embeddings of many such sentences (ensembling). Here the
@@ -782,8 +546,8 @@ def retrieval(image_embeddings, pairs, text_embeddings):
     ids = ids[ids >= 0]                                                            # (M,) the pool's captions
     relevant = (pairs.captions[:, :, None] == ids[None, None, :]).any(1)           # (N, M) bool
     similarity = image_embeddings @ text_embeddings[ids].T                         # (N, K) @ (K, M) -> (N, M)
-    image_to_text = recall_at_k(similarity, relevant)
-    text_to_image = recall_at_k(similarity.T, relevant.T)
+    image_to_text = evaluation.recall_at_k(similarity, relevant)
+    text_to_image = evaluation.recall_at_k(similarity.T, relevant.T)
     chance = {f"r{k}": min(1.0, k / relevant.shape[0]) for k in (1, 5, 10)}       # one right image per text
     return ({**{f"i2t_{k}": v for k, v in image_to_text.items()}, **{f"t2i_{k}": v for k, v in text_to_image.items()}},
             {f"t2i_{k}": v for k, v in chance.items()})
@@ -825,21 +589,20 @@ def compositional(model, tokenizer, images, test, cfg, device, shape_weights):
     pair_scores = images @ pair_weights.T                                                  # (N, 80)
     shape_right = (images @ shape_weights.T).argmax(1) == test.labels
     pair_right = pair_scores.argmax(1) == pair_label
-    heldout_ids = torch.tensor([c * len(common.SHAPES) + s for c, s in sorted(holdout)], device=device)
-    seen_ids = torch.tensor([i for i in range(len(common.COLOURS) * len(common.SHAPES)) if i not in heldout_ids],
-                            device=device)
+    heldout_query = torch.zeros(len(pair_weights), dtype=torch.bool, device=device)             # (80,)
+    heldout_query[[c * len(common.SHAPES) + s for c, s in holdout]] = True
     top10 = pair_scores.T.topk(min(10, len(images)), dim=1).indices                        # (80, 10) images per query
     precision = (pair_label[top10] == torch.arange(len(pair_scores.T), device=device)[:, None]).float().mean(1)  # (80,)
     share = lambda right, mask: right[mask].float().mean().item() if mask.any() else float("nan")
     return {"heldout_images": int(held.sum()),
             "heldout_shape_top1": share(shape_right, held), "seen_shape_top1": share(shape_right, ~held),
             "heldout_pair_top1": share(pair_right, held), "seen_pair_top1": share(pair_right, ~held),
-            "heldout_pair_p10": precision[heldout_ids].mean().item(), "seen_pair_p10": precision[seen_ids].mean().item(),
+            "heldout_pair_p10": precision[heldout_query].mean().item(), "seen_pair_p10": precision[~heldout_query].mean().item(),
             "pair_chance": 1 / len(pair_weights)}
 
 
 def probe_baseline(model, data, cfg, device):
-    """What a classifier trained WITH labels gets from the same image features: 01's linear probe."""
+    """What a classifier trained WITH labels gets from the same image features: the linear probe."""
     train = data.train.subset(slice(0, 10_000))
     features = lambda images: embed_all(model.image_features, images, device)
     return evaluation.linear_probe(features(train.images), train.labels, features(data.test.images), data.test.labels,
@@ -850,8 +613,7 @@ def probe_baseline(model, data, cfg, device):
 
 def show(ax, image):
     ax.imshow(image.permute(1, 2, 0).cpu().numpy())
-    ax.set_xticks([])
-    ax.set_yticks([])
+    ax.set(xticks=[], yticks=[])                           # not set_axis_off: the retrieval grid labels its x axis
 
 
 def plot_training(losses, scales, path):
@@ -910,11 +672,9 @@ def plot_predictions(model, data, tokenizer, cfg, device, path, n=6):
         heldout_ids = {c * len(common.SHAPES) + s for c, s in holdout}                 # indices into colour_shape_names()
         candidates = [f"a {c}" + (" (held out)" if i in heldout_ids else "") for i, c in enumerate(candidates)]
     else:
-        pool = data.test.subset(slice(0, cfg.eval_images))
-        ids = pool.captions[:, 0]
-        candidates = [data.texts[int(i)] for i in ids]
+        candidates = [data.texts[int(i)] for i in data.test.captions[:cfg.eval_images, 0]]      # the retrieval pool's
         weights = embed_all(model.encode_text, tokenizer.encode_batch(candidates, cfg.context)[0].to(device), device)
-        order = torch.arange(min(n, len(pool)), device=device)
+        order = torch.arange(min(n, len(candidates)), device=device)
     images = data.test.images[order]
     probabilities = (model.scale() * embed_all(model.encode_image, images, device) @ weights.T).softmax(1)  # (n, C)
     top = probabilities.topk(min(3, len(candidates)), dim=1)

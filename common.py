@@ -691,6 +691,225 @@ def load_images(name, data_dir="data", device="cpu", n_train=None, n_test=None, 
     return data
 
 
+# Images paired with captions, for 05_clip. Every image has one or more captions. A dataset is a table of unique
+# caption strings plus, per image, the ids of its captions (padded with -1), so a training step picks one caption
+# per image with tensor ops, and two images with the same caption string have the same caption id.
+
+@dataclass
+class Pairs:
+    images: torch.Tensor      # (N, 3, S, S) uint8
+    captions: torch.Tensor    # (N, most captions of an image) int64 ids into CaptionData.texts, -1 where none
+    counts: torch.Tensor      # (N,) captions per image (>= 1)
+    labels: torch.Tensor = None   # (N,) shape classes (embedded set only)
+    factors: dict = None          # the embedded set's factors, (N,) tensors
+
+    def __len__(self):
+        return len(self.images)
+
+    def subset(self, keep):
+        return Pairs(self.images[keep], self.captions[keep], self.counts[keep],
+                     None if self.labels is None else self.labels[keep],
+                     None if self.factors is None else {k: v[keep] for k, v in self.factors.items()})
+
+
+@dataclass
+class CaptionData:
+    name: str
+    train: Pairs
+    test: Pairs
+    texts: list               # unique caption strings; ids index this list
+    classes: list = None      # class names, for zero-shot classification (embedded set only)
+    skipped: dict = None      # rows left out while reading, counted by reason
+
+
+def index_captions(captions_per_image, texts, device):
+    """Lists of caption strings per image -> (ids (N, most) with -1 padding, counts (N,)); new strings join texts."""
+    ids = {text: i for i, text in enumerate(texts)}
+    most = max(len(c) for c in captions_per_image)
+    table = torch.full((len(captions_per_image), most), -1, dtype=torch.int64)
+    for row, captions in enumerate(captions_per_image):
+        for column, text in enumerate(captions):
+            if text not in ids:
+                ids[text] = len(texts)
+                texts.append(text)
+            table[row, column] = ids[text]
+    counts = torch.tensor([len(c) for c in captions_per_image], dtype=torch.int64)
+    return table.to(device), counts.to(device)
+
+
+def caption_data(name, x_train, c_train, x_test, c_test, skipped, device):
+    """CaptionData from images (N, 3, S, S) uint8 and each image's list of caption strings, per split."""
+    texts = []
+    (ids_train, n_train), (ids_test, n_test) = (index_captions(c, texts, device) for c in (c_train, c_test))
+    if skipped and is_main():
+        print(f"{name}: skipped " + ", ".join(f"{count} rows ({reason})" for reason, count in skipped.items()))
+    return CaptionData(name, Pairs(x_train.to(device), ids_train, n_train), Pairs(x_test.to(device), ids_test, n_test),
+                       texts, None, skipped)
+
+
+# Captioned photos: a folder with a captions.csv, or Flickr8k. Images may be of any size, PNG or JPEG, grey, RGB or
+# RGBA: matplotlib.image.imread reads PNG itself and everything else through Pillow (a dependency of matplotlib).
+# Each is centre-cropped to a square and brought to S x S by to_format, the project's one resizing function.
+
+def read_image(source, name, size):
+    """(3, S, S) uint8 tensor from a path or an open file; name gives the format and the error message."""
+    import matplotlib.image
+    try:
+        array = matplotlib.image.imread(source, format=Path(name).suffix.lstrip(".").lower() or None)
+    except Exception as error:  # Pillow and matplotlib raise many types for a bad file
+        raise UserError(f"image {name} cannot be read: {error}") from None
+    if array.dtype != np.uint8:                                   # PNG comes as floats in [0, 1]
+        array = (np.asarray(array, dtype=np.float32) * 255).round().clip(0, 255).astype(np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    image = torch.from_numpy(np.array(array[:, :, :3])).permute(2, 0, 1)             # (3 or 1, h, w), a writable copy
+    h, w = image.shape[1:]
+    side = min(h, w)
+    image = image[:, (h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+    return to_format(image[None], size=size, channels=3)[0]
+
+
+def read_images(open_image, names, size, desc):
+    """Decode names with open_image(name) -> path or file, into (N, 3, S, S) uint8, with a progress bar."""
+    images = torch.empty(len(names), 3, size, size, dtype=torch.uint8)
+    bar = progress(len(names), desc)
+    for i, name in enumerate(names):
+        images[i] = read_image(open_image(name), name, size)
+        bar.update(1)
+    bar.close()
+    return images
+
+
+def read_captions_csv(folder, size):
+    """folder/captions.csv (header image,caption; several rows per image allowed) and the images it names.
+    A malformed row is an error; a row with an empty caption or a missing image is skipped and counted.
+    Returns (images (N, 3, S, S) uint8, captions per image, skipped counts)."""
+    import csv
+    from collections import Counter, defaultdict
+    path = Path(folder) / "captions.csv"
+    check(path.is_file(), f"{path} does not exist; --dataset captions needs DIR/captions.csv "
+                          "(or DIR/train/captions.csv and DIR/test/captions.csv)")
+    captions, skipped = defaultdict(list), Counter()
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = [cell.strip().lower() for cell in next(reader, [])]
+            check(header == ["image", "caption"], f"{path}: the first row must be the header 'image,caption', got {header}")
+            for row in reader:
+                if not row:
+                    continue                                          # a blank line holds no row
+                check(len(row) == 2, f"{path} line {reader.line_num}: expected 2 fields (image,caption), "
+                                     f"got {len(row)}; quote captions that contain commas")
+                name, text = row[0].strip(), " ".join(row[1].split())
+                if not text:
+                    skipped["empty caption"] += 1
+                elif not (Path(folder) / name).is_file():
+                    skipped["missing image"] += 1
+                else:
+                    captions[name].append(text)
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise UserError(f"{path} is not a UTF-8 CSV file: {error}") from None
+    check(len(captions) > 0, f"{path} names no readable image with a caption (skipped: {dict(skipped)})")
+    names = sorted(captions)
+    images = read_images(lambda name: Path(folder) / name, names, size, f"reading {path.parent.name or path.parent}")
+    return images, [captions[name] for name in names], skipped
+
+
+def read_caption_folder(folder, size, seed, device):
+    """CaptionData of a folder: DIR/train and DIR/test, each with a captions.csv, are the splits; otherwise
+    DIR/captions.csv is split by image (10% of the images, at least one, for testing), so all captions of an
+    image land on one side."""
+    folder = Path(folder)
+    check(folder.is_dir(), f"--data-dir {str(folder)!r} is not a folder")
+    if (folder / "train" / "captions.csv").is_file() and (folder / "test" / "captions.csv").is_file():
+        (x_train, c_train, s_train), (x_test, c_test, s_test) = (read_captions_csv(folder / s, size)
+                                                                  for s in ("train", "test"))
+        skipped = s_train + s_test
+    else:
+        images, captions, skipped = read_captions_csv(folder, size)
+        check(len(images) >= 2, f"{folder}/captions.csv has {len(images)} usable image; a train/test split needs 2")
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_test = max(1, round(0.1 * len(images)))
+        test, train = order[:n_test], order[n_test:]
+        x_train, c_train = images[train], [captions[i] for i in train]
+        x_test, c_test = images[test], [captions[i] for i in test]
+    return caption_data("captions", x_train, c_train, x_test, c_test, dict(skipped), device)
+
+
+# Flickr8k (Hodosh, Young, Hockenmaier 2013): 8091 photos, 5 captions each, with an official split of 6000
+# training, 1000 development (unused here) and 1000 test images. The published zips, as their mirror
+# lists them; the MD5s are the ones torchvision's R port (mlverse/torchvision) checks.
+FLICKR8K = RemoteDataset(
+    ["https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/"],
+    [RemoteFile("Flickr8k_text.zip", "bf6c1abcb8e4a833b7f922104de18627"),
+     RemoteFile("Flickr8k_Dataset.zip", "f18a1e2920de5bd84dae7cf08ec78978")],
+    classes=[])
+FLICKR8K_IMAGES = "Flicker8k_Dataset/"     # sic: the folder inside the published zip is misspelt
+
+
+def read_flickr8k_text(text_zip):
+    """(captions by image name, training names, test names) from Flickr8k_text.zip."""
+    import zipfile
+    from collections import defaultdict
+    try:
+        with zipfile.ZipFile(text_zip) as archive:
+            read = lambda member: archive.read(member).decode("utf-8").splitlines()
+            tokens, train, test = (read(m) for m in ("Flickr8k.token.txt", "Flickr_8k.trainImages.txt",
+                                                     "Flickr_8k.testImages.txt"))
+    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError) as error:
+        raise UserError(f"{text_zip} is not Flickr8k's text archive: {error}") from None
+    captions = defaultdict(list)
+    for number, line in enumerate(tokens, 1):
+        if line.strip():
+            key, tab, text = line.partition("\t")
+            check(tab and "#" in key, f"Flickr8k.token.txt line {number} is not 'image#k<TAB>caption'")
+            captions[key.rsplit("#", 1)[0]].append(" ".join(text.split()))
+    return captions, [n.strip() for n in train if n.strip()], [n.strip() for n in test if n.strip()]
+
+
+def read_flickr8k(data_dir, size, device):
+    """CaptionData of Flickr8k's split at S x S, downloaded into data_dir/flickr8k/ once; the images are decoded
+    once into a cache beside the zips (images-S.npz)."""
+    import zipfile
+    from collections import Counter
+    folder = Path(data_dir) / "flickr8k"
+    (text_zip,) = fetch("flickr8k", data_dir, dataclasses.replace(FLICKR8K, files=FLICKR8K.files[:1]))
+    captions, train, test = read_flickr8k_text(text_zip)
+    cache = folder / f"images-{size}.npz"
+    if not cache.is_file():
+        (image_zip,) = fetch("flickr8k", data_dir, dataclasses.replace(FLICKR8K, files=FLICKR8K.files[1:]))
+        try:
+            with zipfile.ZipFile(image_zip) as archive:
+                present = {m[len(FLICKR8K_IMAGES):] for m in archive.namelist() if m.startswith(FLICKR8K_IMAGES)}
+                names = sorted(n for n in set(train + test) if n in present)
+                images = read_images(lambda name: archive.open(FLICKR8K_IMAGES + name), names, size, "decoding Flickr8k")
+        except zipfile.BadZipFile as error:
+            raise UserError(f"{image_zip} is not a zip archive: {error}") from None
+        _atomic_write(cache, lambda tmp: np.savez(open(tmp, "wb"), names=np.array(names), images=images.numpy()))
+    try:
+        with np.load(cache, allow_pickle=False) as stored:
+            names, images = list(stored["names"]), torch.from_numpy(stored["images"])
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(f"{cache} is corrupt ({error}); delete it to decode the images again") from None
+    row = {name: i for i, name in enumerate(names)}
+    skipped = Counter()
+
+    def split(wanted):
+        usable = []
+        for name in wanted:
+            if name not in row:
+                skipped["image missing from the zip"] += 1
+            elif not captions.get(name):
+                skipped["image without captions"] += 1
+            else:
+                usable.append(name)
+        return images[[row[n] for n in usable]], [captions[n] for n in usable]
+
+    (x_train, c_train), (x_test, c_test) = split(train), split(test)
+    check(len(x_train) >= 2 and len(x_test) >= 1, f"Flickr8k in {folder} has too few usable images")
+    return caption_data("flickr8k", x_train, c_train, x_test, c_test, dict(skipped), device)
+
+
 # ---- 8. Several GPUs: torchrun starts one process per GPU and sets RANK, LOCAL_RANK, WORLD_SIZE ----
 
 def world_size():

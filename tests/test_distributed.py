@@ -169,16 +169,16 @@ def tiny_models():
 
 def step_gradients(inputs, data_parallel):
     """Gradients of one 03 step (contrastive_step: gather, loss, backward scaled by W) and one 05 step
-    (clip_step_loss, then backward) on inputs, the rows of this process."""
+    (train_step: CLIP.forward, gather, clip_loss, backward_full_batch) on inputs, the rows of this process."""
     contrastive, clip = common.import_script("03_contrastive"), common.import_script("05_clip")
     cpu = torch.device("cpu")
     simclr, pairs = tiny_models()
     optimizer = torch.optim.SGD(simclr.parameters(), lr=0.0)
     contrastive.contrastive_step(data_parallel(simclr), optimizer, inputs["view1"], inputs["view2"], 0.3,
                                  contrastive.nt_xent, cpu)
-    encoders = data_parallel(clip.StepEncoders(pairs, False))   # kept: DDP's gradient hooks die with it
-    loss = clip.clip_step_loss(pairs, inputs["images"], inputs["tokens"], inputs["caption_ids"], cpu, False, encoders)
-    clip.backward(pairs, loss)
+    clip_optimizer = torch.optim.SGD(pairs.parameters(), lr=0.0)             # zero_grad before backward: the grads stay
+    loss = clip.train_step(pairs, clip_optimizer, inputs["images"], inputs["tokens"], inputs["caption_ids"], cpu,
+                           data_parallel(pairs))
     named = [*(("simclr." + n, p) for n, p in simclr.named_parameters()), *(("clip." + n, p) for n, p in pairs.named_parameters())]
     return {"clip_loss": loss.detach(), **{name: p.grad.clone() for name, p in named}}
 
