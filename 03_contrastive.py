@@ -2,18 +2,17 @@
 from the views of every other image in the batch.
 
 What it teaches
-  1. Two random views of each image (crop, flip, colour jitter, grayscale, blur), made on the GPU as batched
+  1. An encoder f (a small ResNet) and a projection head g; downstream tasks use h = f(x), not z = g(h).
+  2. NT-Xent: a softmax over cosine similarities in which each view must pick out its partner.
+  3. Two random views of each image (crop, flip, colour jitter, grayscale, blur), made on the GPU as batched
      tensor ops: the augmentations decide what the representation learns to ignore.
-  2. An encoder f (a small ResNet) and a projection head g; downstream tasks use h = f(x), not z = g(h).
-  3. NT-Xent: a softmax over cosine similarities in which each view must pick out its partner.
   4. Honest evaluation of the frozen encoder: linear probe, weighted kNN and few-shot probes, each against a
      randomly initialised encoder and raw pixels.
   5. Geometry: alignment and uniformity, effective rank and per-dimension spread, and the collapse that comes
      when the negatives are removed (--negatives none); a temperature sweep (--temperatures 0.05,0.1,0.2,0.5,1).
   6. Invariance: how far the representation moves under each augmentation, and under a change of one recorded
      factor of the embedded set (colour, position, ...), against a change of class.
-  7. Several GPUs (torchrun): each view's negatives come from the batches of every GPU, through a gather that
-     passes gradients back to their owners, and BatchNorm statistics are shared by all GPUs (SimCLR's global BN).
+  7. Several GPUs (torchrun): negatives from the batches of every GPU, and BatchNorm statistics over all of them.
 
 Papers
   Chen, Kornblith, Norouzi, Hinton 2020, "A Simple Framework for Contrastive Learning of Visual Representations"
@@ -38,11 +37,8 @@ Measured on one H100 (PyTorch 2.11, bf16), linear probe / weighted-kNN top-1 of 
     random encoder 0.199 / 0.149, raw pixels 0.138 / 0.209.
   Fashion-MNIST (the command above, 78.5 s of pre-training at 60k img/s, 114 s process wall): 0.909 / 0.904;
     random encoder 0.829 / 0.770, raw pixels 0.845 / 0.861.
-  The GPU augmentations pre-train 15.5x to 16.3x faster than torchvision transforms in 15 DataLoader workers
-  feeding the same encoder (75.5k vs 4.6k img/s and 75.1k vs 4.8k on two H100s; benchmarks/bench_03_contrastive.py).
-  Two H200s under torchrun pre-train the default run at 142k img/s, 1.76x to 1.95x one H200 (README).
+  Speed against torchvision's pipeline (benchmarks/bench_03_contrastive.py) and on several GPUs: RESULTS.md.
 """
-import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -91,7 +87,113 @@ QUICK = dict(epochs=6, batch_size=64, lr=5e-3, width=8, hidden=64, projection=32
 AUGMENTATIONS = ("crop", "flip", "jitter", "grayscale", "blur")
 
 
-# ---- 1. Data: two random views of every image, made on the GPU as batched tensor ops ----
+# ---- 1. Model: an encoder f and a projection head g (SimCLR Section 2.1) ----
+
+def conv_bn(c_in, c_out, stride=1):
+    """3x3 convolution and BatchNorm; no conv bias, since BatchNorm's shift would cancel it."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out))
+
+
+class ResidualBlock(nn.Module):
+    """He et al. 2016's basic block, y = ReLU(x + F(x)) with F = conv-BN-ReLU-conv-BN: the identity path
+    lets the gradient reach early layers undiminished, and F only learns a correction."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.residual = nn.Sequential(conv_bn(channels, channels), nn.ReLU(inplace=True), conv_bn(channels, channels))
+
+    def forward(self, x):                                          # (B, c, H, W) -> (B, c, H, W)
+        return F.relu(x + self.residual(x))
+
+
+class Encoder(nn.Module):
+    """f: a small ResNet. Three stages of w, 2w, 4w channels at full, half and quarter resolution (a stride-2
+    convolution halves the side and doubles the channels), then the average over positions.
+    (B, C, H, W) -> h (B, D), D = 4w: the representation every evaluation uses."""
+
+    def __init__(self, in_channels=3, width=32):
+        super().__init__()
+        w = width
+        self.stages = nn.Sequential(
+            conv_bn(in_channels, w), nn.ReLU(inplace=True), ResidualBlock(w),              # (B, w, H, W)
+            conv_bn(w, 2 * w, stride=2), nn.ReLU(inplace=True), ResidualBlock(2 * w),        # (B, 2w, H/2, W/2)
+            conv_bn(2 * w, 4 * w, stride=2), nn.ReLU(inplace=True), ResidualBlock(4 * w))    # (B, 4w, H/4, W/4)
+        self.dim = 4 * w
+
+    def forward(self, x):                                          # (B, C, H, W) -> (B, D)
+        return self.stages(x).mean((2, 3))                          # global average pool: position is forgotten
+
+
+class ProjectionHead(nn.Module):
+    """g: z = W2 ReLU(BN(W1 h)) (SimCLR Section 2.1, with the BatchNorm of SimCLR v2). The loss acts on z,
+    so z is pushed to drop whatever the augmentations change; h, one layer back, keeps more of it, which is
+    why downstream tasks read h (SimCLR Section 4.2, Fig. 8; the linear probe on both shows it)."""
+
+    def __init__(self, dim, hidden=512, out=128):
+        super().__init__()
+        # EXERCISE: replace the head by nn.Identity() (the loss then acts on h) and compare the linear probes
+        self.layers = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                                    nn.Linear(hidden, out))
+
+    def forward(self, h):                                          # (B, D) -> (B, P)
+        return self.layers(h)
+
+
+class SimCLR(nn.Module):
+    """The encoder and the head, one module so that one checkpoint holds both. forward: x -> (h, z)."""
+
+    def __init__(self, in_channels=3, width=32, hidden=512, projection=128):
+        super().__init__()
+        self.encoder = Encoder(in_channels, width)
+        self.head = ProjectionHead(self.encoder.dim, hidden, projection)
+
+    def forward(self, x):                                          # (B, C, H, W) -> (B, D), (B, P)
+        h = self.encoder(x)
+        return h, self.head(h)
+
+
+def build_model(cfg, in_channels, device):
+    # channels_last: the layout that the tensor cores' convolution kernels read without a transpose
+    return SimCLR(in_channels, cfg.width, cfg.hidden, cfg.projection).to(device, memory_format=torch.channels_last)
+
+
+# ---- 2. Objective: NT-Xent, the normalised temperature-scaled cross-entropy ----
+
+def at_least_float32(x):
+    """x in float32, or kept in float64: losses and measures stay precise under bf16 autocast and in tests."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def nt_xent(z1, z2, temperature):
+    """SimCLR's loss (Eq. 1) over the 2B views of a batch. z1, z2 (B, P): projections of the two views
+    of the same B images (normalised here). Each view is an anchor whose positive is its partner view
+    and whose 2B - 2 negatives are all other views; the loss is the softmax cross-entropy of picking
+    the positive, averaged over all 2B anchors. Returns a scalar."""
+    B = z1.shape[0]
+    common.check(B >= 2, f"NT-Xent needs at least 2 images per batch (1 has no negatives), got {B}")
+    common.check(temperature > 0, f"temperature must be > 0, got {temperature}")
+    # NOTE: float32 (or float64) even under autocast: bf16 keeps 8 bits of mantissa, too coarse for logits of size 1/tau
+    with torch.autocast(z1.device.type, enabled=False):
+        z = F.normalize(at_least_float32(torch.cat([z1, z2])), dim=1)          # (V, P) unit vectors, V = 2B
+        # EXERCISE: make 1 / temperature a learned parameter (log-parametrised, as CLIP's logit_scale)
+        logits = z @ z.T / temperature                                          # (V, P) @ (P, V) -> (V, V): cos / tau
+        self_pair = torch.eye(2 * B, dtype=torch.bool, device=z.device)
+        logits = logits.masked_fill(self_pair, float("-inf"))                   # the sum in Eq. 1 skips k = i
+        partner = (torch.arange(2 * B, device=z.device) + B) % (2 * B)          # view i's positive sits at i + B (mod 2B)
+        positive = logits[torch.arange(2 * B, device=z.device), partner]        # (V,)
+        # -log softmax at the positive = log sum_k exp(s_ik / tau) - s_i,partner / tau
+        return (torch.logsumexp(logits, dim=1) - positive).mean()
+
+
+def positives_only(z1, z2, temperature):
+    """The ablation --negatives none: Eq. 1 without its denominator, -cos(z_i, z_partner) / tau averaged.
+    Nothing pushes different images apart, so the cheapest minimum maps every image to one point: collapse."""
+    with torch.autocast(z1.device.type, enabled=False):
+        z1, z2 = F.normalize(at_least_float32(z1), dim=1), F.normalize(at_least_float32(z2), dim=1)
+        return -(z1 * z2).sum(1).mean() / temperature
+
+
+# ---- 3. Data: two random views of every image, made on the GPU as batched tensor ops ----
 #
 # Each augmentation takes a strength whose identity setting (0) returns its input untouched, and draws
 # one set of random numbers per image, so the whole batch is transformed by a few kernels, not a loop.
@@ -103,11 +205,6 @@ BLUR_SIGMA = (0.1, 1.0)             # pixels; SimCLR's (0.1, 2.0) was for 224-pi
 BLUR_RADIUS = 3                     # taps either side: 7 taps cover +-3 sigma at the largest sigma
 # RGB -> YIQ (NTSC): Y is luminance, (I, Q) a plane of chroma in which a hue shift is a rotation
 RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
-
-
-def at_least_float32(x):
-    """x in float32, or kept in float64: losses and measures stay precise under bf16 autocast and in tests."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _uniform(n, low, high, generator, device):
@@ -233,28 +330,18 @@ def check_strengths(crop, flip, jitter, grayscale, blur):
 
 
 def augment(x, crop=0.6, flip=0.5, jitter=0.5, grayscale=0.2, blur=0.5, generator=None):
-    """One random view of each image, SimCLR's chain in SimCLR's order (Appendix A).
+    """One random view of each image, SimCLR's chain in SimCLR's order (Appendix A), with the strengths of
+    Config's options of the same names; a strength of 0 skips its step, so all at 0 return x itself.
     x: float (B, C, H, W) in [0, 1], on any device -> a view of the same shape, in [0, 1].
-      crop       share of the area a crop may cut away: it keeps [1 - crop, 1] of it   (0 = no crop, < 1)
-      flip       probability of a left-right mirror                                    (0 = never)
-      jitter     colour-distortion strength s, applied to 80% of images               (0 = none; SimCLR's CIFAR-10 s = 0.5)
-      grayscale  probability of dropping colour                                        (0 = never)
-      blur       probability of a Gaussian blur, sigma in BLUR_SIGMA pixels            (0 = never)
     Defaults: SimCLR's CIFAR-10 recipe, with a gentler crop (area >= 0.4, not 0.08) so that the small shapes
-    of the embedded set survive it, and blur on half the views. Every strength at 0 returns x itself."""
+    of the embedded set survive it, and blur on half the views."""
     check_strengths(crop, flip, jitter, grayscale, blur)
     # EXERCISE: SimCLR's Fig. 5 in small: train with --augmentations crop,flip (no colour distortion) and watch
     # the colour bar of invariance.png, and the probes, as the network solves the task by matching colours.
-    if crop > 0:
-        x = random_resized_crop(x, crop, generator)
-    if flip > 0:
-        x = random_flip(x, flip, generator)
-    if jitter > 0:
-        x = colour_jitter(x, jitter, generator)
-    if grayscale > 0:
-        x = random_grayscale(x, grayscale, generator)
-    if blur > 0:
-        x = random_blur(x, blur, generator)
+    for transform, strength in ((random_resized_crop, crop), (random_flip, flip), (colour_jitter, jitter),
+                                (random_grayscale, grayscale), (random_blur, blur)):
+        if strength > 0:
+            x = transform(x, strength, generator)
     return x
 
 
@@ -284,110 +371,6 @@ def view_batches(images, order, batch_size, strength, generator=None):
         yield from zip(views1.split(batch_size), views2.split(batch_size))
 
 
-# ---- 2. Model: an encoder f and a projection head g (SimCLR Section 2.1) ----
-
-def conv_bn(c_in, c_out, stride=1):
-    """3x3 convolution and BatchNorm; no conv bias, since BatchNorm's shift would cancel it."""
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out))
-
-
-class ResidualBlock(nn.Module):
-    """He et al. 2016's basic block, y = ReLU(x + F(x)) with F = conv-BN-ReLU-conv-BN: the identity path
-    lets the gradient reach early layers undiminished, and F only learns a correction."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.residual = nn.Sequential(conv_bn(channels, channels), nn.ReLU(inplace=True), conv_bn(channels, channels))
-
-    def forward(self, x):                                          # (B, c, H, W) -> (B, c, H, W)
-        return F.relu(x + self.residual(x))
-
-
-class Encoder(nn.Module):
-    """f: a small ResNet. Three stages of w, 2w, 4w channels at full, half and quarter resolution (a stride-2
-    convolution halves the side and doubles the channels), then the average over positions.
-    (B, C, H, W) -> h (B, D), D = 4w: the representation every evaluation uses."""
-
-    def __init__(self, in_channels=3, width=32):
-        super().__init__()
-        w = width
-        self.stages = nn.Sequential(
-            conv_bn(in_channels, w), nn.ReLU(inplace=True), ResidualBlock(w),              # (B, w, H, W)
-            conv_bn(w, 2 * w, stride=2), nn.ReLU(inplace=True), ResidualBlock(2 * w),        # (B, 2w, H/2, W/2)
-            conv_bn(2 * w, 4 * w, stride=2), nn.ReLU(inplace=True), ResidualBlock(4 * w))    # (B, 4w, H/4, W/4)
-        self.dim = 4 * w
-
-    def forward(self, x):                                          # (B, C, H, W) -> (B, D)
-        return self.stages(x).mean((2, 3))                          # global average pool: position is forgotten
-
-
-class ProjectionHead(nn.Module):
-    """g: z = W2 ReLU(BN(W1 h)) (SimCLR Section 2.1, with the BatchNorm of SimCLR v2). The loss acts on z,
-    so z is pushed to drop whatever the augmentations change; h, one layer back, keeps more of it, which is
-    why downstream tasks read h (SimCLR Section 4.2, Fig. 8; the linear probe on both shows it)."""
-
-    def __init__(self, dim, hidden=512, out=128):
-        super().__init__()
-        # EXERCISE: replace the head by nn.Identity() (the loss then acts on h) and compare the linear probes
-        self.layers = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                                    nn.Linear(hidden, out))
-
-    def forward(self, h):                                          # (B, D) -> (B, P)
-        return self.layers(h)
-
-
-class SimCLR(nn.Module):
-    """The encoder and the head, one module so that one checkpoint holds both. forward: x -> (h, z)."""
-
-    def __init__(self, in_channels=3, width=32, hidden=512, projection=128):
-        super().__init__()
-        self.encoder = Encoder(in_channels, width)
-        self.head = ProjectionHead(self.encoder.dim, hidden, projection)
-
-    def forward(self, x):                                          # (B, C, H, W) -> (B, D), (B, P)
-        h = self.encoder(x)
-        return h, self.head(h)
-
-
-def build_model(cfg, in_channels, device):
-    # channels_last: the layout that the tensor cores' convolution kernels read without a transpose
-    return SimCLR(in_channels, cfg.width, cfg.hidden, cfg.projection).to(device, memory_format=torch.channels_last)
-
-
-# ---- 3. Objective: NT-Xent, the normalised temperature-scaled cross-entropy ----
-
-def nt_xent(z1, z2, temperature):
-    """SimCLR's loss (Eq. 1) over the 2B views of a batch. z1, z2 (B, P): projections of the two views
-    of the same B images (normalised here). Each view is an anchor whose positive is its partner view
-    and whose 2B - 2 negatives are all other views; the loss is the softmax cross-entropy of picking
-    the positive, averaged over all 2B anchors. Returns a scalar."""
-    B = z1.shape[0]
-    common.check(B >= 2, f"NT-Xent needs at least 2 images per batch (1 has no negatives), got {B}")
-    common.check(temperature > 0, f"temperature must be > 0, got {temperature}")
-    # NOTE: float32 (or float64) even under autocast: bf16 keeps 8 bits of mantissa, too coarse for logits of size 1/tau
-    with torch.autocast(z1.device.type, enabled=False):
-        z = F.normalize(at_least_float32(torch.cat([z1, z2])), dim=1)          # (V, P) unit vectors, V = 2B
-        # EXERCISE: make 1 / temperature a learned parameter (log-parametrised, as CLIP's logit_scale)
-        logits = z @ z.T / temperature                                          # (V, P) @ (P, V) -> (V, V): cos / tau
-        self_pair = torch.eye(2 * B, dtype=torch.bool, device=z.device)
-        logits = logits.masked_fill(self_pair, float("-inf"))                   # the sum in Eq. 1 skips k = i
-        partner = (torch.arange(2 * B, device=z.device) + B) % (2 * B)          # view i's positive sits at i + B (mod 2B)
-        positive = logits[torch.arange(2 * B, device=z.device), partner]        # (V,)
-        # -log softmax at the positive = log sum_k exp(s_ik / tau) - s_i,partner / tau
-        return (torch.logsumexp(logits, dim=1) - positive).mean()
-
-
-def positives_only(z1, z2, temperature):
-    """The ablation --negatives none: Eq. 1 without its denominator, -cos(z_i, z_partner) / tau averaged.
-    Nothing pushes different images apart, so the cheapest minimum maps every image to one point: collapse."""
-    with torch.autocast(z1.device.type, enabled=False):
-        z1, z2 = F.normalize(at_least_float32(z1), dim=1), F.normalize(at_least_float32(z2), dim=1)
-        return -(z1 * z2).sum(1).mean() / temperature
-
-
-LOSSES = {"all": nt_xent, "none": positives_only}
-
-
 # ---- 4. Training: pre-training without labels ----
 
 def contrastive_step(model, optimizer, view1, view2, temperature, loss_fn, device):
@@ -396,15 +379,11 @@ def contrastive_step(model, optimizer, view1, view2, temperature, loss_fn, devic
     views = torch.cat([view1, view2]).contiguous(memory_format=torch.channels_last)   # (V, C, H, W)
     with common.autocast(device):
         _, z = model(views)                                         # both views in one batch: one set of BN statistics
-    # Negatives from every GPU: under torchrun every rank's z (2B, P) is gathered, in rank order, into (W*2B, P),
-    # one collective for both views; without torchrun (W = 1) z is returned as it is
     z = common.gather_with_grad(z).unflatten(0, (-1, 2, len(view1)))    # (W, 2, B, P): rank, view, image
     z1, z2 = z[:, 0].flatten(0, 1), z[:, 1].flatten(0, 1)               # (W*B, P) each; row i of both is a pair
     loss = loss_fn(z1, z2, temperature)
     optimizer.zero_grad(set_to_none=True)
-    # Every rank holds the exact gradient of the full-batch loss for its own rows, and DDP AVERAGES gradients
-    # over the W ranks: multiplying by W makes the update equal to the single-GPU update with batch W*B
-    (loss * common.world_size()).backward()
+    common.backward_full_batch(loss)
     optimizer.step()
     return loss.detach()
 
@@ -421,31 +400,29 @@ GEOMETRY = ("alignment", "uniformity", "effective_rank", "std")   # what geometr
 
 
 def pretrain(cfg, data, device, temperature, negatives, desc="pre-train"):
-    """SimCLR pre-training on data.x_train (labels unused; under torchrun, this rank's share of the training split).
-    Returns (model, history, stats); the model is the plain module, with the same weights on every rank, and stats
-    times the training steps alone (not the geometry measurements of history)."""
+    """SimCLR pre-training on data.x_train (labels unused). Returns (model, history, stats); the model is the plain
+    module, with the same weights on every rank, and stats times the training steps alone (not the geometry
+    measurements of history)."""
+    # Several GPUs (torchrun, W processes): each rank trains on its share of the images with views of its own;
+    # contrastive_step gathers every rank's z, so each view has the 2WB - 2 negatives of all GPUs, and scales the
+    # loss by W against DDP's average. SimCLR Sec. 2.2, global BN: BatchNorm statistics over the views of all
+    # GPUs; with per-GPU statistics a view could find its partner (always on its own GPU) through the batch they
+    # share, not the image (fused CUDA kernels: CPU processes, gloo and the tests, keep per-process statistics).
+    # DDP's gradients live in its buckets; every step runs the same layers, so it plans once; global BN keeps
+    # the running statistics equal on every GPU, so DDP need not broadcast them. In one process nothing changes.
     model = build_model(cfg, data.shape[0], device)
-    trained = model                                                 # what the training step calls
-    if common.world_size() > 1:
-        if device.type == "cuda":
-            # SimCLR Sec. 2.2, global BN: BatchNorm statistics over the views of all GPUs. With per-GPU statistics
-            # a view could find its partner (always on its own GPU) through the batch they share, not the image.
-            # NOTE: on fused CUDA kernels; CPU processes (gloo, the tests) keep per-process statistics.
-            model = common.global_batchnorm(model)
-        # DDP starts every rank from rank 0's weights and averages the gradients over ranks during backward. The
-        # gradients live in its communication buckets (no copy into them); every step uses the same layers in the
-        # same order, so it plans once; and on GPUs global BN already gives every rank the same running statistics,
-        # so DDP need not copy rank 0's to the others before every forward (it does so for the CPU processes)
-        trained = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                                      gradient_as_bucket_view=True, static_graph=True,
-                                                      broadcast_buffers=device.type != "cuda")
+    if common.world_size() > 1 and device.type == "cuda":
+        model = common.global_batchnorm(model)
+    trained = common.data_parallel(model, device, gradient_as_bucket_view=True, static_graph=True,
+                                   broadcast_buffers=device.type != "cuda")
+    images = data.x_train[common.rank_share(len(data.x_train))]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
-    n, B = len(data.x_train), cfg.batch_size
+    n, B = len(images), cfg.batch_size
     steps_per_epoch = n // B                                        # the last partial batch is dropped
     total = cfg.epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, steps_per_epoch))
-    strength, loss_fn = strengths(cfg), LOSSES[negatives]
+    strength, loss_fn = strengths(cfg), {"all": nt_xent, "none": positives_only}[negatives]
     generator = torch.Generator(device).manual_seed(cfg.seed + common.rank())   # each rank its own order and views
     tracked = data.x_test[: min(TRACK_IMAGES, B)]                    # at most a batch: cheap next to training
     track_every = max(1, total // TRACK_POINTS)
@@ -454,7 +431,7 @@ def pretrain(cfg, data, device, temperature, negatives, desc="pre-train"):
     watch, seconds, step = common.Stopwatch(device), 0.0, 0
     for _ in range(cfg.epochs):
         order = torch.randperm(n, device=device, generator=generator)[: steps_per_epoch * B]
-        for view1, view2 in view_batches(data.x_train, order, B, strength, generator):
+        for view1, view2 in view_batches(images, order, B, strength, generator):
             loss = contrastive_step(trained, optimizer, view1, view2, temperature, loss_fn, device)
             schedule.step()
             step += 1
@@ -469,8 +446,8 @@ def pretrain(cfg, data, device, temperature, negatives, desc="pre-train"):
                 watch = common.Stopwatch(device)
     seconds = common.mean_over_ranks(seconds + watch.seconds())
     bar.close()
-    images = total * B * common.world_size()                        # on all GPUs together
-    return model, history, {"seconds": seconds, "images_per_second": images / seconds, "steps": total}
+    return model, history, {"seconds": seconds, "images_per_second": total * B * common.world_size() / seconds,
+                            "steps": total}
 
 
 # ---- 5. Evaluation: geometry of the embedding, and what a frozen encoder is good for ----
@@ -662,17 +639,14 @@ def tile(images, columns):
     return grid.reshape(rows * H, columns * W, C).clamp(0, 1).cpu().numpy()
 
 
-def show(ax, grid, title):
-    ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_title(title, fontsize=9)
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
 def plot_views(ax, images, strength, device, seed, count=8):
     """Each column: an image, then its two views (rows)."""
     view1, view2 = two_views(images[:count], strength, torch.Generator(device).manual_seed(seed + 3))
-    show(ax, tile(torch.cat([common.to_float(images[:count]), view1, view2]), count), "originals, view 1, view 2")
+    grid = tile(torch.cat([common.to_float(images[:count]), view1, view2]), count)
+    ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title("originals, view 1, view 2", fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 
 def plot_similarity(ax, model, images, strength, device, seed, count=16):
@@ -715,10 +689,9 @@ def plot_invariance(ax, distances):
     ax.set_title("how far h moves under each change", fontsize=9)
 
 
-def tsne(x, perplexity=30.0, steps=500, seed=0):
-    """A 2-D map (N, 2) of points x (N, D) that keeps neighbours together: t-SNE (van der Maaten and Hinton 2008),
-    exact, as N x N tensor ops. P: Gaussian affinities, each row's width set by bisection so that its entropy
-    is log(perplexity) (Eq. 1), symmetrised; Q: Student-t affinities of the map (Eq. 4); descend KL(P || Q) (Eq. 5)."""
+def tsne_affinities(x, perplexity=30.0):
+    """t-SNE's P (N, N) for points x (N, D): Gaussian affinities, each row's width set by bisection so that its
+    entropy is log(perplexity) (Eq. 1), then symmetrised (Sec. 3.1): symmetric, zero diagonal, sums to 1."""
     N = len(x)
     squared = torch.cdist(x, x).square()                                       # (N, N)
     beta = torch.ones(N, 1, device=x.device)                                   # 1 / (2 sigma_i^2)
@@ -732,16 +705,28 @@ def tsne(x, perplexity=30.0, steps=500, seed=0):
         low, high = torch.where(too_wide, beta, low), torch.where(too_wide, high, beta)
         beta = torch.where(high.isinf(), beta * 2, (low + high) / 2)
     p = p / total
-    P = (p + p.T) / (2 * N)                                                    # symmetric, sums to 1
-    y = 1e-4 * torch.randn(N, 2, generator=torch.Generator().manual_seed(seed)).to(x.device)
+    return (p + p.T) / (2 * N)
+
+
+def tsne_gradient(P, y, exaggeration=1.0):
+    """Eq. 5, the gradient of KL(P || Q) with respect to the map y (N, 2), as matrix products:
+    4 sum_j (p_ij - q_ij) (y_i - y_j) / (1 + ||y_i - y_j||^2), with Q the Student-t affinities of y (Eq. 4).
+    Early exaggeration multiplies P alone, as t-SNE does."""
+    kernel = (1 / (1 + torch.cdist(y, y).square())).fill_diagonal_(0)    # (N, N) Student-t, one degree of freedom
+    Q = kernel / kernel.sum()
+    weights = (exaggeration * P - Q) * kernel                              # (N, N)
+    return 4 * (weights.sum(1, keepdim=True) * y - weights @ y)           # (N, 2)
+
+
+def tsne(x, perplexity=30.0, steps=500, seed=0):
+    """A 2-D map (N, 2) of points x (N, D) that keeps neighbours together: t-SNE (van der Maaten and Hinton 2008),
+    exact, as N x N tensor ops: gradient descent with momentum on KL(P || Q) from a small random start."""
+    P = tsne_affinities(x, perplexity)
+    y = 1e-4 * torch.randn(len(x), 2, generator=torch.Generator().manual_seed(seed)).to(x.device)
     velocity = torch.zeros_like(y)
     for step in range(steps):
-        kernel = (1 / (1 + torch.cdist(y, y).square())).fill_diagonal_(0)    # (N, N) Student-t, one degree of freedom
-        Q = kernel / kernel.sum()
-        exaggeration = 12.0 if step < steps // 4 else 1.0                      # early exaggeration forms clusters first
-        weights = (exaggeration * P - Q) * kernel                              # (N, N)
-        gradient = 4 * (weights.sum(1, keepdim=True) * y - weights @ y)       # Eq. 5, as matrix products
-        velocity = (0.5 if step < steps // 4 else 0.8) * velocity - 200.0 * gradient
+        early = step < steps // 4                                              # early exaggeration forms clusters first
+        velocity = (0.5 if early else 0.8) * velocity - 200.0 * tsne_gradient(P, y, 12.0 if early else 1.0)
         y = y + velocity
     return y
 
@@ -769,39 +754,32 @@ def plot_sweep(ax, sweep):
 
 
 def save_figures(out, model, data, history, distances, h_test, sweep, cfg, device):
+    """A PNG for each panel (training.png holds the loss and the geometry), and all six in overview.png."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     strength = strengths(cfg)
     xy = tsne(F.normalize(h_test[:MAP_POINTS], dim=1), seed=cfg.seed).cpu().numpy()     # (N, 2)
-    single = lambda: plt.subplots(figsize=(6, 4.5))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    plot_training(axes[0], history)
-    plot_geometry(axes[1], history, cfg.projection)
-    common.save_figure(fig, out / "training.png")
-    fig, ax = single()
-    plot_views(ax, data.x_test, strength, device, cfg.seed)
-    common.save_figure(fig, out / "views.png")
-    fig, ax = single()
-    plot_map(ax, xy, data.y_test, data.classes)
-    common.save_figure(fig, out / "embedding_map.png")
-    fig, ax = single()
-    plot_similarity(ax, model, data.x_test, strength, device, cfg.seed)
-    common.save_figure(fig, out / "similarity.png")
-    fig, ax = single()
-    plot_invariance(ax, distances)
-    common.save_figure(fig, out / "invariance.png")
+    panels = {"views": lambda ax: plot_views(ax, data.x_test, strength, device, cfg.seed),
+              "similarity": lambda ax: plot_similarity(ax, model, data.x_test, strength, device, cfg.seed),
+              "embedding_map": lambda ax: plot_map(ax, xy, data.y_test, data.classes),
+              "loss": lambda ax: plot_training(ax, history),
+              "geometry": lambda ax: plot_geometry(ax, history, cfg.projection),
+              "invariance": lambda ax: plot_invariance(ax, distances)}
     if sweep:
-        fig, ax = single()
-        plot_sweep(ax, sweep)
-        common.save_figure(fig, out / "temperature_sweep.png")
+        panels["temperature_sweep"] = lambda ax: plot_sweep(ax, sweep)
+    for name in ("views", "embedding_map", "similarity", "invariance", "temperature_sweep"):
+        if name in panels:
+            fig, ax = plt.subplots(figsize=(6, 4.5))
+            panels[name](ax)
+            common.save_figure(fig, out / f"{name}.png")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    panels["loss"](axes[0])
+    panels["geometry"](axes[1])
+    common.save_figure(fig, out / "training.png")
     fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
-    plot_views(axes[0, 0], data.x_test, strength, device, cfg.seed)
-    plot_similarity(axes[0, 1], model, data.x_test, strength, device, cfg.seed)
-    plot_map(axes[0, 2], xy, data.y_test, data.classes)
-    plot_training(axes[1, 0], history)
-    plot_geometry(axes[1, 1], history, cfg.projection)
-    plot_invariance(axes[1, 2], distances)
+    for ax, name in zip(axes.flat, ("views", "similarity", "embedding_map", "loss", "geometry", "invariance")):
+        panels[name](ax)
     fig.suptitle(f"SimCLR on {data.name}", fontsize=11)
     fig.tight_layout()
     common.save_figure(fig, out / "overview.png")
@@ -832,29 +810,27 @@ def validate(cfg):
     return sweep
 
 
+def sweep_row(temperature, scores, stats, history):
+    """One temperature's row of the sweep: its probes (not the few-shot ones), seconds and final geometry."""
+    return {"temperature": temperature, **{k: v for k, v in scores.items() if "shot" not in k},
+            "seconds": stats["seconds"], **{key: history[key][-1] for key in GEOMETRY}}
+
+
 def main(argv=None):
     cfg = common.parse_config(Config, argv, __doc__, quick=QUICK)
     sweep_temperatures = validate(cfg)
     device, out = common.setup(cfg, __file__)
     torch.backends.cudnn.benchmark = True           # fixed shapes: let cuDNN time its kernels once and keep the fastest
     watch = common.Stopwatch(device)
-    # under torchrun each rank makes or reads only its own share of the training split (all of it otherwise)
-    shard = common.load_images(cfg.dataset, cfg.data_dir, device, n_train=cfg.n_train or None,
-                               n_test=cfg.n_test or None, seed=cfg.seed, size=cfg.image_size or None, shard=True)
+    data = common.load_images(cfg.dataset, cfg.data_dir, device, n_train=cfg.n_train or None,
+                              n_test=cfg.n_test or None, seed=cfg.seed, size=cfg.image_size or None)
     processes = common.world_size()
-    common.check(cfg.batch_size <= len(shard.x_train),
-                 f"--batch-size {cfg.batch_size} is larger than the {len(shard.x_train)} training images"
+    common.check(cfg.batch_size <= len(data.x_train) // processes,
+                 f"--batch-size {cfg.batch_size} is larger than the {len(data.x_train) // processes} training images"
                  + (f" of each of the {processes} processes (the batch is per process)" if processes > 1 else ""))
     strength = strengths(cfg)
 
-    model, history, stats = pretrain(cfg, shard, device, cfg.temperature, cfg.negatives)
-    if common.is_main():                            # written once; the plain module, so it loads anywhere
-        common.save_checkpoint(out / "model.pt", model, cfg, kind="simclr")
-    # Evaluation: every rank gathers the whole training split (the shards in rank order; nothing here needs a
-    # gradient) and computes the same numbers, so no rank ever waits on another; only rank 0 writes them
-    data = dataclasses.replace(shard, x_train=common.gather_with_grad(shard.x_train),
-                               y_train=common.gather_with_grad(shard.y_train), factors_train=None)
-
+    model, history, stats = pretrain(cfg, data, device, cfg.temperature, cfg.negatives)
     # Baselines: the same architecture with its random initial weights, and the pixels themselves
     torch.manual_seed(cfg.seed)
     random_model = build_model(cfg, data.shape[0], device)
@@ -863,9 +839,9 @@ def main(argv=None):
     r_train, _ = embed(random_model, data.x_train, device)
     r_test, rz_test = embed(random_model, data.x_test, device)
     pixels = lambda images: common.to_float(images).flatten(1)
-    evaluation = evaluate_features({"simclr_h": (h_train, h_test), "simclr_z": (z_train, z_test),
-                                    "random_h": (r_train, r_test), "pixels": (pixels(data.x_train), pixels(data.x_test))},
-                                   data, cfg, few_shot=("simclr_h", "random_h", "pixels"))
+    scores = evaluate_features({"simclr_h": (h_train, h_test), "simclr_z": (z_train, z_test),
+                                "random_h": (r_train, r_test), "pixels": (pixels(data.x_train), pixels(data.x_test))},
+                               data, cfg, few_shot=("simclr_h", "random_h", "pixels"))
     shape = {"simclr": final_geometry(h_test, z_test), "random": final_geometry(r_test, rz_test)}
     retrieval_images = data.x_test[:INVARIANCE_IMAGES]
     retrieval = {"simclr": view_retrieval(model, retrieval_images, strength, device, cfg.seed),
@@ -876,34 +852,32 @@ def main(argv=None):
 
     sweep = []
     for temperature in sweep_temperatures:
-        swept, swept_history, swept_stats = pretrain(cfg, shard, device, temperature, cfg.negatives, f"tau={temperature:g}")
+        swept, swept_history, swept_stats = pretrain(cfg, data, device, temperature, cfg.negatives, f"tau={temperature:g}")
         train_h, _ = embed(swept, data.x_train, device)
         test_h, _ = embed(swept, data.x_test, device)
-        scores = evaluate_features({"h": (train_h, test_h)}, data, cfg)["h"]
-        sweep.append({"temperature": temperature, **scores, "seconds": swept_stats["seconds"],
-                      **{key: swept_history[key][-1] for key in GEOMETRY}})
-
+        swept_scores = evaluate_features({"h": (train_h, test_h)}, data, cfg)["h"]
+        sweep.append(sweep_row(temperature, swept_scores, swept_stats, swept_history))
     if sweep:                                       # the main run is one more point of the sweep
-        sweep.append({"temperature": cfg.temperature, **{k: v for k, v in evaluation["simclr_h"].items() if "shot" not in k},
-                      "seconds": stats["seconds"],
-                      **{key: history[key][-1] for key in GEOMETRY}})
+        sweep.append(sweep_row(cfg.temperature, scores["simclr_h"], stats, history))
         sweep.sort(key=lambda row: row["temperature"])
+    # under torchrun every rank computes the same numbers (no rank waits on another) and rank 0 writes them
     if common.is_main():
+        common.save_checkpoint(out / "model.pt", model, cfg, kind="simclr")   # the plain module: loads anywhere
         save_figures(out, model, data, history, distances, h_test, sweep, cfg, device)
     total = watch.seconds()
     metrics = {"dataset": data.name, "epochs": cfg.epochs, "pretrain": stats, "total_seconds": total,
-               "evaluation": evaluation, "view_retrieval": retrieval, "geometry": shape, "history": history, "invariance": distances,
-               "temperature_sweep": sweep, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+               "evaluation": scores, "view_retrieval": retrieval, "geometry": shape, "history": history,
+               "invariance": distances, "temperature_sweep": sweep,
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
                "processes": processes}
-    if not common.is_main():
-        return model, metrics
-    common.save_json(out / "metrics.json", metrics)
-    ours, rand, raw = evaluation["simclr_h"], evaluation["random_h"], evaluation["pixels"]
-    print(f"03_contrastive {data.name}: linear probe top-1 {ours['linear_top1']:.3f} (on z {evaluation['simclr_z']['linear_top1']:.3f}, "
-          f"random encoder {rand['linear_top1']:.3f}, pixels {raw['linear_top1']:.3f}) | kNN top-1 {ours['knn_top1']:.3f} "
-          f"(random {rand['knn_top1']:.3f}, pixels {raw['knn_top1']:.3f}) | 10-shot {ours['10_shot_top1']:.3f} "
-          f"(pixels {raw['10_shot_top1']:.3f}) | z effective rank {shape['simclr']['z_effective_rank']:.1f}/{cfg.projection} | "
-          f"{cfg.epochs} epochs in {stats['seconds']:.1f} s, {stats['images_per_second'] / 1e3:.1f}k img/s | total {total:.1f} s")
+    if common.is_main():
+        common.save_json(out / "metrics.json", metrics)
+        ours, rand, raw = scores["simclr_h"], scores["random_h"], scores["pixels"]
+        print(f"03_contrastive {data.name}: linear probe top-1 {ours['linear_top1']:.3f} (on z {scores['simclr_z']['linear_top1']:.3f}, "
+              f"random encoder {rand['linear_top1']:.3f}, pixels {raw['linear_top1']:.3f}) | kNN top-1 {ours['knn_top1']:.3f} "
+              f"(random {rand['knn_top1']:.3f}, pixels {raw['knn_top1']:.3f}) | 10-shot {ours['10_shot_top1']:.3f} "
+              f"(pixels {raw['10_shot_top1']:.3f}) | z effective rank {shape['simclr']['z_effective_rank']:.1f}/{cfg.projection} | "
+              f"{cfg.epochs} epochs in {stats['seconds']:.1f} s, {stats['images_per_second'] / 1e3:.1f}k img/s | total {total:.1f} s")
     return model, metrics
 
 
