@@ -48,7 +48,6 @@ import common
 import evaluation
 
 vit = common.import_script("04_vit")
-contrastive = common.import_script("03_contrastive")     # warmup_cosine
 
 
 @dataclass
@@ -78,7 +77,8 @@ class Config(common.RunConfig):
                                        "NB - 1 of all N GPUs under torchrun)")
     lr: float = common.arg(1e-3, "peak learning rate of AdamW")
     weight_decay: float = common.arg(0.1, "AdamW weight decay on matrices (not on gains, biases or the scale)")
-    warmup: int = common.arg(100, "steps of linear learning-rate warm-up, then a cosine decay to 0")
+    warmup: float = common.arg(0.111, "share of the steps over which the learning rate rises linearly from 0 "
+                                      "(0.111: 100 of 900), then a cosine decay to 0")
     init_image: str = common.arg("", "start the image encoder from 04_vit.py's checkpoint (e.g. runs/04_vit/vit_simclr.pt)")
     freeze_image: bool = common.arg(False, "keep the image encoder fixed and train the text side (locked-image tuning)")
     eval_images: int = common.arg(1000, "test images (and their captions) in the retrieval pool")
@@ -86,7 +86,7 @@ class Config(common.RunConfig):
 
 
 QUICK = dict(n_train=1500, n_test=400, eval_images=200, image_dim=32, image_depth=1, image_heads=2, text_dim=48,
-             text_depth=2, text_heads=2, embed_dim=32, vocab_size=320, steps=120, batch_size=64, warmup=10, lr=3e-3,
+             text_depth=2, text_heads=2, embed_dim=32, vocab_size=320, steps=120, batch_size=64, warmup=0.083, lr=3e-3,
              probe_steps=200)
 
 
@@ -96,7 +96,7 @@ def validate(cfg):
     common.check(cfg.vocab_size >= 257, f"--vocab-size {cfg.vocab_size} is too small to hold the 256 bytes and "
                                         "the end-of-text token; use at least 257")
     common.check(cfg.context >= 2, f"--context must be at least 2 (a token and the end-of-text), got {cfg.context}")
-    common.check(cfg.steps >= 1 and cfg.warmup >= 0, "--steps must be positive and --warmup not negative")
+    common.check(cfg.steps >= 1 and 0 <= cfg.warmup < 1, "--steps must be positive and --warmup a share of them in [0, 1)")
     common.check(cfg.lr > 0 and cfg.weight_decay >= 0, "--lr must be positive and --weight-decay not negative")
     for name in ("n_train", "n_test", "eval_images", "embed_dim", "image_size", "probe_steps"):
         common.check(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
@@ -470,7 +470,7 @@ def make_optimizer(model, cfg):
     groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=next(model.parameters()).is_cuda)
-    warm_then_cosine = lambda step: contrastive.warmup_cosine(step, cfg.steps, cfg.warmup)
+    warm_then_cosine = lambda step: common.warmup_cosine(step, cfg.steps, round(cfg.warmup * cfg.steps))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warm_then_cosine)
 
 

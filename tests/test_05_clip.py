@@ -120,7 +120,7 @@ def tiny_pairs(n=12, vocab_size=300):
 
 def test_training_runs_clip_forward_and_clip_loss(monkeypatch):
     data, tokens = tiny_pairs()
-    cfg, cpu = clip.Config(steps=4, batch_size=6, warmup=1, lr=1e-2), torch.device("cpu")
+    cfg, cpu = clip.Config(steps=4, batch_size=6, warmup=0.25, lr=1e-2), torch.device("cpu")
     losses, _, _ = clip.train(tiny_clip(), data, tokens, cfg, cpu)
     calls, loss, forward = [], clip.clip_loss, clip.CLIP.forward
 
@@ -424,6 +424,7 @@ def test_init_from_04_checkpoint_and_freeze(tmp_path):
     (["--freeze-image"], "needs --init-image"),
     (["--init-image", "no/such/file.pt"], "does not exist"),
     (["--batch-size", "5000"], "use a smaller batch"),
+    (["--warmup", "100"], r"--warmup a share of them in \[0, 1\)"),
 ])
 def test_bad_options_fail_with_one_line(tmp_path, argv, message):
     with pytest.raises(common.UserError, match=message):
