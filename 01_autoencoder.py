@@ -11,8 +11,8 @@ what the code is worth:
          closed-form KL to N(0, I) (--beta > 1 is the beta-VAE), so codes drawn from N(0, I) decode to images.
 Every run also trains a *linear* autoencoder and computes PCA with the same width: with no nonlinearity and
 squared error the two reach the same error (Baldi and Hornik), and the nonlinear model is measured against both.
-Then the frozen code is probed: a linear classifier and a kNN classifier on the code, against the same on PCA's
-code and on raw pixels; on the embedded set, also how linearly the code gives colour, size and position.
+Then the frozen code is probed (evaluation.py): a linear classifier and a kNN classifier on the code, against the
+same on PCA's code and on raw pixels; on the embedded set, also how linearly the code gives colour, size and position.
 
 Papers:
   Baldi, Hornik 1989, "Neural networks and principal component analysis: learning from examples without local
@@ -45,6 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import evaluation
 
 
 @dataclass
@@ -70,43 +71,7 @@ class Config(common.RunConfig):
 QUICK = dict(train_size=1000, test_size=500, hidden=128, epochs=15, batch_size=50, lr=1e-2, probe_steps=100)
 
 
-def validate(cfg):
-    """Every option checked before any work is done, so a mistake costs nothing."""
-    common.check_dataset(cfg.dataset)
-    for name in ("latent_dim", "epochs", "batch_size", "probe_steps"):
-        common.check(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    common.check(cfg.hidden >= 2, f"--hidden must be at least 2 (the second layer has half), got {cfg.hidden}")
-    common.check(cfg.train_size >= 0 and cfg.test_size >= 0, "--train-size and --test-size must be >= 0 (0 = all)")
-    common.check(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
-    common.check(cfg.noise_std >= 0, f"--noise-std must be >= 0, got {cfg.noise_std}")
-    common.check(0 <= cfg.mask_prob < 1, f"--mask-prob must be in [0, 1), got {cfg.mask_prob}")
-    common.check(cfg.beta >= 0, f"--beta must be >= 0, got {cfg.beta}")
-    common.check(cfg.decoder_std > 0, f"--decoder-std must be positive, got {cfg.decoder_std}")
-
-
-def validate_sizes(cfg, data):
-    """The checks that need the data's sizes, made right after loading it."""
-    n_train, pixels = len(data.x_train), math.prod(data.shape)
-    common.check(cfg.batch_size <= n_train, f"--batch-size {cfg.batch_size} is larger than the {n_train} training images")
-    common.check(cfg.latent_dim <= min(n_train, pixels),
-                 f"--latent-dim {cfg.latent_dim} is larger than the data allows (PCA has at most "
-                 f"min({n_train} images, {pixels} pixels) components)")
-
-
-# ---- 1. Data: images stay on the device as uint8 and become floats in [0, 1] one batch at a time ----
-
-def load_data(cfg, device):
-    """The chosen dataset at its own size and channels (a grayscale 28 x 28 set stays 784 pixels)."""
-    return common.load_images(cfg.dataset, cfg.data_dir, device, n_train=cfg.train_size or None,
-                              n_test=cfg.test_size or None, seed=cfg.seed)
-
-
-def to_float(images):
-    """uint8 (B, C, H, W) -> float32 in [0, 1]. Float input (already converted) passes through."""
-    return images.float() / 255 if images.dtype == torch.uint8 else images.float()
-
-
-# ---- 2. Model: an encoder and a decoder around a code z (B, L) ----
+# ---- 1. The bottleneck autoencoder: an encoder and a decoder around a code z (B, L) ----
 
 def mlp(sizes):
     """Linear layers of the given widths with a GELU between each pair. Two sizes give one linear map and no
@@ -117,6 +82,11 @@ def mlp(sizes):
             layers.append(nn.GELU())     # EXERCISE: try nn.ReLU or nn.Tanh, and watch the error against PCA's
         layers.append(nn.Linear(n_in, n_out))
     return nn.Sequential(*layers)
+
+
+def squared_error(x_hat, x):
+    """||x_hat - x||^2 summed over pixels, (B,)."""
+    return (x_hat - x).square().flatten(1).sum(1)
 
 
 # EXERCISE: a convolutional autoencoder: nn.Conv2d with stride 2 down to a (B, L) code, nn.ConvTranspose2d back
@@ -142,7 +112,7 @@ class Autoencoder(nn.Module):
 
     @torch.no_grad()
     def set_mean_image(self, images):
-        self.mean_image.copy_(sum(to_float(chunk).sum(0) for chunk in images.split(4096)) / len(images))
+        self.mean_image.copy_(sum(common.to_float(chunk).sum(0) for chunk in images.split(4096)) / len(images))
         return self
 
     def centred(self, x):
@@ -163,6 +133,17 @@ class Autoencoder(nn.Module):
         return per_pixel, {"squared error per pixel": per_pixel}
 
 
+# ---- 2. The denoising autoencoder: rebuild the clean image from a corrupted one ----
+
+def corrupt(x, noise_std, mask_prob):
+    """The denoising autoencoder's input: Gaussian noise on every pixel, then a random share mask_prob of the
+    pixel positions set to 0 in all channels (Vincent et al. 2008's masking noise). x (B, C, H, W)."""
+    noisy = x + noise_std * torch.randn_like(x)                          # (B, C, H, W)
+    # EXERCISE: add salt-and-pepper noise (random pixels set to 0 or 1), the third corruption of Vincent 2010
+    keep = torch.rand_like(x[:, :1]) >= mask_prob                        # (B, 1, H, W): one draw per position
+    return noisy * keep
+
+
 class DenoisingAutoencoder(Autoencoder):
     """Vincent et al. 2008: encode a corrupted x_tilde, decode, and score against the clean x. The identity map
     no longer scores well, so even a wide code must learn what images look like to undo the damage."""
@@ -175,6 +156,40 @@ class DenoisingAutoencoder(Autoencoder):
         x_tilde = corrupt(x, self.noise_std, self.mask_prob)                # (B, C, H, W)
         per_pixel = squared_error(self.reconstruct(x_tilde).to(x.dtype), x).mean() / x[0].numel()
         return per_pixel, {"squared error per pixel": per_pixel}
+
+
+# ---- 3. The variational autoencoder: the ELBO, its terms written out (tests: against torch.distributions) ----
+# For any q(z | x), log p(x) >= E_q[log p(x | z)] - KL(q(z | x) || p(z)), the evidence lower bound (Eq. 3 of
+# Kingma and Welling; the gap is KL(q(z | x) || p(z | x)), Eq. 1). The first term asks the decoder to rebuild x
+# from a code drawn from q; the second keeps every posterior near the prior N(0, I), so that codes drawn from the
+# prior decode to images. The VAE maximises the bound over the encoder q and the decoder p together.
+
+def bernoulli_log_likelihood(x, logits):
+    """log p(x | z) = sum_p x_p log s(l_p) + (1 - x_p) log(1 - s(l_p)), (B,). With log s(l) = -softplus(-l)
+    and log(1 - s(l)) = -softplus(l) it never takes the log of a rounded 0. Grey x in (0, 1) is allowed (the
+    'continuous Bernoulli' without its normaliser, as Kingma and Welling used it on greyscale images)."""
+    return -(x * F.softplus(-logits) + (1 - x) * F.softplus(logits)).flatten(1).sum(1)
+
+
+def gaussian_log_likelihood(x, mean, log_std):
+    """log N(x; mean, sigma^2) summed over pixels, (B,): -((x - mean) / sigma)^2 / 2 - log sigma - log(2 pi) / 2
+    per pixel. With sigma fixed this is squared error scaled by 1 / (2 sigma^2), plus a constant."""
+    log_std = torch.as_tensor(log_std, dtype=x.dtype, device=x.device)
+    per_pixel = -0.5 * ((x - mean) * torch.exp(-log_std)).square() - log_std - 0.5 * math.log(2 * math.pi)
+    return per_pixel.flatten(1).sum(1)
+
+
+def reparameterise(mean, log_var, noise=None):
+    """z = mean + sigma * eps with eps ~ N(0, I) (Kingma and Welling, Sec. 2.4): the sample is a differentiable
+    function of mean and log_var, so gradients reach the encoder through it. (B, L) -> (B, L)."""
+    noise = torch.randn_like(mean) if noise is None else noise
+    return mean + torch.exp(0.5 * log_var) * noise
+
+
+def kl_to_standard_normal(mean, log_var):
+    """KL(N(mean, diag(sigma^2)) || N(0, I)) = 1/2 sum_j (mean_j^2 + sigma_j^2 - log sigma_j^2 - 1), (B,):
+    the closed form of Kingma and Welling's Appendix B, the first term of their Eq. 10 with its sign flipped."""
+    return 0.5 * (mean.square() + log_var.exp() - log_var - 1).sum(1)
 
 
 class VariationalAutoencoder(Autoencoder):
@@ -230,6 +245,8 @@ def build_model(cfg, image_shape):
     return Autoencoder(image_shape, cfg.latent_dim, hidden)
 
 
+# ---- 4. The linear baseline: PCA, the best code any linear encoder-decoder of width L can find ----
+
 class PCA:
     """PCA as an autoencoder with the same interface: encode projects onto the k directions of largest variance,
     decode maps back. It is the best any linear encoder-decoder pair of width k can do in squared error."""
@@ -256,51 +273,38 @@ def pca(x, k):
     return PCA(mean, vh[:k], x.shape[1:])
 
 
-# ---- 3. Objectives, written out; the tests check each against torch.distributions ----
+# ---- 5. Options and data: images stay on the device as uint8, become floats in [0, 1] one batch at a time ----
 
-def squared_error(x_hat, x):
-    """||x_hat - x||^2 summed over pixels, (B,)."""
-    return (x_hat - x).square().flatten(1).sum(1)
-
-
-def corrupt(x, noise_std, mask_prob):
-    """The denoising autoencoder's input: Gaussian noise on every pixel, then a random share mask_prob of the
-    pixel positions set to 0 in all channels (Vincent et al. 2008's masking noise). x (B, C, H, W)."""
-    noisy = x + noise_std * torch.randn_like(x)                          # (B, C, H, W)
-    # EXERCISE: add salt-and-pepper noise (random pixels set to 0 or 1), the third corruption of Vincent 2010
-    keep = torch.rand_like(x[:, :1]) >= mask_prob                        # (B, 1, H, W): one draw per position
-    return noisy * keep
-
-
-def bernoulli_log_likelihood(x, logits):
-    """log p(x | z) = sum_p x_p log s(l_p) + (1 - x_p) log(1 - s(l_p)), (B,). With log s(l) = -softplus(-l)
-    and log(1 - s(l)) = -softplus(l) it never takes the log of a rounded 0. Grey x in (0, 1) is allowed (the
-    'continuous Bernoulli' without its normaliser, as Kingma and Welling used it on greyscale images)."""
-    return -(x * F.softplus(-logits) + (1 - x) * F.softplus(logits)).flatten(1).sum(1)
+def validate(cfg):
+    """Every option checked before any work is done, so a mistake costs nothing."""
+    common.check_dataset(cfg.dataset)
+    for name in ("latent_dim", "epochs", "batch_size", "probe_steps"):
+        common.check(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    common.check(cfg.hidden >= 2, f"--hidden must be at least 2 (the second layer has half), got {cfg.hidden}")
+    common.check(cfg.train_size >= 0 and cfg.test_size >= 0, "--train-size and --test-size must be >= 0 (0 = all)")
+    common.check(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
+    common.check(cfg.noise_std >= 0, f"--noise-std must be >= 0, got {cfg.noise_std}")
+    common.check(0 <= cfg.mask_prob < 1, f"--mask-prob must be in [0, 1), got {cfg.mask_prob}")
+    common.check(cfg.beta >= 0, f"--beta must be >= 0, got {cfg.beta}")
+    common.check(cfg.decoder_std > 0, f"--decoder-std must be positive, got {cfg.decoder_std}")
 
 
-def gaussian_log_likelihood(x, mean, log_std):
-    """log N(x; mean, sigma^2) summed over pixels, (B,): -((x - mean) / sigma)^2 / 2 - log sigma - log(2 pi) / 2
-    per pixel. With sigma fixed this is squared error scaled by 1 / (2 sigma^2), plus a constant."""
-    log_std = torch.as_tensor(log_std, dtype=x.dtype, device=x.device)
-    per_pixel = -0.5 * ((x - mean) * torch.exp(-log_std)).square() - log_std - 0.5 * math.log(2 * math.pi)
-    return per_pixel.flatten(1).sum(1)
+def load_data(cfg, device):
+    """The chosen dataset at its own size and channels (a grayscale 28 x 28 set stays 784 pixels)."""
+    return common.load_images(cfg.dataset, cfg.data_dir, device, n_train=cfg.train_size or None,
+                              n_test=cfg.test_size or None, seed=cfg.seed)
 
 
-def reparameterise(mean, log_var, noise=None):
-    """z = mean + sigma * eps with eps ~ N(0, I) (Kingma and Welling, Sec. 2.4): the sample is a differentiable
-    function of mean and log_var, so gradients reach the encoder through it. (B, L) -> (B, L)."""
-    noise = torch.randn_like(mean) if noise is None else noise
-    return mean + torch.exp(0.5 * log_var) * noise
+def validate_sizes(cfg, data):
+    """The checks that need the data's sizes, made right after loading it."""
+    n_train, pixels = len(data.x_train), math.prod(data.shape)
+    common.check(cfg.batch_size <= n_train, f"--batch-size {cfg.batch_size} is larger than the {n_train} training images")
+    common.check(cfg.latent_dim <= min(n_train, pixels),
+                 f"--latent-dim {cfg.latent_dim} is larger than the data allows (PCA has at most "
+                 f"min({n_train} images, {pixels} pixels) components)")
 
 
-def kl_to_standard_normal(mean, log_var):
-    """KL(N(mean, diag(sigma^2)) || N(0, I)) = 1/2 sum_j (mean_j^2 + sigma_j^2 - log sigma_j^2 - 1), (B,):
-    the closed form of Kingma and Welling's Appendix B, the first term of their Eq. 10 with its sign flipped."""
-    return 0.5 * (mean.square() + log_var.exp() - log_var - 1).sum(1)
-
-
-# ---- 4. Training: minibatches drawn on the device, bf16 autocast, one synchronisation per 100 steps (the bar) ----
+# ---- 6. Training: minibatches drawn on the device, bf16 autocast, one synchronisation per 100 steps (the bar) ----
 
 def learning_rate(step, total, peak, warmup_steps):
     """A linear warm-up over the first warmup_steps, then a cosine decay to 0 (SGDR, Eq. 5 of Loshchilov &
@@ -326,7 +330,7 @@ def train(model, images, epochs, batch_size, lr, device, desc="train"):
     for _ in range(epochs):
         order = torch.randperm(len(images), device=device)
         for i in range(steps_per_epoch):
-            x = to_float(images[order[i * batch_size:(i + 1) * batch_size]])   # (B, C, H, W) in [0, 1]
+            x = common.to_float(images[order[i * batch_size:(i + 1) * batch_size]])   # (B, C, H, W) in [0, 1]
             with common.autocast(device):
                 loss, terms = model.objective(x)
             optimizer.zero_grad(set_to_none=True)
@@ -347,87 +351,19 @@ def train(model, images, epochs, batch_size, lr, device, desc="train"):
             "images": total * batch_size, "seconds": seconds}
 
 
-# ---- 5. Evaluation: how good is a frozen representation? ----
-
-def topk_accuracy(scores, labels, ks=(1, 5)):
-    """Share of rows whose true label is among the k highest scores. scores (N, C), labels (N,)."""
-    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices          # (N, k)
-    hits = top == labels[:, None]                                            # (N, k)
-    return {f"top{k}": hits[:, :k].any(1).float().mean().item() for k in ks}
-
-
-def linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=30, batch_size=1024, lr=1e-2,
-                 weight_decay=1e-5, ks=(1, 5), seed=0, min_steps=2000):
-    """Multinomial logistic regression on frozen features, trained with Adam on standardised inputs.
-    train_x (N, D), test_x (M, D). Returns {"top1", "top5"} on the test set.
-
-    It runs `epochs` passes, or more when those give fewer than `min_steps` Adam steps: Adam moves a
-    weight by at most about `lr` a step, and the optimum can lie far out (on separable data the
-    unregularised optimum is at infinity), so a small or few-shot training set needs extra passes.
-
-    A stack of S feature sets of the same images, train_x (S, N, D) and test_x (S, M, D), trains S independent
-    probes side by side and returns a list of S results: one batched step costs about what one probe's step
-    costs, since on a GPU the launches of its small kernels, not the arithmetic, set the pace."""
-    stacked = train_x.dim() == 3
-    train_x, test_x = train_x.float(), test_x.float()
-    if not stacked:
-        train_x, test_x = train_x[None], test_x[None]                       # (S, N, D), S = 1
-    mean, std = train_x.mean(1, keepdim=True), train_x.std(1, correction=0, keepdim=True) + 1e-6
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    S, N, D = train_x.shape
-    weight = torch.zeros(S, D, num_classes, device=train_x.device, requires_grad=True)
-    bias = torch.zeros(S, 1, num_classes, device=train_x.device, requires_grad=True)
-    optimizer = torch.optim.Adam([weight, bias], lr=lr, fused=train_x.device.type == "cuda")
-    steps_per_epoch = -(-N // batch_size)
-    epochs = max(epochs, -(-min_steps // steps_per_epoch))
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
-    for _ in range(epochs):
-        for idx in torch.randperm(N, generator=generator).to(train_x.device).split(batch_size):
-            logits = train_x[:, idx] @ weight + bias                        # (S, B, D) @ (S, D, C) -> (S, B, C)
-            # the mean over all S*B rows, times S: each probe's own mean loss, summed, so each gets its own gradient
-            loss = (S * F.cross_entropy(logits.flatten(0, 1), train_y[idx].repeat(S))
-                    + weight_decay * weight.square().sum())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    with torch.no_grad():
-        results = [topk_accuracy(scores, test_y, ks) for scores in test_x @ weight + bias]   # S of (M, C)
-    return results if stacked else results[0]
-
-
-@torch.no_grad()
-def knn_classify(train_x, train_y, test_x, test_y, num_classes, k=20, temperature=0.07, ks=(1, 5), chunk=1024,
-                 centre=False):
-    """Weighted kNN on cosine similarity (Wu et al. 2018, Eq. 7): each of the k nearest training points
-    votes for its class with weight exp(similarity / temperature). Returns {"top1", "top5"}.
-    centre=True subtracts the training mean before the cosine (Wang et al. 2019, SimpleShot's CL2N): features
-    after a ReLU are all non-negative, so their shared mean direction otherwise dominates every cosine."""
-    train_x, test_x = train_x.float(), test_x.float()
-    if centre:
-        mean = train_x.mean(0)
-        train_x, test_x = train_x - mean, test_x - mean
-    train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
-    votes = []
-    for queries in test_x.split(chunk):
-        similarity, neighbour = (queries @ train_x.T).topk(min(k, len(train_x)), dim=1)  # (Q, N) -> (Q, k)
-        weights = (similarity / temperature).exp()                                         # (Q, k)
-        one_hot = F.one_hot(train_y[neighbour], num_classes).float()                       # (Q, k, C)
-        votes.append((weights[:, :, None] * one_hot).sum(1))                               # (Q, C)
-    return topk_accuracy(torch.cat(votes), test_y, ks)
-
+# ---- 7. Evaluation: how good is a frozen code? (the probes are evaluation.py's, the protocol of every script) ----
 
 @torch.no_grad()
 def encode_all(model, images, batch_size=4096):
     """The codes of many images, (N, L) float32, computed in float32 a batch at a time."""
-    return torch.cat([model.encode(to_float(chunk)).float() for chunk in images.split(batch_size)])
+    return torch.cat([model.encode(common.to_float(chunk)).float() for chunk in images.split(batch_size)])
 
 
 @torch.no_grad()
 def reconstruction_error(model, images, batch_size=4096):
     """Mean squared error per pixel (pixels in [0, 1]) of model.reconstruct over images (N, C, H, W)."""
-    total = sum(squared_error(model.reconstruct(x).float(), x).sum() for x in map(to_float, images.split(batch_size)))
+    total = sum(squared_error(model.reconstruct(x).float(), x).sum()
+                for x in map(common.to_float, images.split(batch_size)))
     return (total / images[0].numel() / len(images)).item()
 
 
@@ -436,7 +372,7 @@ def denoising_error(model, images, batch_size=4096):
     """Squared error per pixel against the clean images of the corrupted input and of the model's output."""
     total = torch.zeros(2, device=images.device)
     for chunk in images.split(batch_size):
-        x = to_float(chunk)
+        x = common.to_float(chunk)
         noisy = corrupt(x, model.noise_std, model.mask_prob)
         total += torch.stack([squared_error(noisy, x).sum(), squared_error(model.reconstruct(noisy).float(), x).sum()])
     input_error, output_error = (total / images[0].numel() / len(images)).tolist()
@@ -479,18 +415,18 @@ def probe_all(features, data, cfg, factor_features=("code", "pca")):
     result = {}
     for name, (train_f, test_f) in features.items():
         result[name] = {
-            "linear_top1": linear_probe(train_f, data.y_train, test_f, data.y_test, classes, epochs=1, seed=cfg.seed,
-                                        min_steps=cfg.probe_steps)["top1"],
-            "knn_top1": knn_classify(train_f, data.y_train, test_f, data.y_test, classes)["top1"]}
+            "linear_top1": evaluation.linear_probe(train_f, data.y_train, test_f, data.y_test, classes, epochs=1,
+                                                   seed=cfg.seed, min_steps=cfg.probe_steps)["top1"],
+            "knn_top1": evaluation.knn_classify(train_f, data.y_train, test_f, data.y_test, classes)["top1"]}
         if name in factor_features and data.factors_train is not None:
             for factor, count in CATEGORICAL_FACTORS.items():
-                result[name][f"{factor}_linear_top1"] = linear_probe(
+                result[name][f"{factor}_linear_top1"] = evaluation.linear_probe(
                     train_f, factor_labels(data.factors_train, factor), test_f, factor_labels(data.factors_test, factor),
                     count, epochs=1, seed=cfg.seed, min_steps=cfg.probe_steps)["top1"]
     return result
 
 
-# ---- 6. Figures ----
+# ---- 8. Figures ----
 
 def as_picture(image):
     """(C, H, W) in [0, 1] -> (H, W, 3) on the CPU, grey repeated to three channels, for imshow."""
@@ -521,7 +457,7 @@ def image_rows(rows, path, title=None, scale=0.8, gap=2):
 
 @torch.no_grad()
 def plot_reconstructions(model, linear, principal, images, cfg, path):
-    x = to_float(images)
+    x = common.to_float(images)
     L = cfg.latent_dim
     image_rows([("input", x), (f"{cfg.model}, L={L}", model.reconstruct(x)), (f"PCA-{L}", principal.reconstruct(x)),
                 (f"linear AE, L={L}", linear.reconstruct(x))], path,
@@ -530,7 +466,7 @@ def plot_reconstructions(model, linear, principal, images, cfg, path):
 
 @torch.no_grad()
 def plot_denoising(model, images, path):
-    x = to_float(images)
+    x = common.to_float(images)
     noisy = corrupt(x, model.noise_std, model.mask_prob)
     image_rows([("noisy input", noisy), ("output", model.reconstruct(noisy)), ("clean target", x)], path,
                title=f"denoising: Gaussian noise (std {model.noise_std}) and {model.mask_prob:.0%} of pixels masked")
@@ -539,7 +475,7 @@ def plot_denoising(model, images, path):
 @torch.no_grad()
 def plot_interpolation(model, images, path, steps=10):
     """Decode (1 - t) z_a + t z_b for t from 0 to 1, beside the cross-fade (1 - t) x_a + t x_b in pixel space."""
-    x = to_float(images)                                                 # (2 * pairs, C, H, W)
+    x = common.to_float(images)                                          # (2 * pairs, C, H, W)
     t = torch.linspace(0, 1, steps, device=x.device)[:, None]            # (S, 1)
     rows = []
     for a, b in zip(x[0::2], x[1::2]):
@@ -602,7 +538,7 @@ def plot_traversal(model, image, variance, correlation, path, rows=8, span=3.0, 
     """Vary one code coordinate from -span to +span around one image's posterior mean, holding the others, for
     the most active coordinates; each row names the continuous factor it correlates with most, where that
     |correlation| passes threshold (colour and shape are categorical: a row that changes them names none)."""
-    base = model.encode(to_float(image[None]))[0]                        # (L,)
+    base = model.encode(common.to_float(image[None]))[0]                 # (L,)
     values = torch.linspace(-span, span, steps, device=base.device)      # (S,)
     chosen = variance.argsort(descending=True)[:rows].tolist()
     lines = []
@@ -618,7 +554,7 @@ def plot_traversal(model, image, variance, correlation, path, rows=8, span=3.0, 
     image_rows(lines, path, title=f"latent traversal: each row moves one coordinate from -{span:g} to +{span:g}")
 
 
-# ---- 7. Main ----
+# ---- 9. Main ----
 
 def main(argv=None):
     cfg = common.parse_config(Config, argv, __doc__, quick=QUICK)
@@ -639,7 +575,7 @@ def main(argv=None):
     # Section 4's comparison: a linear autoencoder trained by the same loop, and PCA in closed form
     linear = Autoencoder(data.shape, cfg.latent_dim, hidden=()).to(device).set_mean_image(data.x_train)
     linear_history = train(linear, data.x_train, cfg.epochs, cfg.batch_size, cfg.lr, device, desc="linear AE")
-    principal = pca(to_float(data.x_train), cfg.latent_dim)
+    principal = pca(common.to_float(data.x_train), cfg.latent_dim)
     seconds["linear_ae_and_pca"] = wall.seconds() - sum(seconds.values()) - history["seconds"]
 
     average = PCA(principal.mean, principal.components[:0], data.shape)  # zero components: every image -> the mean
@@ -647,7 +583,7 @@ def main(argv=None):
               (("model", model), ("pca", principal), ("linear_ae", linear), ("mean_image", average))}
     codes = {name: (encode_all(m, data.x_train), encode_all(m, data.x_test)) for name, m in
              (("code", model), ("pca", principal))}
-    codes["pixels"] = (to_float(data.x_train).flatten(1), to_float(data.x_test).flatten(1))
+    codes["pixels"] = (common.to_float(data.x_train).flatten(1), common.to_float(data.x_test).flatten(1))
     probes = probe_all(codes, data, cfg)
     seconds["evaluation"] = wall.seconds() - sum(seconds.values()) - history["seconds"]
 
@@ -672,7 +608,7 @@ def main(argv=None):
     if cfg.model == "vae":
         count, variance = active_units(model, data.x_test)
         with torch.no_grad():
-            x = to_float(data.x_test[:4096])
+            x = common.to_float(data.x_test[:4096])
             _, parts = model.objective(x)
         metrics["vae"] = {"active_units": count, "beta": cfg.beta, "likelihood": cfg.likelihood,
                           **{name: value.item() for name, value in parts.items()}}

@@ -3,7 +3,7 @@
   - DataLoader: the common pipeline, float32 CPU tensors through torch.utils.data.DataLoader (shuffled,
     pinned memory, N workers) and copied to the GPU each step.
 The model, batch size, optimizer, bf16 autocast and step are the same in both; only the feeding differs.
-Also times the shared linear probe on 60 000 x 512 features. Run on a GPU:
+Also times evaluation.py's linear probe on 60 000 x 512 features. Run on a GPU:
     python benchmarks/bench_01_autoencoder.py            (--models ae,vae --workers 0,4,8 --epochs 3)
 """
 import sys
@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import evaluation  # noqa: E402
 
 autoencoder = common.import_script("01_autoencoder")
 

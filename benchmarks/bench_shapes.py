@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
-
 import evaluation  # noqa: E402
 
 

@@ -1,6 +1,7 @@
 """Tests for 01_autoencoder.py: each objective against torch.distributions in float64 (values and gradients),
-PCA against its closed form, the linear autoencoder against PCA, the shared evaluation helpers against brute
-force, and the script end to end on CPU (it must learn, write everything it promises, and fail cleanly)."""
+training against the objectives it must call, PCA against its closed form, the linear autoencoder against PCA,
+and the script end to end on CPU (it must learn, write everything it promises, and fail cleanly). The probes
+(evaluation.py) have their own tests in test_evaluation.py."""
 import json
 import math
 import subprocess
@@ -145,6 +146,30 @@ def test_vae_objective_is_the_negative_elbo_written_with_torch_distributions(lik
     torch.testing.assert_close(model.decode(z), out.sigmoid() if likelihood == "bernoulli" else out)
 
 
+@pytest.mark.parametrize("model, piece, part", [("ae", "squared_error", "squared error per pixel"),
+                                                ("dae", "squared_error", "squared error per pixel"),
+                                                ("vae", "kl_to_standard_normal", "KL per image")])
+def test_training_runs_the_objective_the_lecture_shows(model, piece, part, monkeypatch):
+    # train() must reach the function written out in the script: doubling it doubles its recorded part at the
+    # first step (same seed, same weights, same batch) and changes the training loss
+    images = common.load_images("shapes", n_train=64, n_test=1, size=16).x_train        # (64, 3, 16, 16) uint8
+    cfg = ae.Config(model=model, latent_dim=4, hidden=16)
+
+    def history():
+        torch.manual_seed(0)
+        trained = ae.build_model(cfg, images.shape[1:]).set_mean_image(images)
+        return ae.train(trained, images, epochs=2, batch_size=16, lr=1e-2, device=torch.device("cpu"))
+
+    reference = history()
+    original = getattr(ae, piece)
+    monkeypatch.setattr(ae, piece, lambda *args: 2 * original(*args))
+    doubled = history()
+    torch.testing.assert_close(doubled["parts"][part][0], 2 * reference["parts"][part][0], rtol=1e-6, atol=0)
+    if model == "vae":          # loss = KL - log p(x | z) per image: doubling the KL adds one KL to it
+        torch.testing.assert_close(doubled["loss"][0], reference["loss"][0] + reference["parts"][part][0])
+    assert not torch.allclose(doubled["loss"], reference["loss"])
+
+
 def test_learning_rate_warms_up_then_decays_to_zero():
     rates = [ae.learning_rate(step, 100, 1.0, warmup_steps=10) for step in range(100)]
     assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0) and max(rates) == pytest.approx(1.0)
@@ -173,7 +198,7 @@ def linear_and_pca_errors(x, k, steps, lr):
     torch.manual_seed(0)
     linear = ae.Autoencoder(x.shape[1:], k, hidden=()).set_mean_image(x)
     ae.train(linear, x, epochs=steps, batch_size=len(x), lr=lr, device=torch.device("cpu"))
-    return ae.reconstruction_error(linear, x), ae.reconstruction_error(ae.pca(ae.to_float(x), k), x)
+    return ae.reconstruction_error(linear, x), ae.reconstruction_error(ae.pca(common.to_float(x), k), x)
 
 
 def test_linear_autoencoder_reaches_pca_on_random_low_rank_data():
@@ -189,61 +214,7 @@ def test_linear_autoencoder_reaches_pca_on_the_embedded_set():
     assert principal <= linear <= 1.02 * principal
 
 
-# ---- the shared evaluation helpers against brute force ----
-
-def test_topk_accuracy_matches_a_loop():
-    g = generator(17)
-    scores, labels = torch.randn(50, 7, generator=g), torch.randint(0, 7, (50,), generator=g)
-    result = ae.topk_accuracy(scores, labels, ks=(1, 3))
-    for k in (1, 3):
-        hits = sum(int(labels[i]) in scores[i].argsort(descending=True)[:k].tolist() for i in range(50))
-        assert result[f"top{k}"] == pytest.approx(hits / 50)
-
-
-@pytest.mark.parametrize("centre", [False, True])
-def test_knn_matches_a_brute_force_loop(centre):
-    g = generator(18)
-    # non-negative features, as after a ReLU: there centring changes which neighbours are nearest
-    train_x, test_x = torch.rand(60, 6, generator=g), torch.rand(25, 6, generator=g)
-    train_y, test_y = torch.randint(0, 4, (60,), generator=g), torch.randint(0, 4, (25,), generator=g)
-    result = ae.knn_classify(train_x, train_y, test_x, test_y, 4, k=7, temperature=0.1, ks=(1, 2), chunk=8, centre=centre)
-    mean = [sum(float(train_x[j, d]) for j in range(60)) / 60 if centre else 0.0 for d in range(6)]
-    shifted = lambda row: torch.tensor([float(row[d]) - mean[d] for d in range(6)])
-    votes = torch.zeros(25, 4)
-    for i in range(25):
-        similarity = [float(F.cosine_similarity(shifted(test_x[i]), shifted(train_x[j]), dim=0)) for j in range(60)]
-        for j in sorted(range(60), key=lambda j: -similarity[j])[:7]:
-            votes[i, train_y[j]] += math.exp(similarity[j] / 0.1)
-    assert result == ae.topk_accuracy(votes, test_y, ks=(1, 2))
-
-
-def separable(n, g, margin=0.5, dim=32, classes=10):
-    """Points whose class is argmax(x W) for a fixed W, kept only where the best class wins by `margin`."""
-    w = torch.randn(dim, classes, generator=g)
-    x = torch.randn(8 * n, dim, generator=g)
-    scores = (x @ w).topk(2, dim=1).values
-    keep = (scores[:, 0] - scores[:, 1]) > margin
-    return x[keep][:n], (x @ w)[keep][:n].argmax(1)
-
-
-def test_linear_probe_reaches_the_optimum_on_linearly_separable_data():
-    x, y = separable(1500, generator(19))
-    assert ae.linear_probe(x, y, x, y, 10)["top1"] == 1.0          # separable: the optimum classifies every point
-
-
-def test_stacked_linear_probes_equal_separate_ones():
-    # three feature sets of the same images: separable, half noise, pure noise; fitted side by side or alone
-    g = generator(21)
-    x, y = separable(800, g)
-    noise = torch.randn(x.shape, generator=g)
-    sets = torch.stack([x, x + 2 * noise, noise])                     # (3, N, D)
-    train, test = slice(0, 500), slice(500, None)
-    stacked = ae.linear_probe(sets[:, train], y[train], sets[:, test], y[test], 10, min_steps=300)
-    alone = [ae.linear_probe(f[train], y[train], f[test], y[test], 10, min_steps=300) for f in sets]
-    assert len({round(r["top1"], 2) for r in alone}) == 3             # three different answers to get right
-    for ours, reference in zip(stacked, alone):
-        assert abs(ours["top1"] - reference["top1"]) <= 1 / 300 and abs(ours["top5"] - reference["top5"]) <= 1 / 300
-
+# ---- the evaluation of the code that is this script's own ----
 
 def test_factor_correlation_matches_corrcoef():
     g = generator(20)

@@ -3,6 +3,7 @@ import gzip
 import hashlib
 import http.server
 import io
+import math
 import pickle
 import subprocess
 import sys
@@ -280,14 +281,43 @@ def test_parse_config_quick_overrides_and_errors():
             common.parse_config(ToyConfig, argv, "doc")
 
 
-def test_devices():
+@pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_auto_picks_cuda_then_mps_then_cpu(cuda, mps, expected, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert common.pick_device("auto") == torch.device(expected)
+
+
+def test_devices(monkeypatch):
     assert common.pick_device("cpu").type == "cpu"
-    assert common.pick_device("auto").type in ("cpu", "cuda", "mps")
     with pytest.raises(common.UserError):
         common.pick_device("tpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(common.UserError, match="no CUDA"):
-            common.pick_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(common.UserError, match="no CUDA"):
+        common.pick_device("cuda")
+
+
+def test_warmup_cosine_at_its_ends():
+    total, warmup = 97, 5                                             # an uneven number of steps
+    multiplier = [common.warmup_cosine(step, total, warmup) for step in range(total)]
+    assert multiplier[0] == pytest.approx(1 / warmup)                 # the first step: 1 / warmup_steps of the peak
+    assert multiplier[warmup - 1] == pytest.approx(1.0)               # the end of the warm-up reaches the peak
+    assert multiplier[warmup] == pytest.approx(1.0)                   # and the cosine starts there
+    assert multiplier[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * (total - 1 - warmup) / (total - warmup))))
+    assert multiplier[50] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 92)))
+    assert all(a < b for a, b in zip(multiplier[:warmup], multiplier[1:warmup]))          # rising, then falling
+    assert all(a > b for a, b in zip(multiplier[warmup:], multiplier[warmup + 1:])) and 0 < multiplier[-1] < 1e-3
+    assert common.warmup_cosine(0, total, 0) == 1.0                   # no warm-up: the cosine from the first step
+
+
+def test_rank_share_slices_the_items_between_ranks(monkeypatch):
+    assert common.rank_share(10) == slice(0, 10)                      # one process: all of them
+    monkeypatch.setattr(common, "world_size", lambda: 3)
+    shares = []
+    for rank in range(3):
+        monkeypatch.setattr(common, "rank", lambda rank=rank: rank)
+        shares.append(list(range(10))[common.rank_share(10)])
+    assert shares == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]                # equal and disjoint; the remainder is dropped
 
 
 def test_unwritable_output_folder(tmp_path):
@@ -320,7 +350,9 @@ def test_checkpoints_round_trip_and_refuse_other_models(tmp_path):
 def test_save_json_and_import_script(tmp_path):
     common.save_json(tmp_path / "m.json", {"a": torch.tensor(0.5).item(), "b": np.float32(2)})
     assert (tmp_path / "m.json").read_text().startswith("{")
-    assert hasattr(common.import_script("01_autoencoder"), "linear_probe")
+    autoencoder = common.import_script("01_autoencoder")
+    assert autoencoder.__file__ == str(common.ROOT / "01_autoencoder.py") and hasattr(autoencoder, "Autoencoder")
+    assert common.import_script("01_autoencoder") is autoencoder                # imported once, then reused
 
 
 def test_run_turns_user_errors_into_one_line_and_exit_2():
