@@ -55,7 +55,8 @@ class Config(common.RunConfig):
     hidden: int = common.arg(512, "width of the encoder's first hidden layer; the second has half; the decoder mirrors them")
     epochs: int = common.arg(20, "passes over the training images, for the model and for the linear autoencoder")
     batch_size: int = common.arg(512, "images per step")
-    lr: float = common.arg(3e-3, "peak learning rate of Adam, after a linear warm-up over the first 1/20 of the steps; cosine decay to 0")
+    lr: float = common.arg(3e-3, "peak learning rate of Adam, reached after the warm-up; then a cosine decay to 0")
+    warmup: float = common.arg(0.05, "share of the training steps in the linear warm-up of the learning rate, in [0, 1)")
     noise_std: float = common.arg(0.2, "dae: std of the Gaussian noise added to every pixel (pixels in [0, 1])")
     mask_prob: float = common.arg(0.25, "dae: share of pixel positions set to 0, in [0, 1)")
     beta: float = common.arg(1.0, "vae: weight of the KL term; 1 is the ELBO, > 1 the beta-VAE")
@@ -283,6 +284,7 @@ def validate(cfg):
     common.check(cfg.hidden >= 2, f"--hidden must be at least 2 (the second layer has half), got {cfg.hidden}")
     common.check(cfg.train_size >= 0 and cfg.test_size >= 0, "--train-size and --test-size must be >= 0 (0 = all)")
     common.check(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
+    common.check(0 <= cfg.warmup < 1, f"--warmup is a share of the training steps, in [0, 1), got {cfg.warmup}")
     common.check(cfg.noise_std >= 0, f"--noise-std must be >= 0, got {cfg.noise_std}")
     common.check(0 <= cfg.mask_prob < 1, f"--mask-prob must be in [0, 1), got {cfg.mask_prob}")
     common.check(cfg.beta >= 0, f"--beta must be >= 0, got {cfg.beta}")
@@ -306,21 +308,13 @@ def validate_sizes(cfg, data):
 
 # ---- 6. Training: minibatches drawn on the device, bf16 autocast, one synchronisation per 100 steps (the bar) ----
 
-def learning_rate(step, total, peak, warmup_steps):
-    """A linear warm-up over the first warmup_steps, then a cosine decay to 0 (SGDR, Eq. 5 of Loshchilov &
-    Hutter 2017, one cycle). Adam's early steps rest on poor second-moment estimates, and attention logits
-    can blow up then: the warm-up keeps those first steps small. 04_vit.py uses it too."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total - warmup_steps)))
-
-
-def train(model, images, epochs, batch_size, lr, device, desc="train"):
-    """Adam on model.objective over shuffled minibatches of images (N, ...), uint8 or float, resident on device.
+def train(model, images, epochs, batch_size, lr, device, warmup=0.05, desc="train"):
+    """Adam on model.objective over shuffled minibatches of images (N, ...), uint8 or float, resident on device,
+    at the peak learning rate lr after a linear warm-up over the share `warmup` of the steps, then a cosine to 0.
     Returns the history: the loss and its parts at every step (float tensors on the CPU), images and seconds."""
     steps_per_epoch = len(images) // batch_size          # a pass's remainder is dropped: every batch is full
     total = epochs * steps_per_epoch
-    warmup_steps = max(1, round(0.05 * total))
+    warmup_steps = round(warmup * total)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type == "cuda")
     records = []                                         # per step, on the device: reading them would synchronise
     bar = common.progress(total * batch_size, desc)
@@ -336,7 +330,7 @@ def train(model, images, epochs, batch_size, lr, device, desc="train"):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, total, lr, warmup_steps)
+                group["lr"] = lr * common.warmup_cosine(step, total, warmup_steps)
             optimizer.step()
             records.append(torch.stack([loss.detach(), *(value.detach() for value in terms.values())]))
             bar.update(batch_size)
@@ -569,12 +563,13 @@ def main(argv=None):
           f"code width L={cfg.latent_dim} ({pixels / cfg.latent_dim:.0f}x fewer numbers than pixels)")
 
     model = build_model(cfg, data.shape).to(device).set_mean_image(data.x_train)
-    history = train(model, data.x_train, cfg.epochs, cfg.batch_size, cfg.lr, device, desc=cfg.model)
+    history = train(model, data.x_train, cfg.epochs, cfg.batch_size, cfg.lr, device, cfg.warmup, desc=cfg.model)
     common.save_checkpoint(out / "model.pt", model, cfg, kind=f"autoencoder-{cfg.model}", image_shape=list(data.shape))
 
     # Section 4's comparison: a linear autoencoder trained by the same loop, and PCA in closed form
     linear = Autoencoder(data.shape, cfg.latent_dim, hidden=()).to(device).set_mean_image(data.x_train)
-    linear_history = train(linear, data.x_train, cfg.epochs, cfg.batch_size, cfg.lr, device, desc="linear AE")
+    linear_history = train(linear, data.x_train, cfg.epochs, cfg.batch_size, cfg.lr, device, cfg.warmup,
+                           desc="linear AE")
     principal = pca(common.to_float(data.x_train), cfg.latent_dim)
     seconds["linear_ae_and_pca"] = wall.seconds() - sum(seconds.values()) - history["seconds"]
 

@@ -170,13 +170,6 @@ def test_training_runs_the_objective_the_lecture_shows(model, piece, part, monke
     assert not torch.allclose(doubled["loss"], reference["loss"])
 
 
-def test_learning_rate_warms_up_then_decays_to_zero():
-    rates = [ae.learning_rate(step, 100, 1.0, warmup_steps=10) for step in range(100)]
-    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0) and max(rates) == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(rates[9:], rates[10:])) and rates[-1] < 1e-3
-    assert rates[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
-
-
 # ---- PCA, and the linear autoencoder that reaches it ----
 
 def test_pca_matches_the_eigendecomposition_of_the_covariance():
@@ -264,6 +257,7 @@ def test_main_learns_and_writes_everything(model, tmp_path):
     (["--dataset", "imagenet"], "unknown dataset"),
     (["--mask-prob", "1"], "--mask-prob"),
     (["--beta", "-1"], "--beta"),
+    (["--warmup", "1"], "--warmup is a share of the training steps"),
     (["--no-such-option"], "unrecognized arguments"),
     (["--batch-size", "5000"], "larger than the 1000 training images"),
     (["--latent-dim", "2000"], "larger than the data allows"),
