@@ -76,7 +76,7 @@ class Config(common.RunConfig):
     batch_size: int = common.arg(1024, "image-caption pairs per step on each GPU (each pair's negatives are the other "
                                        "NB - 1 of all N GPUs under torchrun)")
     lr: float = common.arg(1e-3, "peak learning rate of AdamW")
-    weight_decay: float = common.arg(0.1, "AdamW weight decay on matrices (not on gains, biases or the scale)")
+    weight_decay: float = common.arg(0.1, "AdamW weight decay on the weight matrices of linear layers (04's policy)")
     warmup: float = common.arg(0.111, "share of the steps over which the learning rate rises linearly from 0 "
                                       "(0.111: 100 of 900), then a cosine decay to 0")
     init_image: str = common.arg("", "start the image encoder from 04_vit.py's checkpoint (e.g. runs/04_vit/vit_simclr.pt)")
@@ -465,11 +465,11 @@ def train_step(model, optimizer, images, tokens, caption_ids, device, parallel=N
 
 
 def make_optimizer(model, cfg):
-    """AdamW with CLIP's betas; weight decay on matrices only (gains, biases and the scale are left alone)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=next(model.parameters()).is_cuda)
+    """AdamW with CLIP's betas and 04's weight-decay policy (vit.decay_groups): decay on the weight matrices of linear
+    layers only, not on embeddings, position embeddings, the class token, gains, biases or the scale. A frozen image
+    encoder's weights never get a gradient, and AdamW leaves such parameters alone."""
+    optimizer = torch.optim.AdamW(vit.decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
+                                  fused=next(model.parameters()).is_cuda)
     warm_then_cosine = lambda step: common.warmup_cosine(step, cfg.steps, round(cfg.warmup * cfg.steps))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warm_then_cosine)
 
