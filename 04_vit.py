@@ -24,15 +24,11 @@ Run:  python 04_vit.py            (the embedded shapes set; --dataset fashion-mn
       torchrun --nproc_per_node=2 04_vit.py   (supervised training on 2 GPUs, --batch-size images on each)
 Measured on one H100 (torch 2.11, bf16; compiled, as the default is on one GPU):
   python 04_vit.py: ViT 2.71M parameters (patch 8), 25 epochs: test top-1 87.6% on the shapes set (chance 10%,
-    raw-pixel probe 13%); the class-token probe climbs from 10% before block 1 to 87.5% after block 6. The first
-    run on a machine compiles for ~19 s (30 s of training, 50.5 s wall); later runs reuse the compile cache
-    (13 s of training at 96k img/s, 28 s wall). Eager (--compile off), 16 epochs gave 69.0% in 55 s wall.
+    raw-pixel probe 13%); the class-token probe climbs from 10% before block 1 to 87.5% after block 6. 50.5 s
+    wall with an empty compile cache (~19 s of compiling), 28 s with a warm one.
   --dataset fashion-mnist --image-size 28 --patch-size 4 --batch-size 1024 --epochs 80 --crop 0.3: 91.7% after
-    57.3 s of training with an empty compile cache; raw-pixel probe 82%.
-  The CNN on fashion-mnist (this training loop, eager, batch 512, crop 0.3, 8 epochs, 11 s): 94.0%, against 93.1%
-    for a ResNet-18 given the same time (benchmarks/bench_04_vit.py).
-  Training throughput of the patch-4 ViT, batch 512 (benchmarks/bench_04_vit.py): 21.6k img/s eager, 95.7k
-    compiled with CUDA graphs; timm's ViT 36.9k / 94.6k.
+    57.3 s of training with an empty compile cache; raw-pixel probe 82%; the CNN baseline (--model cnn, eager,
+    batch 512, crop 0.3, 8 epochs, 11 s) 94.0%.
 
 Shapes legend: B batch, C channels, P patch size, N patches, T tokens (1 + N), E embedding width,
 H heads, D head size (E / H), L layers.
@@ -58,7 +54,7 @@ class Config(common.RunConfig):
     model: str = common.arg("vit", "the model trained and examined: vit | cnn (the baseline)", choices=["vit", "cnn"])
     image_size: int = common.arg(32, "images are padded or resized to this many pixels a side")
     # NOTE: patch 8 (16 tokens), not the usual 4 for 32x32 images (64 tokens): with 4 times fewer tokens a step
-    # costs less, and the default run, compile included, must fit in about a minute (the README's tuning runs)
+    # costs less, so that the default run, compile included, takes about a minute on one GPU
     patch_size: int = common.arg(8, "P: pixels per patch side; image_size must be a multiple of it")
     dim: int = common.arg(192, "E: token width of the ViT; the CNN's stage widths are E/2, E, 2E (about as many parameters)")
     depth: int = common.arg(6, "L: number of Transformer blocks")
@@ -79,13 +75,12 @@ class Config(common.RunConfig):
     pretrain_epochs: int = common.arg(15, "passes over the training images for --pretrain simclr")
     temperature: float = common.arg(0.2, "NT-Xent temperature for --pretrain simclr")
     init: str = common.arg("", "start the ViT from a checkpoint saved by --pretrain (kind 'vit'), e.g. runs/04_vit/vit_simclr.pt")
-    compile: str = common.arg("auto", "torch.compile the training forward pass: auto (the ViT on one GPU; not the CNN, not on "
-                                      "a CPU or under torchrun), on, off; about 20 s of compiling, then 2-4x the images per second",
-                              choices=["auto", "on", "off"])
+    compile: str = common.arg("auto", "torch.compile the training forward pass: auto (the ViT on one GPU), on, off; "
+                                      "about 20 s of compiling, then 2-4x the images per second", choices=["auto", "on", "off"])
     n_train: int = common.arg(0, "training images to load (0 = all of the dataset's)")
     n_test: int = common.arg(0, "test images to load (0 = all of the dataset's)")
     probe_samples: int = common.arg(10_000, "training images the per-layer linear probes are fitted on")
-    probe_steps: int = common.arg(300, "Adam steps of each linear probe (01's linear_probe runs at least this many)")
+    probe_steps: int = common.arg(300, "Adam steps of each linear probe (evaluation.linear_probe runs at least this many)")
 
 
 QUICK = dict(n_train=1200, n_test=1000, patch_size=8, dim=48, depth=2, heads=2, mlp_ratio=2, epochs=6, batch_size=100,
@@ -164,13 +159,10 @@ class MultiHeadAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)                     # W^Q, W^K, W^V of every head, stacked
         self.proj = nn.Linear(dim, dim)                        # W^O: mixes what the heads found
 
-    def _split_heads(self, x):                                 # (B, T, E) -> (B, H, T, D)
+    def _queries_keys_values(self, x):                         # (B, T, E) -> 3 x (B, H, T, D)
         B, T, E = x.shape
-        return x.reshape(B, T, self.heads, E // self.heads).transpose(1, 2)
-
-    def _queries_keys_values(self, x):
-        q, k, v = self.qkv(x).chunk(3, dim=-1)                 # (B, T, 3E) -> 3 x (B, T, E)
-        return self._split_heads(q), self._split_heads(k), self._split_heads(v)   # 3 x (B, H, T, D)
+        qkv = self.qkv(x).reshape(B, T, 3, self.heads, E // self.heads)   # (B, T, 3E) -> (B, T, 3, H, D)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)            # (3, B, H, T, D) -> q, k, v
 
     def forward(self, x, mask=None):                           # (B, T, E) -> (B, T, E)
         B, T, E = x.shape
@@ -207,8 +199,7 @@ class Block(nn.Module):
 
 class ViT(nn.Module):
     """Image (B, C, H, W), normalised floats -> logits (B, num_classes), or the features (B, E) when
-    num_classes=0. With pos_embedding=False the patches form an unordered set: the model is then
-    equivariant to permuting them, and the class token's output invariant."""
+    num_classes=0. With pos_embedding=False the patches form an unordered set (see equivariance)."""
 
     def __init__(self, image_size=32, patch_size=4, in_channels=3, dim=192, depth=6, heads=3, mlp_ratio=4,
                  num_classes=0, pos_embedding=True):
@@ -287,14 +278,11 @@ class ConvNet(nn.Module):
         self.stages = nn.ModuleList([stage(in_channels, width), stage(width, 2 * width), stage(2 * width, 4 * width)])
         self.head = nn.Linear(self.dim, num_classes) if num_classes else None
 
-    def feature_maps(self, images):                            # (B, C, H, W) -> (B, 4w, H/8, W/8)
+    def features(self, images):                                # (B, C, H, W) -> (B, 4w)
         x = images
         for stage in self.stages:
             x = F.max_pool2d(stage(x), 2)                      # halve the resolution after each stage
-        return x
-
-    def features(self, images):                                # (B, C, H, W) -> (B, 4w)
-        return self.feature_maps(images).mean(dim=(2, 3))      # global average pool: position forgotten
+        return x.mean(dim=(2, 3))                              # (B, 4w, H/8, W/8) -> (B, 4w): position forgotten
 
     def forward(self, images):
         features = self.features(images)
@@ -308,10 +296,6 @@ def build_model(kind, cfg, num_classes):
     return ConvNet(3, cfg.dim // 2, num_classes)
 
 
-def count_parameters(model):
-    return sum(p.numel() for p in model.parameters())
-
-
 # ---- 2. Data: images stay on the device as uint8; each batch is converted, augmented and normalised there ----
 
 def load_data(cfg, device):
@@ -322,14 +306,14 @@ def load_data(cfg, device):
 
 def channel_stats(images):
     """Per-channel mean and std of uint8 images (N, C, H, W) in [0, 1] units, each (1, C, 1, 1)."""
-    x = images.float() / 255
+    x = common.to_float(images)
     return x.mean((0, 2, 3), keepdim=True), x.std((0, 2, 3), keepdim=True) + 1e-3
 
 
-def normalise(x, stats):
-    """Floats in [0, 1] (B, C, H, W) -> zero mean, unit variance per channel, as the models expect."""
+def normalise(images, stats):
+    """uint8 images or floats in [0, 1] (B, C, H, W) -> zero mean, unit variance per channel, as the models expect."""
     mean, std = stats
-    return (x - mean) / std
+    return (common.to_float(images) - mean) / std
 
 
 def subset(n, fraction, seed, device):
@@ -339,9 +323,8 @@ def subset(n, fraction, seed, device):
 
 
 def index_batches(pool, batch_size, steps, generator):
-    """`steps` batches of indices from pool, each pass over pool in a fresh random order. Every batch has the
-    same size (a pass's remainder is dropped), so torch.compile compiles one graph."""
-    batch_size = min(batch_size, len(pool))
+    """`steps` batches of batch_size (at most len(pool)) indices from pool, each pass over pool in a fresh random
+    order. Every batch has the same size (a pass's remainder is dropped), so torch.compile compiles one graph."""
     per_pass = len(pool) // batch_size
     for step in range(steps):
         if step % per_pass == 0:
@@ -362,31 +345,29 @@ def decay_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def make_optimizer(model, cfg, device):
-    """AdamW (Loshchilov & Hutter 2019) with 04's weight-decay policy (decay_groups)."""
-    return torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
-                             fused=device.type == "cuda")
-
-
 def fit(model, loss_of_batch, pool, steps, steps_per_epoch, cfg, device, desc, evaluate=None):
     """The loop shared by supervised training and SimCLR pre-training. loss_of_batch(indices) -> scalar loss.
     After every epoch's worth of steps, records the mean loss, the training seconds so far (evaluation
     excluded) and whatever evaluate() returns. Returns that history, a list of dicts."""
-    optimizer = make_optimizer(model, cfg, device)
+    optimizer = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
+                                  fused=device.type == "cuda")
     generator = torch.Generator().manual_seed(cfg.seed)
     history, running, count, seconds = [], torch.zeros((), device=device), 0, 0.0
+    # Several GPUs (torchrun), here and in train_classifier: every rank holds all the data and draws the same batch
+    # of W x batch_size images (one seed), trains on its own share of it (rank_share), and DDP (data_parallel)
+    # averages the W share-mean gradients into the gradient of the whole batch's mean loss. The recorded losses
+    # are averaged over the ranks; every rank evaluates alike, and rank 0 alone writes (is_main, in main).
+    # NOTE: the CNN's BatchNorm then normalises with each GPU's own batch statistics.
     W = common.world_size()
     common.check(len(pool) >= W, f"{len(pool)} labelled images cannot be shared out to {W} processes")
-    batch_size = min(cfg.batch_size * W, len(pool))            # the batch of all W GPUs together (W = 1: one GPU)
+    batch_size = min(cfg.batch_size, len(pool) // W) * W        # all W GPUs together, the same share on each
     bar = common.progress(steps * batch_size, desc)
     model.train()
     watch = common.Stopwatch(device)
     for step, indices in enumerate(index_batches(pool, batch_size, steps, generator)):
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * common.warmup_cosine(step, steps, int(cfg.warmup * steps))
-        # under torchrun every rank draws the same batch (one seed) and takes its own share of it; DDP averages
-        # the W share-mean gradients into the gradient of the whole batch's mean loss
-        loss = loss_of_batch(indices.tensor_split(W)[common.rank()])
+        loss = loss_of_batch(indices[common.rank_share(len(indices))])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_grad > 0:
@@ -414,20 +395,19 @@ def fit(model, loss_of_batch, pool, steps, steps_per_epoch, cfg, device, desc, e
 
 
 def uses_compile(cfg, device, is_vit):
-    """--compile auto compiles the ViT on one GPU; the CNN's time goes to cuDNN's convolutions, which the
-    compiler cannot speed up, and under torchrun (see compiled) it stays eager. Never on a CPU: there, in
-    float32, PyTorch 2.13's compiled blocks (nested regions) gave wrong gradients."""
+    """--compile auto compiles the ViT on one GPU: not the CNN, whose time goes to cuDNN's convolutions that the
+    compiler cannot speed up, nor under torchrun (see compiled). Never on a CPU: there, in float32, PyTorch 2.13's
+    compiled blocks (nested regions) gave wrong gradients."""
     common.check(cfg.compile != "on" or device.type == "cuda", "--compile on needs a CUDA GPU")
     return device.type == "cuda" and (cfg.compile == "on" or (cfg.compile == "auto" and is_vit and common.world_size() == 1))
 
 
 def compiled(module, cfg, device):
-    """module under torch.compile when the config asks for it (the first step then takes about 20 s, and the
-    timings include it). The compiler fuses the written-out attention and LayerNorm into about half as many
-    kernels; on one GPU, mode "reduce-overhead" also records the step's kernels once as a CUDA graph and replays
-    it. NOTE: eager, or compiled without the graph, Python launches the kernels one by one, and that sets the
-    pace (on an H100, a step of batch 1024 at patch 4 took 20 ms compiled without the graph, 9 ms with it, for
-    8 ms of GPU work). Under torchrun, DDP's gradient hooks run between kernels: no CUDA graph there."""
+    """module under torch.compile when uses_compile says so (the timings include the compiling). The compiler fuses
+    the written-out attention and LayerNorm into about half as many kernels; on one GPU, mode "reduce-overhead" also
+    records the step's kernels once as a CUDA graph and replays it. NOTE: otherwise Python launches the kernels one
+    by one, and that sets the pace (H100, batch 1024, patch 4: 20 ms a step compiled without the graph, 9 ms with
+    it, for 8 ms of GPU work). Under torchrun, DDP's gradient hooks run between kernels: no CUDA graph there."""
     if not uses_compile(cfg, device, isinstance(module, ViT)):
         return module
     return torch.compile(module, mode="reduce-overhead" if device.type == "cuda" and common.world_size() == 1 else None)
@@ -436,18 +416,13 @@ def compiled(module, cfg, device):
 def train_classifier(model, data, stats, pool, cfg, device, desc):
     """Supervised training on the labelled images `pool` for cfg.epochs passes' worth of steps over the full
     training set (fewer labels: more passes over them, the same compute). Returns the history."""
-    forward = model
-    if common.world_size() > 1:
-        # DDP starts every rank from rank 0's weights and averages gradients over ranks during backward
-        # NOTE: the CNN's BatchNorm then normalises with each GPU's own batch statistics
-        forward = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    forward = compiled(forward, cfg, device)                   # the same parameters, fused kernels
+    forward = compiled(common.data_parallel(model, device), cfg, device)    # the same parameters, fused kernels
 
     def loss_of_batch(indices):
-        x = data.x_train[indices].float() / 255                                # (B, C, H, W) in [0, 1]
+        x = common.to_float(data.x_train[indices])                            # (B, C, H, W) in [0, 1]
         # 03's GPU augmentations, mild for supervised training: a mirror, a crop with --crop, no colour changes;
         # the crop is off by default: the default run is short and still underfits; over 50-70 epochs of
-        # Fashion-MNIST a crop of 0.3 lifted test accuracy by about a point (the README's runs)
+        # Fashion-MNIST a crop of 0.3 lifted test accuracy by about a point
         x = contrastive.augment(x, crop=cfg.crop, flip=0.5, jitter=0, grayscale=0, blur=0)
         with common.autocast(device):
             logits = forward(normalise(x, stats))                               # (B, classes)
@@ -469,7 +444,7 @@ def pretrain_simclr(vit, data, stats, cfg, device):
     encode = compiled(vit, cfg, device)
 
     def loss_of_batch(indices):
-        x = data.x_train[indices].float() / 255                                 # (B, C, H, W)
+        x = common.to_float(data.x_train[indices])                              # (B, C, H, W)
         views = torch.cat([contrastive.augment(x), contrastive.augment(x)])     # (2B, C, H, W)
         with common.autocast(device):
             z = projector(encode(normalise(views, stats)))                      # (2B, 128)
@@ -489,7 +464,7 @@ def predict(model, images, stats, batch_size=1024):
     """model's outputs, logits (N, classes) or features (N, E), for uint8 images (N, C, H, W), in eval mode."""
     model.eval()
     with common.autocast(images.device):
-        return torch.cat([model(normalise(x.float() / 255, stats)).float() for x in images.split(batch_size)])
+        return torch.cat([model(normalise(x, stats)).float() for x in images.split(batch_size)])
 
 
 def test_accuracy(model, data, stats):
@@ -498,32 +473,30 @@ def test_accuracy(model, data, stats):
 
 @torch.no_grad()
 def layer_features(vit, images, stats, batch_size=1024):
-    """The class token and the mean of the patch tokens, after the embedding and after every block:
-    two tensors (L + 1, n, E)."""
-    cls, patches = [], []
+    """The class token after the embedding and after every block, then the mean of the patch tokens at the same
+    depths: (2(L + 1), n, E)."""
+    features = []
     for x in images.split(batch_size):
         with common.autocast(images.device):
-            states = vit.hidden_states(normalise(x.float() / 255, stats))       # L + 1 of (b, T, E)
-        cls.append(torch.stack([s[:, 0] for s in states]).float())              # (L + 1, b, E)
-        patches.append(torch.stack([s[:, 1:].mean(1) for s in states]).float())
-    return torch.cat(cls, 1), torch.cat(patches, 1)
+            states = vit.hidden_states(normalise(x, stats))                     # L + 1 of (b, T, E)
+        features.append(torch.stack([s[:, 0] for s in states] + [s[:, 1:].mean(1) for s in states]).float())
+    return torch.cat(features, 1)
 
 
 def depth_probes(vit, data, stats, pool, cfg):
-    """A linear probe (01's) on the class token and on the mean patch token after every block, fitted on up
+    """A linear probe on the class token and on the mean patch token after every block, fitted on up
     to probe_samples labelled training images. Raw pixels are the baseline. Before block 1 the class token
     is the same vector for every image (x_class + E_pos^0), so its probe is at chance by construction:
     everything it knows later, attention brought to it."""
     train = pool[:cfg.probe_samples]
-    y_train, classes = data.y_train[train], len(data.classes)
-    cls_train, patch_train = layer_features(vit, data.x_train[train], stats)
-    cls_test, patch_test = layer_features(vit, data.x_test, stats)
+    y_train, classes, depths = data.y_train[train], len(data.classes), len(vit.blocks) + 1
     probe = lambda a, b: evaluation.linear_probe(a, y_train, b, data.y_test, classes, seed=cfg.seed,
                                                   min_steps=cfg.probe_steps)
-    pixels = lambda images: images.flatten(1).float() / 255
-    # all 2(L + 1) probes side by side, one batched step each: (2(L + 1), n, E)
-    tokens = [result["top1"] for result in probe(torch.cat([cls_train, patch_train]), torch.cat([cls_test, patch_test]))]
-    return {"class_token": tokens[:len(cls_train)], "mean_patch_token": tokens[len(cls_train):],
+    pixels = lambda images: common.to_float(images.flatten(1))
+    # all 2(L + 1) probes side by side, one batched step each
+    tokens = [result["top1"] for result in probe(layer_features(vit, data.x_train[train], stats),
+                                                 layer_features(vit, data.x_test, stats))]
+    return {"class_token": tokens[:depths], "mean_patch_token": tokens[depths:],
             "pixels": probe(pixels(data.x_train[train]), pixels(data.x_test))["top1"], "chance": 1 / classes}
 
 
@@ -542,8 +515,7 @@ def attention_rollout(maps):
     """Abnar & Zuidema 2020: how much each input patch flows into the final class token. Each layer mixes
     tokens by its head-averaged attention plus the residual (counted as 0.5 A + 0.5 I, rows renormalised),
     and the layers compose by matrix products. Returns (n, N)."""
-    T = maps[0].shape[-1]
-    identity = torch.eye(T, device=maps[0].device)
+    identity = torch.eye(maps[0].shape[-1], device=maps[0].device)              # (T, T)
     joint = identity
     for weights in maps:
         mixing = 0.5 * weights.mean(1) + 0.5 * identity                          # (n, T, T)
@@ -635,7 +607,7 @@ def show_image(ax, image):
 def plot_attention(vit, images, stats, class_names, labels, path):
     """For a few test images: the class token's attention over the patches in the last block, per head,
     and the attention rolled out over all blocks, each over the image."""
-    maps = attention_maps(vit, normalise(images.float() / 255, stats))
+    maps = attention_maps(vit, normalise(images, stats))
     side = math.isqrt(vit.num_patches)
     last = maps[-1][:, :, 0, 1:].reshape(len(images), -1, side, side)            # (n, H, side, side)
     rolled = attention_rollout(maps).reshape(len(images), side, side)            # (n, side, side)
@@ -687,14 +659,12 @@ def plot_sweep(results, path):
 def validate(cfg):
     """Every option checked before any work is done, so a mistake costs nothing."""
     common.check_dataset(cfg.dataset)
-    common.check(cfg.image_size > 0 and cfg.patch_size > 0, "image_size and patch_size must be positive")
-    common.check(cfg.image_size % cfg.patch_size == 0,
-                 f"the image size {cfg.image_size} is not divisible by the patch size {cfg.patch_size}")
-    common.check(cfg.dim > 0 and cfg.heads > 0 and cfg.dim % cfg.heads == 0,
-                 f"the embedding width {cfg.dim} is not divisible by the number of heads {cfg.heads}")
-    common.check(cfg.model == "vit" or cfg.dim % 2 == 0, f"the CNN's widths are dim/2, dim, 2*dim: dim must be even, got {cfg.dim}")
-    for name in ("depth", "mlp_ratio", "epochs", "batch_size", "pretrain_epochs", "probe_samples", "probe_steps"):
+    for name in ("image_size", "patch_size", "dim", "heads", "depth", "mlp_ratio", "epochs", "batch_size",
+                 "pretrain_epochs", "probe_samples", "probe_steps"):
         common.check(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    with torch.device("meta"):                 # no memory, no time: the constructor checks patch and head sizes
+        build_model("vit", cfg, num_classes=1)
+    common.check(cfg.model == "vit" or cfg.dim % 2 == 0, f"the CNN's widths are dim/2, dim, 2*dim: dim must be even, got {cfg.dim}")
     common.check(cfg.n_train >= 0 and cfg.n_test >= 0, "--n-train and --n-test must be >= 0 (0 = all)")
     common.check(cfg.lr > 0 and 0 <= cfg.warmup < 1, "--lr must be > 0 and --warmup in [0, 1)")
     common.check(0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
@@ -704,8 +674,7 @@ def validate(cfg):
     common.check(not cfg.pretrain or cfg.model == "vit", "--pretrain simclr pre-trains the ViT; drop --model cnn")
     common.check(not cfg.init or (cfg.model == "vit" and not cfg.pretrain), "--init starts a ViT without --pretrain")
     common.check(not cfg.init or Path(cfg.init).is_file(), f"checkpoint {cfg.init!r} does not exist")
-    fractions = sweep_fractions(cfg.sweep)
-    common.check(all(0 < f <= 1 for f in fractions), f"--sweep shares must be in (0, 1], got {cfg.sweep!r}")
+    common.check(all(0 < f <= 1 for f in sweep_fractions(cfg.sweep)), f"--sweep shares must be in (0, 1], got {cfg.sweep!r}")
 
 
 def sweep_fractions(text):
@@ -715,18 +684,29 @@ def sweep_fractions(text):
         raise common.UserError(f"--sweep takes comma-separated numbers such as 0.01,0.1,1, got {text!r}") from None
 
 
-def init_from_checkpoint(model, path, cfg):
-    """Copy a pre-trained ViT (kind 'vit', no head) into model; its head stays freshly initialised."""
-    backbone = build_model("vit", cfg, num_classes=0)
-    common.load_checkpoint(path, backbone, kind="vit", device="cpu")
-    model.load_state_dict({**model.state_dict(), **backbone.state_dict()})    # copied onto model's device
-
-
 def probe_features(encoder, data, stats, pool, cfg):
-    """01's linear probe on encoder(images) (B, E): fitted on the labelled pool, scored on the test set."""
+    """The linear probe on encoder(images) (B, E): fitted on the labelled pool, scored on the test set."""
     encode = lambda images: predict(encoder, images, stats)                  # a batch at a time
     return evaluation.linear_probe(encode(data.x_train[pool]), data.y_train[pool], encode(data.x_test), data.y_test,
                                     len(data.classes), seed=cfg.seed, min_steps=cfg.probe_steps)["top1"]
+
+
+def label_sweep(cfg, data, stats, device, main_top1):
+    """A ViT and a CNN trained with the same steps on each share of the labels in --sweep: test top-1 against
+    the number of labelled images, where the CNN's built-in locality should pay most. The main run is the
+    point of its own model and share."""
+    results = []
+    for fraction in sweep_fractions(cfg.sweep):
+        labelled = subset(len(data.x_train), fraction, cfg.seed, device)
+        for kind in ("vit", "cnn"):
+            if (kind, fraction) == (cfg.model, cfg.train_fraction):
+                top1 = main_top1
+            else:
+                candidate = build_model(kind, cfg, len(data.classes)).to(device)
+                top1 = train_classifier(candidate, data, stats, labelled, cfg, device,
+                                        f"{kind} on {len(labelled)} labels")[-1]["test_top1"]
+            results.append({"model": kind, "fraction": fraction, "train_images": len(labelled), "test_top1": top1})
+    return results
 
 
 def main(argv=None):
@@ -736,71 +716,56 @@ def main(argv=None):
     common.check(not cfg.pretrain or common.world_size() == 1,
                  "--pretrain simclr runs in one process; for SimCLR on several GPUs use torchrun 03_contrastive.py")
     wall = common.Stopwatch(device)
-    # under torchrun every rank holds all the data: labelled pools are drawn from all of it, and fit() shares
-    # out each batch; every rank computes the same evaluation, and rank 0 alone prints and writes
     data = load_data(cfg, device)
-    classes = len(data.classes)
-    stats = channel_stats(data.x_train)
+    classes, stats = len(data.classes), channel_stats(data.x_train)
     pool = subset(len(data.x_train), cfg.train_fraction, cfg.seed, device)        # the labels this run may use
     model = build_model(cfg.model, cfg, classes).to(device)
-    metrics = {"dataset": cfg.dataset, "model": cfg.model, "parameters": count_parameters(model),
+    metrics = {"dataset": cfg.dataset, "model": cfg.model, "parameters": sum(p.numel() for p in model.parameters()),
                "labelled_images": len(pool), "epochs": cfg.epochs, "compile": uses_compile(cfg, device, cfg.model == "vit"),
                "processes": common.world_size()}
     if common.is_main():
         print(f"{cfg.model}: {metrics['parameters'] / 1e6:.2f}M parameters; {len(pool)} labelled of {len(data.x_train)} "
               f"training images, {len(data.x_test)} test images")
     histories = {}
-    if cfg.init:
-        init_from_checkpoint(model, cfg.init, cfg)
-    if cfg.pretrain:
+    if cfg.init or cfg.pretrain:                     # a ViT without its head: from a checkpoint, or pre-trained here
         backbone = build_model("vit", cfg, num_classes=0).to(device)
-        random_probe = probe_features(backbone, data, stats, pool, cfg)
-        pretrain_history = pretrain_simclr(backbone, data, stats, cfg, device)
-        checkpoint = out / "vit_simclr.pt"
-        common.save_checkpoint(checkpoint, backbone, cfg, kind="vit", arch=backbone.arch)
-        print(f"pre-trained ViT saved to {checkpoint}")
-        metrics["pretrain"] = {"loss": [r["loss"] for r in pretrain_history], "seconds": pretrain_history[-1]["seconds"],
-                               "probe_top1": probe_features(backbone, data, stats, pool, cfg),
-                               "random_encoder_probe_top1": random_probe, "checkpoint": str(checkpoint)}
-        model.load_state_dict({**model.state_dict(), **backbone.state_dict()})
-        scratch = build_model("vit", cfg, classes).to(device)
-        histories["ViT from scratch"] = train_classifier(scratch, data, stats, pool, cfg, device, "ViT from scratch")
-        metrics["pretrain"]["scratch_test_top1"] = histories["ViT from scratch"][-1]["test_top1"]
+        if cfg.init:
+            common.load_checkpoint(cfg.init, backbone, kind="vit", device=device)
+        else:
+            random_probe = probe_features(backbone, data, stats, pool, cfg)
+            pretrained = pretrain_simclr(backbone, data, stats, cfg, device)
+            checkpoint = out / "vit_simclr.pt"
+            common.save_checkpoint(checkpoint, backbone, cfg, kind="vit", arch=backbone.arch)
+            print(f"pre-trained ViT saved to {checkpoint}")
+            metrics["pretrain"] = {"loss": [r["loss"] for r in pretrained], "seconds": pretrained[-1]["seconds"],
+                                   "probe_top1": probe_features(backbone, data, stats, pool, cfg),
+                                   "random_encoder_probe_top1": random_probe, "checkpoint": str(checkpoint)}
+            scratch = build_model("vit", cfg, classes).to(device)
+            histories["ViT from scratch"] = train_classifier(scratch, data, stats, pool, cfg, device, "ViT from scratch")
+            metrics["pretrain"]["scratch_test_top1"] = histories["ViT from scratch"][-1]["test_top1"]
+        model.load_state_dict({**model.state_dict(), **backbone.state_dict()})    # the head stays freshly initialised
     name = {"vit": "ViT", "cnn": "CNN"}[cfg.model] + (" fine-tuned from SimCLR" if cfg.pretrain else "")
     histories[name] = history = train_classifier(model, data, stats, pool, cfg, device, name)
-    if common.is_main():                           # the plain module, never DDP's wrapper: it loads anywhere
-        common.save_checkpoint(out / f"{cfg.model}.pt", model, cfg, kind=f"{cfg.model}-classifier")
     metrics.update(test_accuracy(model, data, stats), train_seconds=history[-1]["seconds"],
                    train_images_per_second=history[-1]["images"] / history[-1]["seconds"], history=history)
     if cfg.pretrain:
         metrics["pretrain"]["finetune_test_top1"] = metrics["top1"]
-    if common.is_main():
-        plot_curves(histories, out / "curves.png")
 
     vit = model if cfg.model == "vit" else build_model("vit", cfg, classes).to(device)
     cnn = model if cfg.model == "cnn" else build_model("cnn", cfg, classes).to(device)
-    sample = normalise(data.x_test[:64].float() / 255, stats)
-    metrics["equivariance"] = equivariance(vit, cnn, sample, cfg.seed)
+    metrics["equivariance"] = equivariance(vit, cnn, normalise(data.x_test[:64], stats), cfg.seed)
     if cfg.model == "vit":
         metrics["depth_probe"] = depth_probes(model, data, stats, pool, cfg)
-        if common.is_main():
+    if cfg.sweep:
+        metrics["sweep"] = label_sweep(cfg, data, stats, device, history[-1]["test_top1"])
+    if common.is_main():                 # model is the plain module, never DDP's wrapper: its checkpoint loads anywhere
+        common.save_checkpoint(out / f"{cfg.model}.pt", model, cfg, kind=f"{cfg.model}-classifier")
+        plot_curves(histories, out / "curves.png")
+        if cfg.model == "vit":
             plot_depth(metrics["depth_probe"], out / "depth.png")
             plot_attention(model, data.x_test[:6], stats, data.classes, data.y_test[:6], out / "attention.png")
             plot_positions(model, out / "positions.png")
-
-    if cfg.sweep:
-        metrics["sweep"] = []
-        for fraction in sweep_fractions(cfg.sweep):
-            labelled = subset(len(data.x_train), fraction, cfg.seed, device)
-            for kind in ("vit", "cnn"):
-                if (kind, fraction) == (cfg.model, cfg.train_fraction):
-                    top1 = history[-1]["test_top1"]                       # the main run is this point
-                else:
-                    candidate = build_model(kind, cfg, classes).to(device)
-                    top1 = train_classifier(candidate, data, stats, labelled, cfg, device,
-                                            f"{kind} on {len(labelled)} labels")[-1]["test_top1"]
-                metrics["sweep"].append({"model": kind, "fraction": fraction, "train_images": len(labelled), "test_top1": top1})
-        if common.is_main():
+        if cfg.sweep:
             plot_sweep(metrics["sweep"], out / "sweep.png")
     metrics["wall_seconds"] = wall.seconds()
     if common.is_main():

@@ -5,7 +5,7 @@
   2. Fashion-MNIST: 04's CNN against torchvision's ResNet-18 (CIFAR stem) trained for the same time,
      both through 04's training loop (same augmentations, optimiser and schedule).
 Run: python benchmarks/bench_04_vit.py --data-dir data [--cnn-epochs 10] [--part throughput|fashion]
-(the defaults, batch 512, patch 4 and crop 0.3, are the settings of the README's numbers)"""
+(the defaults, batch 512, patch 4 and crop 0.3, are the settings of the numbers in RESULTS.md)"""
 import argparse
 import dataclasses
 import sys
@@ -43,6 +43,10 @@ def throughput(model, device, batch_size, warmup=15, steps=60):
     for _ in range(steps):
         step()
     return steps * batch_size / watch.seconds(), first
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
 
 
 def resnet18(classes):
@@ -88,7 +92,7 @@ def compare_throughput(cfg, device, batch_size):
     ]:
         torch.manual_seed(0)
         model = make().to(device)
-        params = vit_script.count_parameters(model)
+        params = count_parameters(model)
         rate, first = throughput(torch.compile(model, mode="reduce-overhead") if compiled else model, device, batch_size)
         results[name] = rate
         print(f"{name:26s} {params / 1e6:.3f}M params  {rate / 1e3:7.1f}k train img/s  (warm-up incl. compile {first:.1f} s)")
@@ -107,7 +111,7 @@ def compare_with_resnet(cfg, device, args):
     cnn = vit_script.build_model("cnn", fashion, 10).to(device)
     history = vit_script.train_classifier(cnn, data, stats, pool, fashion, device, "04 CNN")
     budget, cnn_top1 = history[-1]["seconds"], history[-1]["test_top1"]      # the test set after the last step
-    print(f"04 CNN ({vit_script.count_parameters(cnn) / 1e6:.2f}M): fashion-mnist test top-1 {cnn_top1:.4f} "
+    print(f"04 CNN ({count_parameters(cnn) / 1e6:.2f}M): fashion-mnist test top-1 {cnn_top1:.4f} "
           f"after {fashion.epochs} epochs, {budget:.1f} s")
     # ResNet-18 gets as many epochs as fit in the CNN's time, from the speed of a short timed run
     probe = resnet18(10).to(device)
@@ -117,7 +121,7 @@ def compare_with_resnet(cfg, device, args):
     resnet = resnet18(10).to(device)
     history = vit_script.train_classifier(resnet, data, stats, pool, dataclasses.replace(fashion, epochs=epochs), device, "ResNet-18")
     resnet_top1 = history[-1]["test_top1"]
-    print(f"ResNet-18 ({vit_script.count_parameters(resnet) / 1e6:.2f}M): fashion-mnist test top-1 {resnet_top1:.4f} "
+    print(f"ResNet-18 ({count_parameters(resnet) / 1e6:.2f}M): fashion-mnist test top-1 {resnet_top1:.4f} "
           f"after {epochs} epochs, {history[-1]['seconds']:.1f} s (budget {budget:.1f} s)")
     print(f"CNN - ResNet-18 = {100 * (cnn_top1 - resnet_top1):+.2f} points")
 

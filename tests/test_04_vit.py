@@ -3,6 +3,7 @@ symmetries the architectures promise, and end-to-end --quick runs that must lear
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -196,6 +197,64 @@ def test_vit_overfits_one_batch():
     assert (model(x).argmax(1) == y).all() and loss.item() < 0.05
 
 
+# ---- training runs the lecture's functions ----
+
+def tiny_data(n_train=64, n_test=32):
+    g = torch.Generator().manual_seed(0)
+    images = lambda n: torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    labels = lambda n: torch.randint(0, 10, (n,), generator=g)
+    return SimpleNamespace(x_train=images(n_train), y_train=labels(n_train), x_test=images(n_test),
+                           y_test=labels(n_test), classes=[str(c) for c in range(10)])
+
+
+def tiny_config():
+    return common.parse_config(vit.Config, ["--quick", "--batch-size", "32", "--epochs", "2", "--pretrain-epochs", "2"],
+                               "", quick=vit.QUICK)
+
+
+def classifier_losses(data):
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = vit.build_model("vit", cfg, len(data.classes))
+    history = vit.train_classifier(model, data, vit.channel_stats(data.x_train), torch.arange(len(data.x_train)), cfg,
+                                   torch.device("cpu"), "tiny")
+    return [record["loss"] for record in history]
+
+
+def simclr_losses(data):
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    encoder = vit.build_model("vit", cfg, num_classes=0)
+    history = vit.pretrain_simclr(encoder, data, vit.channel_stats(data.x_train), cfg, torch.device("cpu"))
+    return [record["loss"] for record in history]
+
+
+def test_training_runs_the_attention_the_lecture_shows(monkeypatch):
+    data = tiny_data()
+    plain = classifier_losses(data)
+    assert classifier_losses(data) == plain                         # the run repeats exactly
+    calls = []
+
+    def no_mixing(q, k, v, mask=None):                              # every token reads only itself
+        calls.append(q.shape)
+        return v
+
+    monkeypatch.setattr(vit, "attention", no_mixing)
+    patched = classifier_losses(data)
+    assert calls and patched != plain
+
+
+def test_simclr_pretraining_runs_03s_nt_xent(monkeypatch):
+    contrastive = common.import_script("03_contrastive")
+    assert vit.contrastive is contrastive
+    data = tiny_data()
+    plain = simclr_losses(data)
+    nt_xent = contrastive.nt_xent
+    # the same gradients, so the same steps: the recorded loss must be NT-Xent's plus exactly 1
+    monkeypatch.setattr(contrastive, "nt_xent", lambda z1, z2, temperature: nt_xent(z1, z2, temperature) + 1.0)
+    assert simclr_losses(data) == pytest.approx([loss + 1 for loss in plain], abs=1e-5)
+
+
 # ---- end to end ----
 
 def read_metrics(out):
@@ -275,16 +334,21 @@ def test_quick_simclr_pretraining_saves_a_loadable_vit(tmp_path):
                   "--dim", "64", "--heads", "2"])
 
 
-@pytest.mark.parametrize("setting,device,kind,expected", [
-    ("auto", "cuda", "vit", "reduce-overhead"), ("auto", "cuda", "cnn", None), ("auto", "cpu", "vit", None),
-    ("off", "cuda", "vit", None), ("on", "cuda", "cnn", "reduce-overhead"), ("off", "cpu", "vit", None)])
-def test_compile_setting_picks_the_models_and_the_mode(monkeypatch, setting, device, kind, expected):
+@pytest.mark.parametrize("setting,device,kind,processes,expected", [
+    ("auto", "cuda", "vit", 1, "reduce-overhead"), ("auto", "cuda", "cnn", 1, None), ("auto", "cpu", "vit", 1, None),
+    ("off", "cuda", "vit", 1, None), ("on", "cuda", "cnn", 1, "reduce-overhead"), ("off", "cpu", "vit", 1, None),
+    ("auto", "cuda", "vit", 2, None), ("on", "cuda", "vit", 2, "default")])
+def test_compile_setting_picks_the_models_and_the_mode(monkeypatch, setting, device, kind, processes, expected):
+    """compiled() hands back torch.compile's module, in the mode the decision table says, or the module itself."""
     cfg = common.parse_config(vit.Config, ["--quick", "--compile", setting], "", quick=vit.QUICK)
-    calls = []
-    monkeypatch.setattr(torch, "compile", lambda module, mode=None: calls.append(mode or "default") or module)
+    monkeypatch.setattr(common, "world_size", lambda: processes)
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: ("compiled", module, mode or "default"))
     model = vit.build_model(kind, cfg, 10)
-    assert vit.compiled(model, cfg, torch.device(device)) is model
-    assert calls == ([expected] if expected else [])
+    result = vit.compiled(model, cfg, torch.device(device))
+    if expected:
+        assert result == ("compiled", model, expected)
+    else:
+        assert result is model
     assert vit.uses_compile(cfg, torch.device(device), kind == "vit") == bool(expected)
 
 
