@@ -419,7 +419,7 @@ def train_classifier(model, data, stats, pool, cfg, device, desc):
     forward = compiled(common.data_parallel(model, device), cfg, device)    # the same parameters, fused kernels
 
     def loss_of_batch(indices):
-        x = common.to_float(data.x_train[indices])                            # (B, C, H, W) in [0, 1]
+        x = common.to_float(data.x_train[indices])                              # (B, C, H, W) in [0, 1]
         # 03's GPU augmentations, mild for supervised training: a mirror, a crop with --crop, no colour changes;
         # the crop is off by default: the default run is short and still underfits; over 50-70 epochs of
         # Fashion-MNIST a crop of 0.3 lifted test accuracy by about a point
