@@ -366,7 +366,7 @@ def fit(model, loss_of_batch, pool, steps, steps_per_epoch, cfg, device, desc, e
     watch = common.Stopwatch(device)
     for step, indices in enumerate(index_batches(pool, batch_size, steps, generator)):
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * common.warmup_cosine(step, steps, int(cfg.warmup * steps))
+            group["lr"] = cfg.lr * common.warmup_cosine(step, steps, round(cfg.warmup * steps))
         loss = loss_of_batch(indices[common.rank_share(len(indices))])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
