@@ -6,12 +6,9 @@ What it teaches
   2. NT-Xent: a softmax over cosine similarities in which each view must pick out its partner.
   3. Two random views of each image (crop, flip, colour jitter, grayscale, blur), made on the GPU as batched
      tensor ops: the augmentations decide what the representation learns to ignore.
-  4. Honest evaluation of the frozen encoder: linear probe, weighted kNN and few-shot probes, each against a
-     randomly initialised encoder and raw pixels.
-  5. Geometry: alignment and uniformity, effective rank and per-dimension spread, and the collapse that comes
-     when the negatives are removed (--negatives none); a temperature sweep (--temperatures 0.05,0.1,0.2,0.5,1).
-  6. Invariance: how far the representation moves under each augmentation, and under a change of one recorded
-     factor of the embedded set (colour, position, ...), against a change of class.
+  4. Evaluation of the frozen encoder (linear probe, weighted kNN, few-shot probes) against a random one and pixels.
+  5. Geometry: alignment, uniformity, effective rank, spread; the collapse without negatives (--negatives none).
+  6. Invariance: how far h moves under each augmentation, and under a change of one factor of the embedded set.
   7. Several GPUs (torchrun): negatives from the batches of every GPU, and BatchNorm statistics over all of them.
 
 Papers
@@ -39,10 +36,10 @@ Measured on one H100 (PyTorch 2.11, bf16), linear probe / weighted-kNN top-1 of 
     random encoder 0.829 / 0.770, raw pixels 0.845 / 0.861.
   Speed against torchvision's pipeline (benchmarks/bench_03_contrastive.py) and on several GPUs: RESULTS.md.
 """
-import functools
 import math
 from dataclasses import dataclass
 
+import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -54,12 +51,13 @@ import evaluation
 # Shape legend: B images in a batch, V = 2B views, C channels, H x W pixels, w encoder width,
 # D feature size (h: D = 4w), P projection size (z), N images in an evaluation set.
 
+AUGMENTATIONS = ("crop", "flip", "jitter", "grayscale", "blur")      # SimCLR's chain, in its order (Appendix A)
+
 
 @dataclass
 class Config(common.RunConfig):
     epochs: int = common.arg(40, "passes over the training images during pre-training")
-    batch_size: int = common.arg(1024, "images per step on each GPU (each gives 2 views; with N GPUs under torchrun, "
-                                       "2NB - 2 negatives per anchor)")
+    batch_size: int = common.arg(1024, "images per step on each GPU (2 views each; on N GPUs, 2NB - 2 negatives per view)")
     lr: float = common.arg(2e-3, "peak AdamW learning rate (linear warm-up, then cosine decay to 0)")
     weight_decay: float = common.arg(1e-4, "AdamW weight decay")
     temperature: float = common.arg(0.2, "NT-Xent temperature tau > 0: lower sharpens the softmax over negatives")
@@ -68,8 +66,7 @@ class Config(common.RunConfig):
     width: int = common.arg(32, "encoder width w: stages of w, 2w and 4w channels; h has D = 4w features")
     hidden: int = common.arg(512, "hidden width of the projection head")
     projection: int = common.arg(128, "size P of the projection z that the loss sees")
-    augmentations: str = common.arg("crop,flip,jitter,grayscale,blur", "comma-separated augmentations to use "
-                                    "(the others are switched off): crop, flip, jitter, grayscale, blur")
+    augmentations: str = common.arg(",".join(AUGMENTATIONS), "augmentations to use, comma-separated; the others are off")
     crop: float = common.arg(0.6, "random resized crop: share of the area it may cut away, in [0, 1)")
     flip: float = common.arg(0.5, "probability of a left-right flip")
     jitter: float = common.arg(0.5, "colour jitter strength s (SimCLR's CIFAR-10 value is 0.5), on 80%% of views")
@@ -84,7 +81,6 @@ class Config(common.RunConfig):
 
 QUICK = dict(epochs=6, batch_size=64, lr=5e-3, width=8, hidden=64, projection=32, n_train=1024, n_test=256,
              image_size=16, probe_steps=100)
-AUGMENTATIONS = ("crop", "flip", "jitter", "grayscale", "blur")
 
 
 # ---- 1. Model: an encoder f and a projection head g (SimCLR Section 2.1) ----
@@ -159,11 +155,6 @@ def build_model(cfg, in_channels, device):
 
 # ---- 2. Objective: NT-Xent, the normalised temperature-scaled cross-entropy ----
 
-def at_least_float32(x):
-    """x in float32, or kept in float64: losses and measures stay precise under bf16 autocast and in tests."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 def nt_xent(z1, z2, temperature):
     """SimCLR's loss (Eq. 1) over the 2B views of a batch. z1, z2 (B, P): projections of the two views
     of the same B images (normalised here). Each view is an anchor whose positive is its partner view
@@ -174,7 +165,7 @@ def nt_xent(z1, z2, temperature):
     common.check(temperature > 0, f"temperature must be > 0, got {temperature}")
     # NOTE: float32 (or float64) even under autocast: bf16 keeps 8 bits of mantissa, too coarse for logits of size 1/tau
     with torch.autocast(z1.device.type, enabled=False):
-        z = F.normalize(at_least_float32(torch.cat([z1, z2])), dim=1)          # (V, P) unit vectors, V = 2B
+        z = F.normalize(common.at_least_float32(torch.cat([z1, z2])), dim=1)          # (V, P) unit vectors, V = 2B
         # EXERCISE: make 1 / temperature a learned parameter (log-parametrised, as CLIP's logit_scale)
         logits = z @ z.T / temperature                                          # (V, P) @ (P, V) -> (V, V): cos / tau
         self_pair = torch.eye(2 * B, dtype=torch.bool, device=z.device)
@@ -189,7 +180,7 @@ def positives_only(z1, z2, temperature):
     """The ablation --negatives none: Eq. 1 without its denominator, -cos(z_i, z_partner) / tau averaged.
     Nothing pushes different images apart, so the cheapest minimum maps every image to one point: collapse."""
     with torch.autocast(z1.device.type, enabled=False):
-        z1, z2 = F.normalize(at_least_float32(z1), dim=1), F.normalize(at_least_float32(z2), dim=1)
+        z1, z2 = F.normalize(common.at_least_float32(z1), dim=1), F.normalize(common.at_least_float32(z2), dim=1)
         return -(z1 * z2).sum(1).mean() / temperature
 
 
@@ -203,8 +194,9 @@ JITTER_PROBABILITY = 0.8            # SimCLR applies colour jitter to 80% of the
 LUMA = (0.299, 0.587, 0.114)        # ITU-R 601 luminance weights, as PIL's convert("L") uses
 BLUR_SIGMA = (0.1, 1.0)             # pixels; SimCLR's (0.1, 2.0) was for 224-pixel images, ours are ~32
 BLUR_RADIUS = 3                     # taps either side: 7 taps cover +-3 sigma at the largest sigma
-# RGB -> YIQ (NTSC): Y is luminance, (I, Q) a plane of chroma in which a hue shift is a rotation
+# RGB -> YIQ (NTSC): Y is luminance, (I, Q) a plane of chroma in which a hue shift is a rotation; and back
 RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+YIQ_TO_RGB = tuple(map(tuple, torch.linalg.inv(torch.tensor(RGB_TO_YIQ, dtype=torch.float64)).tolist()))
 
 
 def _uniform(n, low, high, generator, device):
@@ -241,32 +233,18 @@ def random_flip(x, probability, generator=None):
     return torch.where(_per_image(flipped), x.flip(-1), x)
 
 
-@functools.cache
-def constant(values, device, dtype):
-    """A tensor of fixed numbers, made once per device and dtype. On a GPU, torch.tensor(numbers) copies them from
-    the CPU and makes the CPU wait until the GPU has finished all its queued work: once per training step, that
-    wait would stop the CPU from queueing kernels ahead (and on several GPUs, hold up every GPU)."""
-    return torch.tensor(values, device=device, dtype=dtype)
-
-
-@functools.cache
-def yiq_matrices(device, dtype):
-    """RGB -> YIQ and its inverse, (3, 3) each; inverted on the CPU once (inverting on a GPU would also wait)."""
-    to_yiq = torch.tensor(RGB_TO_YIQ, dtype=torch.float64)
-    return to_yiq.to(device, dtype), torch.linalg.inv(to_yiq).to(device, dtype)
-
-
 def to_gray(x):
     """Luminance (B, 1, H, W) of RGB images (B, 3, H, W); grayscale images are their own luminance."""
     if x.shape[1] == 1:
         return x
-    return torch.einsum("bchw,c->bhw", x, constant(LUMA, x.device, x.dtype))[:, None]
+    return torch.einsum("bchw,c->bhw", x, common.constant(LUMA, x.device, x.dtype))[:, None]
 
 
 def rotate_hue(x, angle):
     """Turn every pixel's chroma by angle (B,) radians in the YIQ plane: luminance is kept, hue shifts.
     NOTE: torchvision shifts hue in HSV space; a YIQ rotation is the linear-algebra cousin of it."""
-    to_yiq, from_yiq = yiq_matrices(x.device, x.dtype)
+    to_yiq = common.constant(RGB_TO_YIQ, x.device, x.dtype)                    # (3, 3)
+    from_yiq = common.constant(YIQ_TO_RGB, x.device, x.dtype)                  # (3, 3)
     angle = angle.to(x.dtype)
     cos, sin, one, zero = angle.cos(), angle.sin(), torch.ones_like(angle), torch.zeros_like(angle)
     rotation = torch.stack([torch.stack([one, zero, zero], 1),
@@ -403,13 +381,12 @@ def pretrain(cfg, data, device, temperature, negatives, desc="pre-train"):
     """SimCLR pre-training on data.x_train (labels unused). Returns (model, history, stats); the model is the plain
     module, with the same weights on every rank, and stats times the training steps alone (not the geometry
     measurements of history)."""
-    # Several GPUs (torchrun, W processes): each rank trains on its share of the images with views of its own;
-    # contrastive_step gathers every rank's z, so each view has the 2WB - 2 negatives of all GPUs, and scales the
-    # loss by W against DDP's average. SimCLR Sec. 2.2, global BN: BatchNorm statistics over the views of all
-    # GPUs; with per-GPU statistics a view could find its partner (always on its own GPU) through the batch they
-    # share, not the image (fused CUDA kernels: CPU processes, gloo and the tests, keep per-process statistics).
-    # DDP's gradients live in its buckets; every step runs the same layers, so it plans once; global BN keeps
-    # the running statistics equal on every GPU, so DDP need not broadcast them. In one process nothing changes.
+    # Several GPUs (torchrun, W processes): each rank trains on its share of the images with views of its own, and
+    # contrastive_step gathers every rank's z (2WB - 2 negatives per view) and scales the loss by W against DDP's
+    # average. Global BN (SimCLR Sec. 2.2; fused CUDA kernels, so CPU processes keep their own statistics): with
+    # per-GPU statistics a view could find its partner, always on its own GPU, through the batch they share. DDP
+    # keeps the gradients in its buckets and plans once (the same layers every step); global BN keeps the running
+    # statistics equal on every GPU, so DDP need not broadcast them. In one process nothing changes.
     model = build_model(cfg, data.shape[0], device)
     if common.world_size() > 1 and device.type == "cuda":
         model = common.global_batchnorm(model)
@@ -455,14 +432,14 @@ def pretrain(cfg, data, device, temperature, negatives, desc="pre-train"):
 def alignment(a, b, alpha=2):
     """Wang and Isola 2020, Eq. 4: E ||f(x) - f(y)||^alpha over positive pairs, rows normalised first.
     a, b (N, D) -> scalar; 0 when each pair maps to one point."""
-    a, b = F.normalize(at_least_float32(a), dim=1), F.normalize(at_least_float32(b), dim=1)
+    a, b = F.normalize(common.at_least_float32(a), dim=1), F.normalize(common.at_least_float32(b), dim=1)
     return (a - b).norm(dim=1).pow(alpha).mean()
 
 
 def uniformity(x, t=2):
     """Wang and Isola 2020, Eq. 5: log E exp(-t ||f(x) - f(y)||^2) over all pairs of distinct rows, normalised
     first. x (N, D) -> scalar; 0 when everything collapses to one point, lower when spread over the sphere."""
-    x = F.normalize(at_least_float32(x), dim=1)
+    x = F.normalize(common.at_least_float32(x), dim=1)
     squared = (2 - 2 * x @ x.T).clamp(min=0)                        # (N, N) ||x_i - x_j||^2 of unit vectors
     distinct = ~torch.eye(len(x), dtype=torch.bool, device=x.device)
     return torch.logsumexp(-t * squared[distinct], 0) - math.log(distinct.sum().item())
@@ -480,7 +457,7 @@ def effective_rank(x):
 def feature_std(x):
     """Mean over dimensions of the standard deviation across rows of the normalised features (SimSiam's collapse
     monitor): about 1/sqrt(D) for points spread over the sphere, 0 when collapsed."""
-    return F.normalize(at_least_float32(x), dim=1).std(0).mean()
+    return F.normalize(common.at_least_float32(x), dim=1).std(0).mean()
 
 
 @torch.no_grad()
@@ -630,19 +607,10 @@ def invariance(model, data, strength, device, seed):
 
 # ---- 7. Figures ----
 
-def tile(images, columns):
-    """A grid image (rows*H, columns*W, C) in [0, 1] from images (N, C, H, W), for imshow."""
-    N, C, H, W = images.shape
-    rows = -(-N // columns)
-    padded = torch.cat([images.float(), images.new_zeros(rows * columns - N, C, H, W, dtype=torch.float)])
-    grid = padded.reshape(rows, columns, C, H, W).permute(0, 3, 1, 4, 2)       # (rows, H, columns, W, C)
-    return grid.reshape(rows * H, columns * W, C).clamp(0, 1).cpu().numpy()
-
-
 def plot_views(ax, images, strength, device, seed, count=8):
     """Each column: an image, then its two views (rows)."""
     view1, view2 = two_views(images[:count], strength, torch.Generator(device).manual_seed(seed + 3))
-    grid = tile(torch.cat([common.to_float(images[:count]), view1, view2]), count)
+    grid = common.tile(torch.cat([common.to_float(images[:count]), view1, view2]), count)
     ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_title("originals, view 1, view 2", fontsize=9)
     ax.set_xticks([])
@@ -689,48 +657,6 @@ def plot_invariance(ax, distances):
     ax.set_title("how far h moves under each change", fontsize=9)
 
 
-def tsne_affinities(x, perplexity=30.0):
-    """t-SNE's P (N, N) for points x (N, D): Gaussian affinities, each row's width set by bisection so that its
-    entropy is log(perplexity) (Eq. 1), then symmetrised (Sec. 3.1): symmetric, zero diagonal, sums to 1."""
-    N = len(x)
-    squared = torch.cdist(x, x).square()                                       # (N, N)
-    beta = torch.ones(N, 1, device=x.device)                                   # 1 / (2 sigma_i^2)
-    low, high = torch.zeros_like(beta), torch.full_like(beta, float("inf"))
-    target = math.log(min(perplexity, (N - 1) / 3))
-    for _ in range(60):
-        p = torch.exp(-squared * beta).fill_diagonal_(0)                       # (N, N)
-        total = p.sum(1, keepdim=True).clamp(min=1e-12)
-        entropy = total.log() + beta * (squared * p).sum(1, keepdim=True) / total
-        too_wide = entropy > target                                            # too many neighbours: narrow it
-        low, high = torch.where(too_wide, beta, low), torch.where(too_wide, high, beta)
-        beta = torch.where(high.isinf(), beta * 2, (low + high) / 2)
-    p = p / total
-    return (p + p.T) / (2 * N)
-
-
-def tsne_gradient(P, y, exaggeration=1.0):
-    """Eq. 5, the gradient of KL(P || Q) with respect to the map y (N, 2), as matrix products:
-    4 sum_j (p_ij - q_ij) (y_i - y_j) / (1 + ||y_i - y_j||^2), with Q the Student-t affinities of y (Eq. 4).
-    Early exaggeration multiplies P alone, as t-SNE does."""
-    kernel = (1 / (1 + torch.cdist(y, y).square())).fill_diagonal_(0)    # (N, N) Student-t, one degree of freedom
-    Q = kernel / kernel.sum()
-    weights = (exaggeration * P - Q) * kernel                              # (N, N)
-    return 4 * (weights.sum(1, keepdim=True) * y - weights @ y)           # (N, 2)
-
-
-def tsne(x, perplexity=30.0, steps=500, seed=0):
-    """A 2-D map (N, 2) of points x (N, D) that keeps neighbours together: t-SNE (van der Maaten and Hinton 2008),
-    exact, as N x N tensor ops: gradient descent with momentum on KL(P || Q) from a small random start."""
-    P = tsne_affinities(x, perplexity)
-    y = 1e-4 * torch.randn(len(x), 2, generator=torch.Generator().manual_seed(seed)).to(x.device)
-    velocity = torch.zeros_like(y)
-    for step in range(steps):
-        early = step < steps // 4                                              # early exaggeration forms clusters first
-        velocity = (0.5 if early else 0.8) * velocity - 200.0 * tsne_gradient(P, y, 12.0 if early else 1.0)
-        y = y + velocity
-    return y
-
-
 MAP_POINTS = 2000
 
 
@@ -755,11 +681,8 @@ def plot_sweep(ax, sweep):
 
 def save_figures(out, model, data, history, distances, h_test, sweep, cfg, device):
     """A PNG for each panel (training.png holds the loss and the geometry), and all six in overview.png."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     strength = strengths(cfg)
-    xy = tsne(F.normalize(h_test[:MAP_POINTS], dim=1), seed=cfg.seed).cpu().numpy()     # (N, 2)
+    xy = common.tsne(F.normalize(h_test[:MAP_POINTS], dim=1), seed=cfg.seed).cpu().numpy()     # (N, 2)
     panels = {"views": lambda ax: plot_views(ax, data.x_test, strength, device, cfg.seed),
               "similarity": lambda ax: plot_similarity(ax, model, data.x_test, strength, device, cfg.seed),
               "embedding_map": lambda ax: plot_map(ax, xy, data.y_test, data.classes),

@@ -3,8 +3,9 @@
 
 1. Errors a user can fix          UserError, run
 2. Configuration                  arg, RunConfig, parse_config
-3. Device, seeds, speed           setup, autocast, Stopwatch, warmup_cosine, to_float, progress
-4. Outputs                        save_json, save_figure, save_checkpoint, load_checkpoint
+3. Device, seeds, speed           setup, autocast, Stopwatch, warmup_cosine, to_float, at_least_float32,
+                                  constant, progress
+4. Outputs                        save_json, save_figure, save_checkpoint, load_checkpoint; figures: tile, tsne
 5. Reusing an earlier script      import_script
 6. The embedded image set         make_shapes, caption
 7. Real datasets                  DATASETS, load_images (MNIST, Fashion-MNIST, CIFAR-10)
@@ -188,6 +189,19 @@ def to_float(images):
     return images.float() / 255 if images.dtype == torch.uint8 else images.float()
 
 
+def at_least_float32(x):
+    """x in float32, or kept in float64: losses and measures stay precise under bf16 autocast and in tests."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+@functools.cache
+def constant(values, device, dtype):
+    """A tensor of fixed numbers, made once per device and dtype. On a GPU, torch.tensor(numbers) copies them from
+    the CPU and makes the CPU wait until the GPU has finished all its queued work: once per training step, that
+    wait would stop the CPU from queueing kernels ahead (and on several GPUs, hold up every GPU)."""
+    return torch.tensor(values, device=device, dtype=dtype)
+
+
 def progress(total, desc, unit="img"):
     """A tqdm bar counted in samples, so its rate reads as throughput (img/s, pairs/s, words/s).
     Set postfix(loss=...) every few steps: reading a GPU loss forces a synchronisation."""
@@ -259,6 +273,59 @@ def load_checkpoint(path, model, kind, device="cpu"):
         first = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
         raise UserError(f"checkpoint {str(path)!r} does not fit this model's shapes: {first}") from None
     return state
+
+
+# Figures: an image grid, and a 2-D map of features that keeps neighbours together
+
+def tile(images, columns):
+    """A grid image (rows*H, columns*W, C) in [0, 1] from images (N, C, H, W), for imshow."""
+    N, C, H, W = images.shape
+    rows = -(-N // columns)
+    padded = torch.cat([images.float(), images.new_zeros(rows * columns - N, C, H, W, dtype=torch.float)])
+    grid = padded.reshape(rows, columns, C, H, W).permute(0, 3, 1, 4, 2)       # (rows, H, columns, W, C)
+    return grid.reshape(rows * H, columns * W, C).clamp(0, 1).cpu().numpy()
+
+
+def tsne_affinities(x, perplexity=30.0):
+    """t-SNE's P (N, N) for points x (N, D): Gaussian affinities, each row's width set by bisection so that its
+    entropy is log(perplexity) (Eq. 1), then symmetrised (Sec. 3.1): symmetric, zero diagonal, sums to 1."""
+    N = len(x)
+    squared = torch.cdist(x, x).square()                                       # (N, N)
+    beta = torch.ones(N, 1, device=x.device)                                   # 1 / (2 sigma_i^2)
+    low, high = torch.zeros_like(beta), torch.full_like(beta, float("inf"))
+    target = math.log(min(perplexity, (N - 1) / 3))
+    for _ in range(60):
+        p = torch.exp(-squared * beta).fill_diagonal_(0)                       # (N, N)
+        total = p.sum(1, keepdim=True).clamp(min=1e-12)
+        entropy = total.log() + beta * (squared * p).sum(1, keepdim=True) / total
+        too_wide = entropy > target                                            # too many neighbours: narrow it
+        low, high = torch.where(too_wide, beta, low), torch.where(too_wide, high, beta)
+        beta = torch.where(high.isinf(), beta * 2, (low + high) / 2)
+    p = p / total
+    return (p + p.T) / (2 * N)
+
+
+def tsne_gradient(P, y, exaggeration=1.0):
+    """Eq. 5, the gradient of KL(P || Q) with respect to the map y (N, 2), as matrix products:
+    4 sum_j (p_ij - q_ij) (y_i - y_j) / (1 + ||y_i - y_j||^2), with Q the Student-t affinities of y (Eq. 4).
+    Early exaggeration multiplies P alone, as t-SNE does."""
+    kernel = (1 / (1 + torch.cdist(y, y).square())).fill_diagonal_(0)    # (N, N) Student-t, one degree of freedom
+    Q = kernel / kernel.sum()
+    weights = (exaggeration * P - Q) * kernel                              # (N, N)
+    return 4 * (weights.sum(1, keepdim=True) * y - weights @ y)           # (N, 2)
+
+
+def tsne(x, perplexity=30.0, steps=500, seed=0):
+    """A 2-D map (N, 2) of points x (N, D) that keeps neighbours together: t-SNE (van der Maaten and Hinton 2008),
+    exact, as N x N tensor ops: gradient descent with momentum on KL(P || Q) from a small random start."""
+    P = tsne_affinities(x, perplexity)
+    y = 1e-4 * torch.randn(len(x), 2, generator=torch.Generator().manual_seed(seed)).to(x.device)
+    velocity = torch.zeros_like(y)
+    for step in range(steps):
+        early = step < steps // 4                                              # early exaggeration forms clusters first
+        velocity = (0.5 if early else 0.8) * velocity - 200.0 * tsne_gradient(P, y, 12.0 if early else 1.0)
+        y = y + velocity
+    return y
 
 
 # ---- 5. Reusing an earlier script ----

@@ -219,6 +219,40 @@ def test_hue_rotation_keeps_luminance_and_a_full_turn_is_identity():
     torch.testing.assert_close(contrastive.rotate_hue(x, torch.full((4,), 2 * math.pi, dtype=torch.float64)), x)
 
 
+def colour_jitter_by_hand(image, brightness, contrast, saturation, turn):
+    """SimCLR's colour distortion of one image (C, H, W) with its own factors: brightness, contrast about the mean
+    luminance, saturation away from the luminance, then each pixel's (I, Q) chroma turned by 2 pi turn."""
+    luma = lambda y: 0.299 * y[0] + 0.587 * y[1] + 0.114 * y[2] if len(y) == 3 else y[0]
+    y = (image * brightness).clamp(0, 1)
+    mean = luma(y).mean()
+    y = ((y - mean) * contrast + mean).clamp(0, 1)
+    if len(image) == 3:
+        y = ((y - luma(y)) * saturation + luma(y)).clamp(0, 1)
+        to_yiq = torch.tensor(contrastive.RGB_TO_YIQ, dtype=torch.float64)
+        yiq = torch.einsum("ij,jhw->ihw", to_yiq, y)
+        angle = float(2 * math.pi * turn)
+        i, q = yiq[1] * math.cos(angle) - yiq[2] * math.sin(angle), yiq[1] * math.sin(angle) + yiq[2] * math.cos(angle)
+        y = torch.einsum("ij,jhw->ihw", torch.linalg.inv(to_yiq), torch.stack([yiq[0], i, q])).clamp(0, 1)
+    return y
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_colour_jitter_equals_each_image_distorted_alone(channels):
+    x, strength = images(18, (6, channels, 5, 4), torch.float64), 1.0
+    ours = contrastive.colour_jitter(x, strength, torch.Generator().manual_seed(21))
+    g = torch.Generator().manual_seed(21)                                # replay the same draws, in the same order
+    draw = lambda low, high: low + (high - low) * torch.rand(6, generator=g)
+    factor = lambda: draw(max(0.0, 1 - 0.8 * strength), 1 + 0.8 * strength)
+    brightness, contrast = factor(), factor()
+    saturation, turn = (factor(), draw(-0.2 * strength, 0.2 * strength)) if channels == 3 else ([None] * 6, [None] * 6)
+    applied = draw(0, 1) < contrastive.JITTER_PROBABILITY
+    assert applied.any() and not applied.all()                           # both kinds of image are checked
+    for b in range(6):
+        expected = colour_jitter_by_hand(x[b], brightness[b], contrast[b], saturation[b], turn[b]) if applied[b] else x[b]
+        torch.testing.assert_close(ours[b], expected)
+    assert not torch.equal(ours[applied], x[applied])
+
+
 def test_augment_rejects_impossible_strengths():
     for bad in (dict(crop=1.0), dict(flip=1.5), dict(jitter=-1.0), dict(grayscale=-0.1), dict(blur=2.0)):
         with pytest.raises(common.UserError):
@@ -230,6 +264,72 @@ def test_encoder_shapes_for_gray_and_colour_images():
         model = contrastive.SimCLR(channels, width=4, hidden=16, projection=8)
         h, z = model(torch.rand(2, channels, side, side))
         assert h.shape == (2, 16) and z.shape == (2, 8)
+
+
+# ---- Figures: t-SNE (common.tsne draws 03's embedding map) ----
+
+def test_tsne_affinities_equal_a_bisection_per_row():
+    x = torch.randn(25, 4, generator=torch.Generator().manual_seed(19), dtype=torch.float64)
+    P = common.tsne_affinities(x, perplexity=5.0)
+    squared = torch.cdist(x, x).square()
+    conditional = torch.zeros(25, 25, dtype=torch.float64)
+    for i in range(25):                       # each row's Gaussian width, found alone: entropy log(5) in nats
+        others = [j for j in range(25) if j != i]
+        low, high = -20.0, 20.0                                          # log of 1 / (2 sigma^2)
+        for _ in range(100):
+            p = torch.exp(-squared[i, others] * math.exp((low + high) / 2))
+            p = p / p.sum()
+            low, high = ((low + high) / 2, high) if -(p * p.log()).sum() > math.log(5.0) else (low, (low + high) / 2)
+        conditional[i, others] = p
+    torch.testing.assert_close(P, (conditional + conditional.T) / 50, rtol=1e-4, atol=1e-9)
+    assert P.sum().item() == pytest.approx(1.0) and torch.equal(P, P.T) and (P.diagonal() == 0).all()
+
+
+@pytest.mark.parametrize("exaggeration", [1.0, 12.0])
+def test_tsne_gradient_is_autograd_of_its_kl_divergence(exaggeration):
+    g = torch.Generator().manual_seed(20)
+    P = common.tsne_affinities(torch.randn(15, 3, generator=g, dtype=torch.float64), perplexity=4.0)
+    y = torch.randn(15, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    off = ~torch.eye(15, dtype=torch.bool)
+    kernel = 1 / (1 + ((y[:, None] - y[None]) ** 2).sum(-1))             # (N, N) Student-t, Eq. 4
+    Q = kernel[off] / kernel[off].sum()
+    kl = (P[off] * (P[off] / Q).log()).sum()                             # KL(P || Q), Eq. 2
+    # early exaggeration scales P in the attraction alone: the gradient of sum -a p log q_unnormalised + log Z
+    objective = kl if exaggeration == 1 else -(exaggeration * P[off] * kernel[off].log()).sum() + kernel[off].sum().log()
+    (expected,) = torch.autograd.grad(objective, y)
+    torch.testing.assert_close(common.tsne_gradient(P, y.detach(), exaggeration), expected)
+
+
+def test_tsne_keeps_two_far_clusters_apart():
+    g = torch.Generator().manual_seed(22)
+    x = torch.cat([torch.randn(100, 5, generator=g), torch.randn(100, 5, generator=g) + 8])
+    xy = common.tsne(x)
+    nearest = torch.cdist(xy, xy).fill_diagonal_(float("inf")).argmin(1)
+    cluster = torch.arange(200) // 100
+    assert torch.equal(cluster[nearest], cluster)              # every point's nearest neighbour on the map is its own kind
+
+
+# ---- Training runs the lecture's objective ----
+
+def pretraining_losses():
+    """The recorded losses of 2 steps of pre-training on 128 embedded images at 16 x 16 pixels."""
+    cfg = contrastive.Config(**{**contrastive.QUICK, "epochs": 1, "n_train": 128})
+    data = common.load_images("shapes", n_train=128, n_test=64, size=16)
+    torch.manual_seed(0)
+    _, history, _ = contrastive.pretrain(cfg, data, torch.device("cpu"), cfg.temperature, cfg.negatives)
+    return history["loss"]
+
+
+def test_pretraining_minimises_the_nt_xent_the_lecture_shows(monkeypatch):
+    real, nt_xent, batches = pretraining_losses(), contrastive.nt_xent, []
+
+    def shifted(z1, z2, temperature):                       # the same gradient, so the same training, loss + 1
+        batches.append(z1.shape)
+        return nt_xent(z1, z2, temperature) + 1.0
+
+    monkeypatch.setattr(contrastive, "nt_xent", shifted)
+    assert pretraining_losses() == pytest.approx([loss + 1.0 for loss in real], abs=1e-5)
+    assert batches == [(64, 32), (64, 32)]                  # once per step, on the projections z of both views
 
 
 # ---- End to end ----
