@@ -17,9 +17,8 @@ Papers
   Wang and Isola 2020, "Understanding Contrastive Representation Learning through Alignment and Uniformity on
     the Hypersphere": Eqs. 4 and 5 (alignment, uniformity).
   Roy and Vetterli 2007, "The effective rank: a measure of effective dimensionality": Eq. 1.
-  Wu, Xiong, Yu, Lin 2018, "Unsupervised Feature Learning via Non-Parametric Instance Discrimination": Eq. 7,
-    the weighted kNN (k = 20, temperature 0.07) used to evaluate the features, on features centred by the
-    training mean as in Wang, Chao, Weinberger, van der Maaten 2019 (SimpleShot, CL2N).
+  Wu, Xiong, Yu, Lin 2018, "Unsupervised Feature Learning via Non-Parametric Instance Discrimination": Eq. 7, the
+    weighted kNN of the evaluation, here on features centred by the training mean (SimpleShot's CL2N; evaluation.py).
   He, Zhang, Ren, Sun 2016, "Deep Residual Learning for Image Recognition": the residual block.
 
 Run
@@ -165,7 +164,7 @@ def nt_xent(z1, z2, temperature):
     common.check(temperature > 0, f"temperature must be > 0, got {temperature}")
     # NOTE: float32 (or float64) even under autocast: bf16 keeps 8 bits of mantissa, too coarse for logits of size 1/tau
     with torch.autocast(z1.device.type, enabled=False):
-        z = F.normalize(common.at_least_float32(torch.cat([z1, z2])), dim=1)          # (V, P) unit vectors, V = 2B
+        z = F.normalize(common.at_least_float32(torch.cat([z1, z2])), dim=1)    # (V, P) unit vectors, V = 2B
         # EXERCISE: make 1 / temperature a learned parameter (log-parametrised, as CLIP's logit_scale)
         logits = z @ z.T / temperature                                          # (V, P) @ (P, V) -> (V, V): cos / tau
         self_pair = torch.eye(2 * B, dtype=torch.bool, device=z.device)
@@ -243,8 +242,7 @@ def to_gray(x):
 def rotate_hue(x, angle):
     """Turn every pixel's chroma by angle (B,) radians in the YIQ plane: luminance is kept, hue shifts.
     NOTE: torchvision shifts hue in HSV space; a YIQ rotation is the linear-algebra cousin of it."""
-    to_yiq = common.constant(RGB_TO_YIQ, x.device, x.dtype)                    # (3, 3)
-    from_yiq = common.constant(YIQ_TO_RGB, x.device, x.dtype)                  # (3, 3)
+    to_yiq, from_yiq = (common.constant(m, x.device, x.dtype) for m in (RGB_TO_YIQ, YIQ_TO_RGB))   # (3, 3) each
     angle = angle.to(x.dtype)
     cos, sin, one, zero = angle.cos(), angle.sin(), torch.ones_like(angle), torch.zeros_like(angle)
     rotation = torch.stack([torch.stack([one, zero, zero], 1),
@@ -381,12 +379,11 @@ def pretrain(cfg, data, device, temperature, negatives, desc="pre-train"):
     """SimCLR pre-training on data.x_train (labels unused). Returns (model, history, stats); the model is the plain
     module, with the same weights on every rank, and stats times the training steps alone (not the geometry
     measurements of history)."""
-    # Several GPUs (torchrun, W processes): each rank trains on its share of the images with views of its own, and
-    # contrastive_step gathers every rank's z (2WB - 2 negatives per view) and scales the loss by W against DDP's
-    # average. Global BN (SimCLR Sec. 2.2; fused CUDA kernels, so CPU processes keep their own statistics): with
-    # per-GPU statistics a view could find its partner, always on its own GPU, through the batch they share. DDP
-    # keeps the gradients in its buckets and plans once (the same layers every step); global BN keeps the running
-    # statistics equal on every GPU, so DDP need not broadcast them. In one process nothing changes.
+    # Several GPUs (torchrun, W processes; in one process nothing changes): each rank trains on its share of the
+    # images with views of its own; contrastive_step gathers every rank's z (2WB - 2 negatives per view) and scales
+    # the loss by W against DDP's average. Global BN (SimCLR Sec. 2.2; CUDA only): with per-GPU statistics a view
+    # could find its partner, always on its own GPU, through the batch they share. DDP keeps gradients in its buckets,
+    # plans once (each step runs the same layers), and need not broadcast running statistics that global BN keeps equal.
     model = build_model(cfg, data.shape[0], device)
     if common.world_size() > 1 and device.type == "cuda":
         model = common.global_batchnorm(model)
@@ -480,8 +477,7 @@ def embed(model, images, device, batch=2048):
 def geometry(model, images, strength, device, seed):
     """Alignment of the two views' z, and uniformity, effective rank and spread of the first views' z,
     on the same views each time (a fixed seed), so a curve over training compares like with like."""
-    generator = torch.Generator(device).manual_seed(seed + 1)
-    view1, view2 = two_views(images, strength, generator)
+    view1, view2 = two_views(images, strength, torch.Generator(device).manual_seed(seed + 1))
     _, z = embed(model, torch.cat([view1, view2]), device)         # (2N, P): first views, then second views
     z1, z2 = z.chunk(2)
     return {"alignment": alignment(z1, z2).item(), "uniformity": uniformity(z1).item(),
@@ -523,11 +519,10 @@ def stack_features(features):
 
 
 def evaluate_features(features, data, cfg, few_shot=()):
-    """Frozen features {name: (train (N, D), test (M, D))} -> {name: scores}: linear probe (top-1, top-5),
-    weighted kNN (k = 20, tau = 0.07; top-1, top-5), and for the names in few_shot, linear probes trained on
-    1, 10 and 100 labelled images per class. The kNN centres the features on the training mean first (h comes
-    out of a ReLU: all non-negative); the uncentred top-1 is kept beside it for comparison. The probes of all
-    sets train side by side (stack_features): on a GPU a probe's step costs its kernel launches, not arithmetic."""
+    """Frozen features {name: (train (N, D), test (M, D))} -> {name: scores}: linear probe and weighted kNN (top-1,
+    top-5), and for the names in few_shot, linear probes trained on FEW_SHOTS labelled images per class. The kNN
+    centres the features on the training mean first (h comes out of a ReLU: all non-negative); the uncentred top-1
+    is kept beside it for comparison. The probes of all sets train side by side, as one stack (stack_features)."""
     classes, names = len(data.classes), list(features)
     train, test = stack_features([features[n][0] for n in names]), stack_features([features[n][1] for n in names])
     linear = evaluation.linear_probe(train, data.y_train, test, data.y_test, classes, seed=cfg.seed,
