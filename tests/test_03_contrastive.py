@@ -1,5 +1,6 @@
-"""03_contrastive: augmentations, NT-Xent, geometry measures and evaluation against references; an end-to-end
---quick run that must learn; bad input that must fail with one line."""
+"""03_contrastive: NT-Xent, geometry measures, augmentations and t-SNE against references; pre-training that runs
+the nt_xent the lecture shows; an end-to-end --quick run that must learn; bad input that must fail with one line.
+The evaluation protocol itself (linear probe, kNN) is tested in tests/test_evaluation.py."""
 import math
 import pickle
 import subprocess
@@ -23,7 +24,14 @@ def images(seed, shape=(4, 3, 12, 10), dtype=torch.float32):
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-# ---- NT-Xent ----
+# ---- The encoder and NT-Xent ----
+
+def test_encoder_shapes_for_gray_and_colour_images():
+    for channels, side in ((1, 28), (3, 32), (3, 20)):
+        model = contrastive.SimCLR(channels, width=4, hidden=16, projection=8)
+        h, z = model(torch.rand(2, channels, side, side))
+        assert h.shape == (2, 16) and z.shape == (2, 8)
+
 
 def nt_xent_loop(z1, z2, temperature):
     """SimCLR's Eq. 1 written as in the paper: l(i, j) = -log exp(s_ij/t) / sum_{k != i} exp(s_ik/t), averaged
@@ -99,16 +107,7 @@ def test_effective_rank_and_spread_detect_collapse():
     assert contrastive.feature_std(torch.ones(10, 4) + 1e-3 * torch.randn(10, 4, generator=g)) < 1e-3
 
 
-# ---- Evaluation (01's linear probe, as this script uses it; 01's tests check kNN against a loop) ----
-
-def test_linear_probe_separates_separable_data():
-    g = torch.Generator().manual_seed(6)
-    centres = torch.randn(4, 8, generator=g) * 6
-    y = torch.randint(0, 4, (400,), generator=g)
-    x = centres[y] + torch.randn(400, 8, generator=g)
-    result = evaluation.linear_probe(x[:300], y[:300], x[300:], y[300:], 4, min_steps=200)
-    assert result["top1"] == 1.0
-
+# ---- Evaluation: feature sets stacked for side-by-side probes, few-shot subsets ----
 
 def test_probes_of_feature_sets_of_different_widths_stacked_equal_separate_ones():
     # the zero columns that stack_features adds must change nothing: each probe scores as it does alone
@@ -123,20 +122,6 @@ def test_probes_of_feature_sets_of_different_widths_stacked_equal_separate_ones(
         alone = evaluation.linear_probe(features[:200], y[:200], features[200:], y[200:], 5, min_steps=150)
         assert ours == pytest.approx(alone, abs=1 / 100)
     assert together[0] != together[1]
-
-
-def test_view_batches_are_the_batches_of_order_with_partners_row_by_row():
-    # with every augmentation off a view is its image, so each batch must be images[order] cut in runs of B,
-    # the same rows in both views, over a chunk of VIEW_STEPS batches and a shorter last one
-    B = 3
-    stored = torch.randint(0, 256, (40, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(9))
-    order = torch.randperm(40, generator=torch.Generator().manual_seed(10))[: (contrastive.VIEW_STEPS + 2) * B]
-    batches = list(contrastive.view_batches(stored, order, B, OFF))
-    assert len(batches) == contrastive.VIEW_STEPS + 2
-    for (view1, view2), idx in zip(batches, order.split(B)):
-        expected = common.to_float(stored[idx])
-        torch.testing.assert_close(view1, expected, rtol=0, atol=0)
-        torch.testing.assert_close(view2, expected, rtol=0, atol=0)
 
 
 def test_per_class_subset_takes_that_many_of_each_class():
@@ -259,11 +244,18 @@ def test_augment_rejects_impossible_strengths():
             contrastive.augment(images(15), **bad)
 
 
-def test_encoder_shapes_for_gray_and_colour_images():
-    for channels, side in ((1, 28), (3, 32), (3, 20)):
-        model = contrastive.SimCLR(channels, width=4, hidden=16, projection=8)
-        h, z = model(torch.rand(2, channels, side, side))
-        assert h.shape == (2, 16) and z.shape == (2, 8)
+def test_view_batches_are_the_batches_of_order_with_partners_row_by_row():
+    # with every augmentation off a view is its image, so each batch must be images[order] cut in runs of B,
+    # the same rows in both views, over a chunk of VIEW_STEPS batches and a shorter last one
+    B = 3
+    stored = torch.randint(0, 256, (40, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(9))
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(10))[: (contrastive.VIEW_STEPS + 2) * B]
+    batches = list(contrastive.view_batches(stored, order, B, OFF))
+    assert len(batches) == contrastive.VIEW_STEPS + 2
+    for (view1, view2), idx in zip(batches, order.split(B)):
+        expected = common.to_float(stored[idx])
+        torch.testing.assert_close(view1, expected, rtol=0, atol=0)
+        torch.testing.assert_close(view2, expected, rtol=0, atol=0)
 
 
 # ---- Figures: t-SNE (common.tsne draws 03's embedding map) ----
