@@ -58,6 +58,7 @@ class Config(common.RunConfig):
     epochs: int = common.arg(40, "passes over the training images during pre-training")
     batch_size: int = common.arg(1024, "images per step on each GPU (2 views each; on N GPUs, 2NB - 2 negatives per view)")
     lr: float = common.arg(2e-3, "peak AdamW learning rate (linear warm-up, then cosine decay to 0)")
+    warmup: float = common.arg(0.025, "share of the steps in which the learning rate rises linearly from 0 (0.025: 1 of 40 epochs)")
     weight_decay: float = common.arg(1e-4, "AdamW weight decay")
     temperature: float = common.arg(0.2, "NT-Xent temperature tau > 0: lower sharpens the softmax over negatives")
     negatives: str = common.arg("all", "all: NT-Xent | none: positives only (the ablation that collapses)",
@@ -364,12 +365,6 @@ def contrastive_step(model, optimizer, view1, view2, temperature, loss_fn, devic
     return loss.detach()
 
 
-def warmup_cosine(step, total, warmup):
-    """Learning-rate multiplier: linear warm-up over `warmup` steps, then a cosine decay to 0
-    (Loshchilov and Hutter 2017, SGDR, without restarts)."""
-    return min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / total))
-
-
 TRACK_POINTS = 25          # geometry measurements per pre-training run
 TRACK_IMAGES = 512         # test images whose views are measured, the same ones each time
 GEOMETRY = ("alignment", "uniformity", "effective_rank", "std")   # what geometry() measures of z
@@ -395,7 +390,8 @@ def pretrain(cfg, data, device, temperature, negatives, desc="pre-train"):
     n, B = len(images), cfg.batch_size
     steps_per_epoch = n // B                                        # the last partial batch is dropped
     total = cfg.epochs * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, steps_per_epoch))
+    warmup = round(cfg.warmup * total)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: common.warmup_cosine(s, total, warmup))
     strength, loss_fn = strengths(cfg), {"all": nt_xent, "none": positives_only}[negatives]
     generator = torch.Generator(device).manual_seed(cfg.seed + common.rank())   # each rank its own order and views
     tracked = data.x_test[: min(TRACK_IMAGES, B)]                    # at most a batch: cheap next to training
@@ -714,7 +710,7 @@ def validate(cfg):
         common.check(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     for name in ("n_train", "n_test", "weight_decay"):
         common.check(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    common.check(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
+    common.check(cfg.lr > 0 and 0 <= cfg.warmup < 1, f"--lr must be > 0 and --warmup in [0, 1), got {cfg.lr}, {cfg.warmup}")
     common.check(cfg.image_size == 0 or cfg.image_size >= 8, f"--image-size must be 0 or at least 8, got {cfg.image_size}")
     unknown = [name for name in cfg.augmentations.split(",") if name not in AUGMENTATIONS]
     common.check(not unknown, f"unknown augmentation {', '.join(map(repr, unknown))} in --augmentations; "

@@ -358,9 +358,11 @@ def quick_runs(tmp_path_factory):
     runs = {}
     for negatives in ("all", "none"):
         out = tmp_path_factory.mktemp(f"quick_{negatives}")
-        # 20 epochs (320 steps, about 10 CPU seconds): 6 teach the pretext task but not yet the classes
+        # 20 epochs (320 steps, about 10 CPU seconds): 6 teach the pretext task but not yet the classes; the
+        # learning rate warms up over one epoch, as the default run's over one of its 40 (half as long fails)
         model, metrics = contrastive.main(["--quick", "--device", "cpu", "--out", str(out), "--negatives", negatives,
-                                           "--dataset", "cifar10", "--data-dir", str(data_dir), "--epochs", "20"])
+                                           "--dataset", "cifar10", "--data-dir", str(data_dir), "--epochs", "20",
+                                           "--warmup", "0.05"])
         runs[negatives] = (out, model, metrics)
     return runs
 
@@ -405,6 +407,7 @@ def test_embedded_set_run_with_a_temperature_sweep(tmp_path):
     (["--dataset", "imagenet"], "unknown dataset"),
     (["--temperatures", "0.1,x"], "comma-separated"),
     (["--crop", "1"], "crop"),
+    (["--warmup", "1"], "warmup"),
     (["--batch-size", "5000"], "larger than"),
     (["--no-such-option"], "unrecognized"),
 ])
