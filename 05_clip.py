@@ -75,7 +75,7 @@ class Config(common.RunConfig):
     steps: int = common.arg(900, "training steps")
     batch_size: int = common.arg(1024, "image-caption pairs per step on each GPU (each pair's negatives are the other "
                                        "NB - 1 of all N GPUs under torchrun)")
-    lr: float = common.arg(1e-3, "peak learning rate of AdamW")
+    lr: float = common.arg(7e-4, "peak learning rate of AdamW, reached after the warm-up")
     weight_decay: float = common.arg(0.1, "AdamW weight decay on the weight matrices of linear layers (04's policy)")
     warmup: float = common.arg(0.111, "share of the steps over which the learning rate rises linearly from 0 "
                                       "(0.111: 100 of 900), then a cosine decay to 0")
