@@ -27,12 +27,11 @@ Papers:
 
 Run:  python 01_autoencoder.py                   (the embedded shapes set, --model ae)
       python 01_autoencoder.py --model vae --beta 4    --dataset fashion-mnist
-Measured on one H100 (torch 2.11, bf16 autocast), seed 0:
-  default run (shapes, ae, L=32): 24.7 s in main() (31 s for the whole process, Python start and CUDA set-up
-      included); training 0.99M images in 5.3 s (187k img/s). Test squared error per pixel 0.00787, PCA-32
-      0.00855 (-7.9%), the linear autoencoder 0.00864 (+1.1% over PCA), the mean image 0.0208.
-  --dataset fashion-mnist: 0.00893 against PCA-32's 0.01514 (-41.1%), linear autoencoder +1.1% over PCA;
-      probe top-1 on the code 81.8% (PCA 80.5%, raw pixels 84.6%), kNN 87.0% (PCA 85.6%, pixels 84.6%); 17.6 s.
+Measured on one H200 (torch 2.11, bf16 autocast), seed 0; every measurement with its command is in RESULTS.md:
+  default run (shapes, ae, L=32): 31 s for the whole process; test squared error per pixel 0.00787 against
+      PCA-32's 0.00855 (-7.9%); the linear autoencoder ends 1.1% above PCA; the mean image 0.0208.
+  --dataset fashion-mnist: 0.00893 against PCA-32's 0.01514 (-41.1%); probe top-1 on the code 81.8% (PCA 80.5%,
+      raw pixels 84.6%), kNN 87.0% (pixels 84.6%); 22 s.
 
 Shapes legend: B batch, C channels, H x W image, P pixels (C*H*W), L latent (code) width, N images, K classes.
 """
