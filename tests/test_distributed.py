@@ -258,12 +258,15 @@ def test_two_processes_run_and_only_rank_0_writes(tmp_path, script):
     common.load_checkpoint(checkpoint, model, kind)                            # no DDP "module." prefix: loads on CPU
 
 
-def test_a_batch_larger_than_each_process_share_fails_on_every_rank(tmp_path):
-    # 100 training images over 2 processes: 50 each, fewer than a batch of 64
+def test_a_batch_larger_than_each_process_share_fails_before_training(tmp_path):
+    # 100 training images over 2 processes: 50 each, fewer than a batch of 64. Every rank checks this before any
+    # collective, so none waits on another; torchrun stops the other ranks once the first exits, so how many of
+    # them print their line before being stopped depends on timing, but every line printed is this one.
     result = torchrun("03_contrastive.py", "--quick", "--device", "cpu", "--n-train", "100", "--out", str(tmp_path))
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == WORLD and all("--batch-size 64" in e and "each of the 2 processes" in e for e in errors)
+    assert 1 <= len(errors) <= WORLD and all("--batch-size 64" in e and "each of the 2 processes" in e for e in errors)
+    assert not (tmp_path / "metrics.json").exists()
 
 
 def test_more_processes_per_machine_than_gpus_with_nccl_is_a_user_error(monkeypatch):
