@@ -8,11 +8,13 @@
 4. Outputs                        save_json, save_figure, save_checkpoint, load_checkpoint; figures: tile, tsne
 5. Reusing an earlier script      import_script
 6. The embedded image set         make_shapes, caption
-7. Real datasets                  DATASETS, load_images (MNIST, Fashion-MNIST, CIFAR-10)
+7. Real datasets                  DATASETS, load_images (MNIST, Fashion-MNIST, CIFAR-10); read_text, read_text8;
+                                  captions: read_caption_folder (captions.csv), read_flickr8k
 8. Several GPUs (torchrun)        rank, world_size, is_main, rank_share, data_parallel, backward_full_batch,
                                   gather_with_grad, GlobalBatchNorm, mean_over_ranks
 """
 import argparse
+import csv
 import dataclasses
 import functools
 import gzip
@@ -29,6 +31,8 @@ import tarfile
 import tempfile
 import time
 import urllib.request
+import zipfile
+from collections import Counter, defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -638,7 +642,6 @@ TEXT8 = RemoteDataset(["http://mattmahoney.net/dc/"],
 
 def read_text8(data_dir):
     """text8 as one string of 17M words, downloaded into data_dir/text8/ once."""
-    import zipfile
     (archive,) = fetch("text8", data_dir, spec=TEXT8)
     try:
         with zipfile.ZipFile(archive) as z:
@@ -737,23 +740,19 @@ def to_format(images, size=None, channels=None):
     return images.contiguous()
 
 
-def load_images(name, data_dir="data", device="cpu", n_train=None, n_test=None, seed=0, size=None, channels=None,
-                shard=False):
+def load_images(name, data_dir="data", device="cpu", n_train=None, n_test=None, seed=0, size=None, channels=None):
     """A dataset by name, on device. `shapes` is generated (n_train defaults to 50 000, n_test to 10 000);
-    real ones are read from data_dir (downloaded once) and cut to n_train / n_test when given.
-    shard=True under torchrun: this rank keeps only its contiguous share of the training split."""
-    part = lambda n: (rank() * (n // world_size()), n // world_size()) if shard else (0, n)
+    real ones are read from data_dir (downloaded once) and cut to n_train / n_test when given."""
     if name == "shapes":
-        first, count = part(n_train or 50_000)
-        x_train, y_train, f_train = make_shapes(count, seed, "train", device, first=first)
+        x_train, y_train, f_train = make_shapes(n_train or 50_000, seed, "train", device)
         x_test, y_test, f_test = make_shapes(n_test or 10_000, seed, "test", device)
         data = ImageData(name, x_train, y_train, x_test, y_test, list(SHAPES), f_train, f_test)
     else:
         x_train, y_train, x_test, y_test = _load_arrays(name, data_dir)
-        first, count = part(min(n_train or len(x_train), len(x_train)))
-        as_tensor = lambda a, lo, n: torch.from_numpy(np.array(a[lo:lo + n])).to(device)
-        data = ImageData(name, as_tensor(x_train, first, count), as_tensor(y_train, first, count).long(),
-                         as_tensor(x_test, 0, n_test or len(x_test)), as_tensor(y_test, 0, n_test or len(y_test)).long(), DATASETS[name].classes)
+        as_tensor = lambda a, n: torch.from_numpy(np.array(a[:n])).to(device)
+        data = ImageData(name, as_tensor(x_train, n_train or len(x_train)), as_tensor(y_train, n_train or len(y_train)).long(),
+                         as_tensor(x_test, n_test or len(x_test)), as_tensor(y_test, n_test or len(y_test)).long(),
+                         DATASETS[name].classes)
     data.x_train, data.x_test = to_format(data.x_train, size, channels), to_format(data.x_test, size, channels)
     return data
 
@@ -851,8 +850,6 @@ def read_captions_csv(folder, size):
     """folder/captions.csv (header image,caption; several rows per image allowed) and the images it names.
     A malformed row is an error; a row with an empty caption or a missing image is skipped and counted.
     Returns (images (N, 3, S, S) uint8, captions per image, skipped counts)."""
-    import csv
-    from collections import Counter, defaultdict
     path = Path(folder) / "captions.csv"
     check(path.is_file(), f"{path} does not exist; --dataset captions needs DIR/captions.csv "
                           "(or DIR/train/captions.csv and DIR/test/captions.csv)")
@@ -916,8 +913,6 @@ FLICKR8K_IMAGES = "Flicker8k_Dataset/"     # sic: the folder inside the publishe
 
 def read_flickr8k_text(text_zip):
     """(captions by image name, training names, test names) from Flickr8k_text.zip."""
-    import zipfile
-    from collections import defaultdict
     try:
         with zipfile.ZipFile(text_zip) as archive:
             read = lambda member: archive.read(member).decode("utf-8").splitlines()
@@ -937,8 +932,6 @@ def read_flickr8k_text(text_zip):
 def read_flickr8k(data_dir, size, device):
     """CaptionData of Flickr8k's split at S x S, downloaded into data_dir/flickr8k/ once; the images are decoded
     once into a cache beside the zips (images-S.npz)."""
-    import zipfile
-    from collections import Counter
     folder = Path(data_dir) / "flickr8k"
     (text_zip,) = fetch("flickr8k", data_dir, dataclasses.replace(FLICKR8K, files=FLICKR8K.files[:1]))
     captions, train, test = read_flickr8k_text(text_zip)

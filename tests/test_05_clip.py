@@ -255,20 +255,6 @@ def test_causal_mask_equals_torch_reference_attention():
 
 # ---- the metrics ----
 
-def test_recall_at_k_equals_a_brute_force_loop():
-    g = torch.Generator().manual_seed(2)
-    similarity = torch.randn(40, 25, generator=g, dtype=torch.float64)
-    relevant = torch.rand(40, 25, generator=g) < 0.08
-    relevant[torch.arange(25), torch.arange(25)] = True                   # most queries have a right answer
-    got = evaluation.recall_at_k(similarity, relevant, ks=(1, 5, 10))
-    for k in (1, 5, 10):
-        hits = 0
-        for q in range(len(similarity)):
-            ranked = sorted(range(similarity.shape[1]), key=lambda j: -similarity[q, j].item())[:k]
-            hits += any(relevant[q, j] for j in ranked)
-        assert got[f"r{k}"] == pytest.approx(hits / len(similarity))
-
-
 def test_retrieval_equals_a_plain_loop():
     g = torch.Generator().manual_seed(5)
     N, M = 30, 40
