@@ -22,7 +22,7 @@ Papers
   He, Zhang, Ren, Sun 2016, "Deep Residual Learning for Image Recognition": the residual block.
 
 Run
-  python 03_contrastive.py                                   # embedded shapes, about a minute on one H100
+  python 03_contrastive.py                                   # embedded shapes, about a minute on one GPU 
   python 03_contrastive.py --dataset fashion-mnist --width 64 --epochs 80 --crop 0.5 --temperature 0.05 --jitter 1.5
   python 03_contrastive.py --negatives none                  # no negatives: watch it collapse
   python 03_contrastive.py --temperatures 0.05,0.1,0.5,1     # temperature sweep after the main run

@@ -17,10 +17,7 @@ scored by the same functions of 02_word2vec.py. Throughput counts, for both, epo
 the corpus / seconds of training (vocabulary building excluded for both).
 
 Needs gensim (pip install gensim) for its evaluation files and its model; the project's requirements leave it out.
-Measured with the defaults (one H100 and its host's 16 cores, 5 epochs; RESULTS.md holds the tables): ours
-(lr 0.1, B=65536, cap 0.5; seeds 0 and 1) 12.2-12.4M words/s, analogies 25.9-26.2%, WS-353 0.691-0.711, SimLex
-0.386-0.389; gensim (alpha 0.025, its default; seeds 0, 1, 2) 0.68-0.75M words/s, 24.1-24.3%, 0.647-0.664,
-0.353-0.365.
+Its tables go in RESULTS.md.
 """
 import argparse
 import gzip
