@@ -650,9 +650,11 @@ def read_text8(data_dir):
         raise UserError(f"{archive} is not the text8 archive ({error}); delete it to download again") from None
 
 
-def read_idx(path):
-    """An IDX file (gzipped or not) as a numpy array: magic 0x0000080N (N dims) of uint8, big-endian sizes."""
-    path = Path(path)
+def read_idx(path, ndim):
+    """An IDX file (gzipped or not) as a numpy array: magic 0x0000080N (N dims) of uint8, big-endian sizes.
+    ndim is the number of dimensions the file must have (3 for images, 1 for labels): the checksum is not checked for
+    decompressed files, so a labels file that holds images must be caught here."""
+    path, kind = Path(path), "images" if ndim == 3 else "labels"
     try:
         with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
             data = f.read()
@@ -662,6 +664,8 @@ def read_idx(path):
     dims = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
     check(len(data) == 4 + 4 * dims + math.prod(shape), f"{path} is truncated or corrupt: header says {shape}")
+    check(len(shape) == ndim, f"{path} holds a {len(shape)}-D array {shape}; an IDX {kind} file holds a {ndim}-D one "
+                              "(are the images and labels files swapped?)")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
@@ -675,13 +679,25 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _read_cifar_batches(open_member):
+def _check_labels(labels, where, classes):
+    """Labels (N,) must be integers that name one of `classes` classes: a label of 200 would index past the
+    classifier's outputs, and the traceback would come only after training."""
+    check(labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer), f"{where} holds no list of integer labels")
+    outside = labels[(labels < 0) | (labels >= classes)]
+    if len(outside):
+        raise UserError(f"{where} holds label {outside[0]}; the dataset's labels run from 0 to {classes - 1}")
+
+
+def _read_cifar_batches(open_member, classes):
     def batch(name):
         try:
             d = _ArrayUnpickler(open_member(name), encoding="bytes").load()
-            return np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(d[b"labels"])
+            images, labels = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(d[b"labels"])
         except (pickle.UnpicklingError, EOFError, KeyError, ValueError, OSError, tarfile.TarError) as error:
             raise UserError(f"CIFAR-10 batch {name} is corrupt: {error}") from None
+        check(len(images) == len(labels), f"CIFAR-10 batch {name} is corrupt: {len(images)} images but {len(labels)} labels")
+        _check_labels(labels, f"CIFAR-10 batch {name}", classes)
+        return images, labels
     train = [batch(f"data_batch_{i}") for i in range(1, 6)]
     test = batch("test_batch")
     return (np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]), *test)
@@ -693,17 +709,23 @@ def _load_arrays(name, data_dir):
     if name == "cifar10":
         extracted = next((p for p in (data_dir / name / "cifar-10-batches-py", data_dir / "cifar-10-batches-py")
                           if (p / "test_batch").is_file()), None)
+        classes = len(DATASETS[name].classes)
         if extracted is not None:
-            return _read_cifar_batches(lambda member: open(extracted / member, "rb"))
+            return _read_cifar_batches(lambda member: open(extracted / member, "rb"), classes)
         (archive,) = fetch(name, data_dir)
         with tarfile.open(archive, "r:gz") as tar:
-            return _read_cifar_batches(lambda member: tar.extractfile(f"cifar-10-batches-py/{member}"))
+            return _read_cifar_batches(lambda member: tar.extractfile(f"cifar-10-batches-py/{member}"), classes)
     check_dataset(name)
     extracted = [next((p for p in (data_dir / name / r.name[:-3], data_dir / r.name[:-3]) if p.is_file()), None)
                  for r in DATASETS[name].files]
     paths = extracted if all(extracted) else fetch(name, data_dir)
-    x_train, y_train, x_test, y_test = (read_idx(p) for p in paths)
-    check(len(x_train) == len(y_train) and len(x_test) == len(y_test), f"{name}: image and label counts differ")
+    x_train, y_train, x_test, y_test = (read_idx(p, ndim) for p, ndim in zip(paths, (3, 1, 3, 1)))
+    for images, labels, image_path, label_path in ((x_train, y_train, *paths[:2]), (x_test, y_test, *paths[2:])):
+        check(images.shape[1:] == (28, 28), f"{image_path} holds {images.shape[1]}x{images.shape[2]} images; "
+                                            f"{name}'s are 28x28")
+        check(len(images) == len(labels), f"{image_path} holds {len(images)} images but {label_path} "
+                                          f"{len(labels)} labels")
+        _check_labels(labels, label_path, len(DATASETS[name].classes))
     return x_train[:, None], y_train, x_test[:, None], y_test
 
 

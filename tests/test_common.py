@@ -257,6 +257,50 @@ def test_cifar_pickle_that_would_run_code_is_refused(tmp_path):
         common.load_images("cifar10", tmp_path)
 
 
+MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("labels-hold-images", "train-labels-idx1-ubyte holds a 3-D array .* labels file holds a 1-D one"),
+    ("train-swapped", "train-images-idx3-ubyte holds a 1-D array .* swapped"),
+    ("32x32", "t10k-images-idx3-ubyte holds 32x32 images; mnist's are 28x28"),
+    ("counts", "train-images-idx3-ubyte holds 12 images but .*train-labels-idx1-ubyte 11 labels"),
+    ("label-200", "t10k-labels-idx1-ubyte holds label 200; .* from 0 to 9")])
+def test_decompressed_idx_files_are_checked_for_what_no_checksum_covers(tmp_path, fault, message):
+    rng = np.random.default_rng(0)
+    x_train, x_test = rng.integers(0, 256, (12, 28, 28)), rng.integers(0, 256, (5, 28, 28))
+    y_train, y_test = rng.integers(0, 10, 12), rng.integers(0, 10, 5)
+    if fault == "labels-hold-images":
+        y_train = x_train
+    elif fault == "train-swapped":
+        x_train, y_train = y_train, x_train
+    elif fault == "32x32":
+        x_test = rng.integers(0, 256, (5, 32, 32))
+    elif fault == "counts":
+        y_train = y_train[:11]
+    else:
+        y_test[3] = 200
+    (tmp_path / "mnist").mkdir()
+    for name, array in zip(MNIST_FILES, (x_train, y_train, x_test, y_test)):
+        (tmp_path / "mnist" / name).write_bytes(idx_bytes(array))      # extracted files: no checksum to catch it
+    with pytest.raises(common.UserError, match=message) as error:
+        common.load_images("mnist", tmp_path)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("fault, message", [("more-images", "data_batch_2 is corrupt: 3 images but 2 labels"),
+                                            ("label-10", "test_batch holds label 10; .* from 0 to 9")])
+def test_cifar_batches_are_checked_for_counts_and_label_range(tmp_path, fault, message):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    bad_batch, bad_labels = {"more-images": ("data_batch_2", [1, 2]), "label-10": ("test_batch", [0, 10, 3])}[fault]
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = bad_labels if name == bad_batch else [0, 1, 2]
+        (folder / name).write_bytes(pickle.dumps({b"data": np.zeros((3, 3072), np.uint8), b"labels": labels}))
+    with pytest.raises(common.UserError, match=message):
+        common.load_images("cifar10", tmp_path)
+
+
 def test_unknown_dataset(tmp_path):
     with pytest.raises(common.UserError, match="unknown dataset"):
         common.load_images("imagenet", tmp_path)
