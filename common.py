@@ -846,7 +846,9 @@ def read_image(source, name, size):
         array = matplotlib.image.imread(source, format=Path(name).suffix.lstrip(".").lower() or None)
     except Exception as error:  # Pillow and matplotlib raise many types for a bad file
         raise UserError(f"image {name} cannot be read: {error}") from None
-    if array.dtype != np.uint8:                                   # PNG comes as floats in [0, 1]
+    if np.issubdtype(array.dtype, np.integer) and array.dtype != np.uint8:
+        array = array / np.iinfo(array.dtype).max                 # a 16-bit TIFF comes as uint16: scale by its own range
+    if array.dtype != np.uint8:                                   # PNG comes as floats in [0, 1], whatever its depth
         array = (np.asarray(array, dtype=np.float32) * 255).round().clip(0, 255).astype(np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
@@ -870,31 +872,43 @@ def read_images(open_image, names, size, desc):
 
 def read_captions_csv(folder, size):
     """folder/captions.csv (header image,caption; several rows per image allowed) and the images it names.
-    A malformed row is an error; a row with an empty caption or a missing image is skipped and counted.
+    A malformed row (a stray or unclosed quote, a row over several lines, an image outside the folder) is an error
+    that names its line; a row with an empty caption or a missing image is skipped and counted.
     Returns (images (N, 3, S, S) uint8, captions per image, skipped counts)."""
     path = Path(folder) / "captions.csv"
     check(path.is_file(), f"{path} does not exist; --dataset captions needs DIR/captions.csv "
                           "(or DIR/train/captions.csv and DIR/test/captions.csv)")
     captions, skipped = defaultdict(list), Counter()
+    line = 1                                                          # the line the next row starts on
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
+        # utf-8-sig: a spreadsheet saving "CSV UTF-8" starts the file with a byte-order mark
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, strict=True)                       # strict: a stray quote is an error, not text
             header = [cell.strip().lower() for cell in next(reader, [])]
             check(header == ["image", "caption"], f"{path}: the first row must be the header 'image,caption', got {header}")
+            line = reader.line_num + 1
             for row in reader:
+                start, line = line, reader.line_num + 1               # this row's first line, and the next row's
                 if not row:
                     continue                                          # a blank line holds no row
-                check(len(row) == 2, f"{path} line {reader.line_num}: expected 2 fields (image,caption), "
+                # an unclosed quote would swallow the rows after it into one caption: a caption is one line
+                check(reader.line_num == start, f"{path} line {start}: a quoted caption runs on to line "
+                                                f"{reader.line_num}; close its quote (a caption is one line)")
+                check(len(row) == 2, f"{path} line {start}: expected 2 fields (image,caption), "
                                      f"got {len(row)}; quote captions that contain commas")
                 name, text = row[0].strip(), " ".join(row[1].split())
+                check(not Path(name).is_absolute() and ".." not in Path(name).parts,
+                      f"{path} line {start}: image {name!r} lies outside {folder}; name images by their path inside it")
                 if not text:
                     skipped["empty caption"] += 1
                 elif not (Path(folder) / name).is_file():
                     skipped["missing image"] += 1
                 else:
                     captions[name].append(text)
-    except (UnicodeDecodeError, csv.Error) as error:
+    except UnicodeDecodeError as error:
         raise UserError(f"{path} is not a UTF-8 CSV file: {error}") from None
+    except csv.Error as error:
+        raise UserError(f"{path} line {line}: {error}; is a quote left open or stray there?") from None
     check(len(captions) > 0, f"{path} names no readable image with a caption (skipped: {dict(skipped)})")
     names = sorted(captions)
     images = read_images(lambda name: Path(folder) / name, names, size, f"reading {path.parent.name or path.parent}")

@@ -11,6 +11,7 @@ import tarfile
 import threading
 from dataclasses import dataclass
 
+import matplotlib.image
 import numpy as np
 import pytest
 import torch
@@ -304,6 +305,47 @@ def test_cifar_batches_are_checked_for_counts_and_label_range(tmp_path, fault, m
 def test_unknown_dataset(tmp_path):
     with pytest.raises(common.UserError, match="unknown dataset"):
         common.load_images("imagenet", tmp_path)
+
+
+# ---- captioned images ----
+
+def caption_folder(folder, rows, encoding="utf-8"):
+    """folder/captions.csv holding `rows` (lines of text after the header) and three small PNGs 0.png to 2.png."""
+    folder.mkdir()
+    for i in range(3):
+        matplotlib.image.imsave(folder / f"{i}.png", np.full((6, 6, 3), 40 * i, np.uint8))
+    (folder / "captions.csv").write_text("\n".join(["image,caption", *rows]) + "\n", encoding=encoding)
+    return folder
+
+
+def test_captions_csv_with_a_byte_order_mark_is_read(tmp_path):
+    folder = caption_folder(tmp_path / "pics", ["0.png,a dark square", "1.png,\"a grey, plain square\""], "utf-8-sig")
+    assert (folder / "captions.csv").read_bytes().startswith(b"\xef\xbb\xbfimage")       # as a spreadsheet saves it
+    images, captions, _ = common.read_captions_csv(folder, 8)
+    assert images.shape == (2, 3, 8, 8) and captions == [["a dark square"], ["a grey, plain square"]]
+
+
+@pytest.mark.parametrize("rows, message", [
+    (['0.png,"a dark square', "1.png,grey", '2.png,"light"', "1.png,more"], "line 2: .* quote"),   # strict csv refuses it
+    (['0.png,"a dark square', "1.png,grey", '2.png,light"'], "line 2: a quoted caption runs on to line 4"),
+    (['0.png,"a quote open to the end', "1.png,grey"], "line 2: unexpected end of data"),
+    (["0.png,dark", "../2.png,outside"], r"line 3: image '\.\./2\.png' lies outside"),
+    (["/etc/hostname,absolute"], "line 2: image '/etc/hostname' lies outside")])
+def test_broken_quotes_and_paths_outside_the_folder_are_errors_with_their_line(tmp_path, rows, message):
+    folder = caption_folder(tmp_path / "pics", rows)
+    with pytest.raises(common.UserError, match=message) as error:
+        common.read_captions_csv(folder, 8)
+    assert "\n" not in str(error.value) and "captions.csv" in str(error.value)
+
+
+@pytest.mark.parametrize("suffix", ["png", "tif"])
+def test_16_bit_images_are_scaled_by_their_own_range(tmp_path, suffix):
+    import PIL.Image
+    levels = np.linspace(0, 65535, 64).round().astype(np.uint16).reshape(8, 8)      # a 16-bit grey ramp
+    PIL.Image.fromarray(levels).save(tmp_path / f"ramp.{suffix}")
+    image = common.read_image(tmp_path / f"ramp.{suffix}", f"ramp.{suffix}", 8)
+    expected = torch.from_numpy((levels / 65535 * 255).round().astype(np.uint8))
+    assert image.shape == (3, 8, 8) and torch.equal(image[0], expected) and torch.equal(image[2], expected)
 
 
 # ---- configuration, outputs, checkpoints, errors ----
