@@ -111,7 +111,11 @@ def parse_config(config_class, argv, description, quick=None):
                                 help=text, metavar=f.name.upper())
     given = vars(parser.parse_args(argv))
     shrunk = quick if given.get("quick") and quick else {}
-    return config_class(**{**shrunk, **given})
+    cfg = config_class(**{**shrunk, **given})
+    # torch.manual_seed takes 64 bits; a larger seed would end in an OverflowError traceback in setup
+    check(not isinstance(cfg, RunConfig) or 0 <= cfg.seed <= 2**63 - 1, f"--seed must be between 0 and 2**63 - 1, "
+                                                                        f"got {cfg.seed}")
+    return cfg
 
 
 # ---- 3. Device, seeds and speed ----

@@ -365,6 +365,10 @@ def test_parse_config_quick_overrides_and_errors():
     for argv in (["--bogus"], ["--epochs", "x"], ["--model", "gan"], ["--ep", "3"]):
         with pytest.raises(common.UserError):
             common.parse_config(ToyConfig, argv, "doc")
+    assert common.parse_config(ToyConfig, ["--seed", str(2**63 - 1)], "doc").seed == 2**63 - 1
+    for seed in ("99999999999999999999999", "-1"):                      # torch.manual_seed would overflow on the first
+        with pytest.raises(common.UserError, match=r"^--seed must be between 0 and 2\*\*63 - 1, got -?\d+$"):
+            common.parse_config(ToyConfig, ["--seed", seed], "doc")
 
 
 @pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
