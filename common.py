@@ -257,24 +257,35 @@ def save_figure(fig, path):
     plt.close(fig)
 
 
+def _non_finite(state_dict):
+    """The name of the first tensor of a state_dict that holds a NaN or an infinity; None when all are finite."""
+    return next((name for name, t in state_dict.items() if torch.is_tensor(t) and not torch.isfinite(t).all()), None)
+
+
 def save_checkpoint(path, model, cfg, kind, **extra):
-    """{"kind", "model": state_dict, "config"}: plain tensors and dicts, loadable with weights_only=True."""
+    """{"kind", "model": state_dict, "config"}: plain tensors and dicts, loadable with weights_only=True.
+    Weights that are not finite are never written: they would load silently and poison every later run."""
     state = {"kind": kind, "model": model.state_dict(), "config": dataclasses.asdict(cfg), **extra}
+    bad = _non_finite(state["model"])
+    check(bad is None, f"the run diverged ({bad} holds NaN or infinite weights), so {path} was not written; lower --lr")
     _atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path, model, kind, device="cpu"):
     """Load weights saved by save_checkpoint into model; a clear UserError when the file is missing,
-    unreadable, of another kind of model, or of other shapes. Returns the whole checkpoint dict."""
+    unreadable, of another kind of model, of other shapes, or holds non-finite weights (the model is then left
+    as it was). Returns the whole checkpoint dict."""
     path = Path(path)
     check(path.is_file(), f"checkpoint {str(path)!r} does not exist")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:
         raise UserError(f"checkpoint {str(path)!r} cannot be read ({type(error).__name__}); is it a file this project saved?") from None
-    check(isinstance(state, dict) and "model" in state and "kind" in state,
+    check(isinstance(state, dict) and isinstance(state.get("model"), dict) and "kind" in state,
           f"checkpoint {str(path)!r} was not saved by this project")
     check(state["kind"] == kind, f"checkpoint {str(path)!r} holds a {state['kind']!r} model, not a {kind!r}")
+    bad = _non_finite(state["model"])
+    check(bad is None, f"checkpoint {str(path)!r} holds NaN or infinite weights ({bad}): the run that saved it diverged")
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:

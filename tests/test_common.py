@@ -437,6 +437,23 @@ def test_checkpoints_round_trip_and_refuse_other_models(tmp_path):
         common.load_checkpoint(tmp_path / "none.pt", fresh, kind="toy")
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_no_checkpoint_with_non_finite_weights_is_written_or_loaded(tmp_path, value):
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        model.bias[1] = value                                          # what a diverged run leaves
+    with pytest.raises(common.UserError, match=r"^the run diverged \(bias holds NaN or infinite weights\), "
+                                               r"so .*model.pt was not written; lower --lr$"):
+        common.save_checkpoint(tmp_path / "model.pt", model, ToyConfig(), kind="toy")
+    assert list(tmp_path.iterdir()) == []                              # not even a temporary file
+    torch.save({"kind": "toy", "model": model.state_dict(), "config": {}}, tmp_path / "old.pt")   # saved before the check
+    fresh = torch.nn.Linear(3, 2)
+    before = fresh.weight.clone()
+    with pytest.raises(common.UserError, match=r"old.pt' holds NaN or infinite weights \(bias\): .* diverged$"):
+        common.load_checkpoint(tmp_path / "old.pt", fresh, kind="toy")
+    assert torch.equal(fresh.weight, before) and torch.isfinite(fresh.bias).all()   # the model is left as it was
+
+
 def test_save_json_and_import_script(tmp_path):
     common.save_json(tmp_path / "m.json", {"a": torch.tensor(0.5).item(), "b": np.float32(2)})
     assert (tmp_path / "m.json").read_text().startswith("{")
