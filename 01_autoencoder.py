@@ -282,12 +282,13 @@ def validate(cfg):
         common.check(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     common.check(cfg.hidden >= 2, f"--hidden must be at least 2 (the second layer has half), got {cfg.hidden}")
     common.check(cfg.train_size >= 0 and cfg.test_size >= 0, "--train-size and --test-size must be >= 0 (0 = all)")
-    common.check(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
+    # NOTE: float options are tested against inf too: --lr inf or --noise-std inf trains on NaN from the first step
+    common.check(0 < cfg.lr < math.inf, f"--lr must be positive and finite, got {cfg.lr}")
     common.check(0 <= cfg.warmup < 1, f"--warmup is a share of the training steps, in [0, 1), got {cfg.warmup}")
-    common.check(cfg.noise_std >= 0, f"--noise-std must be >= 0, got {cfg.noise_std}")
+    common.check(0 <= cfg.noise_std < math.inf, f"--noise-std must be finite and >= 0, got {cfg.noise_std}")
     common.check(0 <= cfg.mask_prob < 1, f"--mask-prob must be in [0, 1), got {cfg.mask_prob}")
-    common.check(cfg.beta >= 0, f"--beta must be >= 0, got {cfg.beta}")
-    common.check(cfg.decoder_std > 0, f"--decoder-std must be positive, got {cfg.decoder_std}")
+    common.check(0 <= cfg.beta < math.inf, f"--beta must be finite and >= 0, got {cfg.beta}")
+    common.check(0 < cfg.decoder_std < math.inf, f"--decoder-std must be positive and finite, got {cfg.decoder_std}")
 
 
 def load_data(cfg, device):
@@ -306,6 +307,12 @@ def validate_sizes(cfg, data):
 
 
 # ---- 6. Training: minibatches drawn on the device, bf16 autocast, one synchronisation per 100 steps (the bar) ----
+
+def check_finite_loss(desc, loss, step, lr):
+    """A non-finite loss means Adam's steps overshot: the weights are NaN now and every number after would be too."""
+    common.check(math.isfinite(loss), f"training diverged ({desc}: the loss is {loss} at step {step}); "
+                                      f"lower --lr (it is {lr:g})")
+
 
 def train(model, images, epochs, batch_size, lr, device, warmup=0.05, desc="train"):
     """Adam on model.objective over shuffled minibatches of images (N, ...), uint8 or float, resident on device,
@@ -334,12 +341,19 @@ def train(model, images, epochs, batch_size, lr, device, warmup=0.05, desc="trai
             records.append(torch.stack([loss.detach(), *(value.detach() for value in terms.values())]))
             bar.update(batch_size)
             if step % 100 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4g}")
+                value = loss.item()          # the bar's synchronisation, which also stops a diverged run early
+                bar.set_postfix(loss=f"{value:.4g}")
+                if not math.isfinite(value):
+                    bar.close()
+                    check_finite_loss(desc, value, step, lr)
             step += 1
     seconds = clock.seconds()
     bar.close()
     model.eval()
     records = torch.stack(records).float().cpu()                                   # (steps, 1 + parts)
+    bad = (~torch.isfinite(records[:, 0])).nonzero()                               # steps the bar did not read
+    if len(bad):
+        check_finite_loss(desc, records[bad[0, 0], 0].item(), bad[0, 0].item(), lr)
     return {"loss": records[:, 0], "parts": {name: records[:, 1 + i] for i, name in enumerate(terms)},
             "images": total * batch_size, "seconds": seconds}
 
@@ -611,11 +625,17 @@ def main(argv=None):
     plot_reconstructions(model, linear, principal, show, cfg, out / "reconstructions.png")
     plot_interpolation(model, data.x_test[(data.y_test[:, None] == torch.tensor([0, 1, 2, 3], device=device)).float()
                                           .argmax(0)], out / "interpolation.png")
-    plot_latent_map(codes["code"][1][:5000], data.y_test[:5000], data.classes, out / "latent_map.png",
-                    f"{cfg.model} codes of test images (L={cfg.latent_dim}), first two principal components")
+    figures = ["reconstructions.png", "interpolation.png"]
+    if min(cfg.latent_dim, len(data.x_test)) >= 2:       # a plane needs two coordinates and two points to fit it
+        plot_latent_map(codes["code"][1][:5000], data.y_test[:5000], data.classes, out / "latent_map.png",
+                        f"{cfg.model} codes of test images (L={cfg.latent_dim}), first two principal components")
+        figures.append("latent_map.png")
+    else:
+        print(f"latent_map.png skipped: a 2-D map of the codes needs --latent-dim and --test-size of at least 2, "
+              f"got {cfg.latent_dim} and {len(data.x_test)}")
     plot_training(history, linear_history, reconstruction_error(principal, data.x_train[:10000]), cfg.model,
                   out / "training_curve.png")
-    figures = ["reconstructions.png", "interpolation.png", "latent_map.png", "training_curve.png"]
+    figures.append("training_curve.png")
     if cfg.model == "dae":
         plot_denoising(model, show, out / "denoising.png")
         figures.append("denoising.png")

@@ -268,6 +268,46 @@ def test_bad_options_fail_with_one_line_and_write_no_results(argv, message, tmp_
     assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "model.pt").exists()
 
 
+TINY = ["--quick", "--device", "cpu", "--epochs", "1", "--train-size", "60", "--test-size", "20", "--batch-size", "30",
+        "--hidden", "16", "--probe-steps", "1"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "inf"], "--lr must be positive and finite, got inf"),
+    (["--lr", "nan"], "--lr must be positive and finite, got nan"),
+    (["--model", "dae", "--noise-std", "inf"], "--noise-std must be finite and >= 0, got inf"),
+    (["--model", "vae", "--beta", "inf"], "--beta must be finite"),
+    (["--model", "vae", "--likelihood", "gaussian", "--decoder-std", "inf"], "--decoder-std must be positive and finite"),
+])
+def test_non_finite_options_fail_before_anything_is_written(argv, message, tmp_path):
+    with pytest.raises(common.UserError, match=message):
+        ae.main([*TINY, "--out", str(tmp_path / "out"), *argv])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_diverging_run_stops_with_one_line_and_no_checkpoint(tmp_path):
+    with pytest.raises(common.UserError, match=r"training diverged \(ae: the loss is nan at step \d+\); lower --lr"):
+        ae.main([*TINY, "--out", str(tmp_path), "--lr", "1e9"])
+    assert not (tmp_path / "model.pt").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_divergence_stops_training_at_the_progress_bars_reading():
+    """The loss is read every 100 steps for the bar: a NaN seen there ends the run then, not after all the steps."""
+    torch.manual_seed(0)
+    model = ae.Autoencoder((1, 4, 4), 2, hidden=()).set_mean_image(torch.rand(8, 1, 4, 4))       # linear: fast
+    with pytest.raises(common.UserError, match="the loss is nan at step 100\\)"):
+        ae.train(model, torch.rand(8, 1, 4, 4), epochs=40, batch_size=1, lr=1e30, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("argv", [["--latent-dim", "1"], ["--test-size", "1"]])
+def test_a_code_or_test_set_too_small_for_the_latent_map_skips_only_that_figure(argv, tmp_path, capsys):
+    _, metrics = ae.main([*TINY, "--out", str(tmp_path), *argv])
+    assert "latent_map.png skipped: a 2-D map of the codes needs --latent-dim and --test-size of at least 2" in capsys.readouterr().out
+    assert metrics["figures"] == ["reconstructions.png", "interpolation.png", "training_curve.png"]
+    assert not (tmp_path / "latent_map.png").exists()
+    assert all((tmp_path / name).is_file() for name in [*metrics["figures"], "metrics.json", "model.pt"])
+
+
 def test_a_corrupt_data_file_fails_cleanly(tmp_path):
     folder = tmp_path / "data" / "fashion-mnist"
     folder.mkdir(parents=True)
