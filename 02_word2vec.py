@@ -641,8 +641,9 @@ def relation_pairs(index):
 def plot_relation(ax, vectors, index, pairs, title, colour):
     """Mikolov et al. 2013b's Fig. 2: the words of the pairs in their own 2-D PCA plane, an arrow per pair."""
     ax.set_title(title)
-    if len(pairs) < 2:
-        ax.text(0.5, 0.5, "not in the vocabulary", ha="center", transform=ax.transAxes)
+    if len(pairs) < 2 or vectors.shape[1] < 2:     # a plane needs two pairs' words and two dimensions
+        reason = "not in the vocabulary" if len(pairs) < 2 else f"no plane in {vectors.shape[1]} dimension"
+        ax.text(0.5, 0.5, reason, ha="center", transform=ax.transAxes)
         return
     ids = torch.tensor([index[w] for pair in pairs for w in pair], device=vectors.device)
     chosen = unit_rows(vectors)[ids].cpu()
@@ -661,6 +662,8 @@ def plot_all(vectors, index, history, random_pairs, results, agreement, out_path
     """2 x 3: two relations as arrows in PCA planes; the loss; SGNS dot products against shifted PMI; cosines of
     random pairs before and after all-but-the-top; the scores of SGNS and its baselines."""
     fig, axes = plt.subplots(2, 3, figsize=(17, 10))
+    if vectors.shape[1] < 2:
+        print(f"word2vec.png: the two PCA planes of relations are left empty (--dim {vectors.shape[1]} gives no plane)")
     for ax, (title, pairs), colour in zip(axes[0, :2], relation_pairs(index).items(), ("tab:red", "tab:blue")):
         plot_relation(ax, vectors, index, pairs, f"PCA of the word vectors: {title}", colour)
     ax = axes[0, 2]

@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 
@@ -419,6 +420,24 @@ def test_a_text_file_corpus_runs(tmp_path):
     _, metrics = w2v.main(["--corpus", str(path), "--device", "cpu", "--out", str(tmp_path / "o"), "--dim", "8",
                            "--epochs", "2", "--batch-size", "256", "--min-count", "2"])
     assert metrics["vocabulary"] == 8 and metrics["results"]["SGNS"]["analogy"] is None
+
+
+def test_one_dimensional_vectors_leave_the_relation_planes_empty():
+    fig, ax = plt.subplots()
+    index = {"king": 0, "queen": 1, "man": 2, "woman": 3}
+    w2v.plot_relation(ax, torch.randn(4, 1), index, [("king", "queen"), ("man", "woman")], "1-D", "tab:red")
+    assert [t.get_text() for t in ax.texts] == ["no plane in 1 dimension"] and not ax.collections
+    w2v.plot_relation(ax, torch.randn(4, 2), index, [("king", "queen"), ("man", "woman")], "2-D", "tab:red")
+    assert len(ax.collections) == 1                                       # the scatter of the four words
+    plt.close(fig)
+
+
+def test_dim_1_runs_to_the_end_and_says_what_it_skipped(tmp_path, capsys):
+    _, metrics = w2v.main(["--device", "cpu", "--out", str(tmp_path), "--sentences", "300", "--dim", "1",
+                           "--epochs", "1", "--batch-size", "1024", "--eval-vocab", "200"])
+    assert "word2vec.png: the two PCA planes of relations are left empty (--dim 1 gives no plane)" in capsys.readouterr().out
+    for name in ("metrics.json", "vectors.vec", "word2vec.pt", "word2vec.png"):
+        assert (tmp_path / name).is_file(), name
 
 
 @pytest.mark.parametrize("argv, message", [
