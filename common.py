@@ -478,11 +478,11 @@ def render_shapes(factors, size=32):
     return (image.clamp(0, 1) * 255).round().to(torch.uint8).reshape(n, 3, size, size)
 
 
-def make_shapes(n, seed=0, split="train", device="cpu", size=32, chunk=8192, first=0):
-    """n images of the embedded set, from image number `first` of the split:
+def make_shapes(n, seed=0, split="train", device="cpu", size=32, chunk=8192):
+    """The first n images of a split of the embedded set:
     (images (n, 3, size, size) uint8, labels (n,), factors dict of (n,))."""
     check(n > 0, f"the embedded set needs a positive number of images, got {n}")
-    start = (0 if split == "train" else TEST_OFFSET) + first
+    start = 0 if split == "train" else TEST_OFFSET
     index = torch.arange(start, start + n, device=device, dtype=torch.int64)
     factors = _shape_factors(index, seed)
     factors["index"], factors["seed"] = index, seed
