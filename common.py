@@ -160,11 +160,31 @@ def setup(cfg, script_file):
     return device, out
 
 
+def finish_run(out):
+    """Called once at the end of main, after the last output is written: the run's outputs become the output folder
+    as one set (see setup). Returns the folder's final path."""
+    return out
+
+
+def autocast_dtype(device):
+    """bf16 on a CUDA GPU that has it, fp16 on one that does not (a T4, a V100), None (float32) elsewhere:
+    CPU bf16 is slow, and tests check the CPU path in float32."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
 def autocast(device):
-    """bf16 autocast on CUDA; float32 elsewhere (CPU bf16 is slow and only checked by tests in float32)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    dtype = autocast_dtype(device)
+    return torch.autocast("cuda", dtype=dtype) if dtype else nullcontext()
+
+
+def grad_scaler(device):
+    """fp16 has 5 exponent bits, so small gradients underflow to 0: a GradScaler multiplies the loss before backward
+    and divides the gradients before the step (nanoGPT's fallback). With bf16 or float32 it does nothing:
+    scaler.scale(loss) is loss and scaler.step(optimizer) is optimizer.step(). Call scaler.unscale_(optimizer)
+    before clipping gradients."""
+    return torch.amp.GradScaler("cuda", enabled=autocast_dtype(device) == torch.float16)
 
 
 class Stopwatch:
