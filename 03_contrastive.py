@@ -68,7 +68,7 @@ class Config(common.RunConfig):
     augmentations: str = common.arg(",".join(AUGMENTATIONS), "augmentations to use, comma-separated; the others are off")
     crop: float = common.arg(0.6, "random resized crop: share of the area it may cut away, in [0, 1)")
     flip: float = common.arg(0.5, "probability of a left-right flip")
-    jitter: float = common.arg(0.5, "colour jitter strength s (SimCLR's CIFAR-10 value is 0.5), on 80%% of views")
+    jitter: float = common.arg(0.5, "colour jitter strength s in [0, 100] (SimCLR's CIFAR-10 value: 0.5), on 80%% of views")
     grayscale: float = common.arg(0.2, "probability of dropping colour")
     blur: float = common.arg(0.5, "probability of a Gaussian blur")
     temperatures: str = common.arg("", "comma-separated temperatures to sweep after the main run, e.g. 0.05,0.1,0.5")
@@ -161,7 +161,7 @@ def nt_xent(z1, z2, temperature):
     the positive, averaged over all 2B anchors. Returns a scalar."""
     B = z1.shape[0]
     common.check(B >= 2, f"NT-Xent needs at least 2 images per batch (1 has no negatives), got {B}")
-    common.check(temperature > 0, f"temperature must be > 0, got {temperature}")
+    common.check(0 < temperature < math.inf, f"temperature must be positive and finite, got {temperature}")
     # NOTE: float32 (or float64) even under autocast: bf16 keeps 8 bits of mantissa, too coarse for logits of size 1/tau
     with torch.autocast(z1.device.type, enabled=False):
         z = F.normalize(common.at_least_float32(torch.cat([z1, z2])), dim=1)    # (V, P) unit vectors, V = 2B
@@ -190,6 +190,7 @@ def positives_only(z1, z2, temperature):
 # Random numbers come from `generator` (on its own device) when one is given, for reproducible views.
 
 JITTER_PROBABILITY = 0.8            # SimCLR applies colour jitter to 80% of the views (Appendix A)
+MAX_JITTER = 100.0                  # the largest jitter strength accepted (check_strengths says why)
 LUMA = (0.299, 0.587, 0.114)        # ITU-R 601 luminance weights, as PIL's convert("L") uses
 BLUR_SIGMA = (0.1, 1.0)             # pixels; SimCLR's (0.1, 2.0) was for 224-pixel images, ours are ~32
 BLUR_RADIUS = 3                     # taps either side: 7 taps cover +-3 sigma at the largest sigma
@@ -300,7 +301,10 @@ def random_blur(x, probability, generator=None):
 
 def check_strengths(crop, flip, jitter, grayscale, blur):
     common.check(0 <= crop < 1, f"crop must be in [0, 1) (the share of the area a crop may remove), got {crop}")
-    common.check(jitter >= 0, f"jitter strength must be >= 0, got {jitter}")
+    # beyond 2.5 the hue turn already spans a whole turn and the other factors reach 0: larger only saturates more,
+    # and a huge strength overflows float32 into NaN views
+    common.check(0 <= jitter <= MAX_JITTER, f"jitter strength must be in [0, {MAX_JITTER:g}] (SimCLR uses 0.5 to 1), "
+                                            f"got {jitter}")
     for name, p in (("flip", flip), ("grayscale", grayscale), ("blur", blur)):
         common.check(0 <= p <= 1, f"{name} is a probability and must be in [0, 1], got {p}")
 
@@ -369,6 +373,15 @@ TRACK_IMAGES = 512         # test images whose views are measured, the same ones
 GEOMETRY = ("alignment", "uniformity", "effective_rank", "std")   # what geometry() measures of z
 
 
+def check_finite(desc, loss, alignment, step, lr):
+    """Stop a run that diverged, on values the loop reads anyway (no extra wait for the GPU). A non-finite loss
+    means Adam overshot; so does a NaN alignment with a finite loss: the loss was taken before the step's update,
+    the geometry after it, and alignment is NaN exactly when the updated model's z is not finite."""
+    common.check(math.isfinite(loss) and math.isfinite(alignment),
+                 f"training diverged ({desc}: the loss is {loss} at step {step}"
+                 f"{'' if math.isfinite(alignment) else ' and z is not finite after it'}); lower --lr (it is {lr:g})")
+
+
 def pretrain(cfg, data, device, temperature, negatives, desc="pre-train"):
     """SimCLR pre-training on data.x_train (labels unused). Returns (model, history, stats); the model is the plain
     module, with the same weights on every rank, and stats times the training steps alone (not the geometry
@@ -411,6 +424,7 @@ def pretrain(cfg, data, device, temperature, negatives, desc="pre-train"):
                 history["loss"].append(loss.item())                 # the full batch's loss: the same on every rank
                 for key, value in geometry(model, tracked, strength, device, cfg.seed).items():
                     history[key].append(value)
+                check_finite(desc, history["loss"][-1], history["alignment"][-1], step, cfg.lr)
                 bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
                 watch = common.Stopwatch(device)
     seconds = common.mean_over_ranks(seconds + watch.seconds())
@@ -441,9 +455,12 @@ def effective_rank(x):
     """Roy and Vetterli 2007, Eq. 1: exp(entropy) of the covariance's normalised eigenvalues. x (N, D) ->
     a number between 1 (all variance along one direction: collapse) and D (variance spread evenly)."""
     x = x.double() - x.double().mean(0)
-    eigenvalues = torch.linalg.eigvalsh(x.T @ x / len(x)).clamp(min=0)    # (D,)
+    # eigvalsh fails to converge on NaN or inf (a diverged run): it gets zeros and the answer is NaN, decided by
+    # torch.where on the device, since an `if` would make the CPU wait for the GPU
+    finite = torch.isfinite(x).all()
+    eigenvalues = torch.linalg.eigvalsh(torch.where(finite, x.T @ x / len(x), 0.0)).clamp(min=0)   # (D,)
     p = eigenvalues / eigenvalues.sum()
-    return torch.exp(-(p * torch.log(p.clamp(min=1e-30))).sum())
+    return torch.where(finite, torch.exp(-(p * torch.log(p.clamp(min=1e-30))).sum()), math.nan)
 
 
 def feature_std(x):
@@ -704,12 +721,16 @@ def validate(cfg):
     """Check the options before any expensive work; returns the temperatures to sweep."""
     common.check_dataset(cfg.dataset)
     common.check(cfg.batch_size >= 2, f"--batch-size must be at least 2 (one image has no negatives), got {cfg.batch_size}")
-    common.check(cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}")
+    common.check(0 < cfg.temperature < math.inf, f"--temperature must be positive and finite, got {cfg.temperature}")
     for name in ("epochs", "width", "hidden", "projection", "probe_steps"):
         common.check(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("n_train", "n_test", "weight_decay"):
-        common.check(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    common.check(cfg.lr > 0 and 0 <= cfg.warmup < 1, f"--lr must be > 0 and --warmup in [0, 1), got {cfg.lr}, {cfg.warmup}")
+    common.check(cfg.n_train >= 0, f"--n-train must be >= 0, got {cfg.n_train}")
+    # uniformity and view retrieval compare pairs of test images and t-SNE maps their neighbours: one image has none
+    common.check(cfg.n_test == 0 or cfg.n_test >= 2, f"--n-test must be 0 (all) or at least 2 (the geometry "
+                                                     f"compares pairs of test images), got {cfg.n_test}")
+    common.check(0 <= cfg.weight_decay < math.inf, f"--weight-decay must be finite and >= 0, got {cfg.weight_decay}")
+    common.check(0 < cfg.lr < math.inf, f"--lr must be positive and finite, got {cfg.lr}")
+    common.check(0 <= cfg.warmup < 1, f"--warmup must be in [0, 1) (a share of the steps), got {cfg.warmup}")
     common.check(cfg.image_size == 0 or cfg.image_size >= 8, f"--image-size must be 0 or at least 8, got {cfg.image_size}")
     unknown = [name for name in cfg.augmentations.split(",") if name not in AUGMENTATIONS]
     common.check(not unknown, f"unknown augmentation {', '.join(map(repr, unknown))} in --augmentations; "
@@ -719,7 +740,8 @@ def validate(cfg):
         sweep = [float(t) for t in cfg.temperatures.split(",")] if cfg.temperatures else []
     except ValueError:
         raise common.UserError(f"--temperatures must be comma-separated numbers, got {cfg.temperatures!r}") from None
-    common.check(all(t > 0 for t in sweep), f"every temperature in --temperatures must be > 0, got {cfg.temperatures!r}")
+    common.check(all(0 < t < math.inf for t in sweep),
+                 f"every temperature in --temperatures must be positive and finite, got {cfg.temperatures!r}")
     return sweep
 
 

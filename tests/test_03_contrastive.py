@@ -73,8 +73,9 @@ def test_nt_xent_rewards_matching_views_and_rejects_bad_input():
     assert perfect < 0.01 < contrastive.nt_xent(z, z.roll(1, 0), 0.1)
     with pytest.raises(common.UserError, match="no negatives"):
         contrastive.nt_xent(z[:1], z[:1], 0.1)
-    with pytest.raises(common.UserError, match="temperature"):
-        contrastive.nt_xent(z, z, 0.0)
+    for temperature in (0.0, math.inf, math.nan):
+        with pytest.raises(common.UserError, match="temperature"):
+            contrastive.nt_xent(z, z, temperature)
 
 
 def test_positives_only_is_minus_mean_cosine_over_temperature():
@@ -105,6 +106,10 @@ def test_effective_rank_and_spread_detect_collapse():
     line = torch.randn(50, 1, generator=g) * torch.tensor([[1.0, 2.0, -1.0]])
     assert contrastive.effective_rank(line).item() == pytest.approx(1.0, abs=1e-3)
     assert contrastive.feature_std(torch.ones(10, 4) + 1e-3 * torch.randn(10, 4, generator=g)) < 1e-3
+    x[3, 2] = math.nan                                                  # a diverged model's z: NaN, not LinAlgError
+    assert math.isnan(contrastive.effective_rank(x).item())
+    x[3, 2] = math.inf
+    assert math.isnan(contrastive.effective_rank(x).item())
 
 
 # ---- Evaluation: feature sets stacked for side-by-side probes, few-shot subsets ----
@@ -239,7 +244,8 @@ def test_colour_jitter_equals_each_image_distorted_alone(channels):
 
 
 def test_augment_rejects_impossible_strengths():
-    for bad in (dict(crop=1.0), dict(flip=1.5), dict(jitter=-1.0), dict(grayscale=-0.1), dict(blur=2.0)):
+    for bad in (dict(crop=1.0), dict(flip=1.5), dict(jitter=-1.0), dict(jitter=math.inf), dict(jitter=1e39),
+                dict(grayscale=-0.1), dict(blur=2.0), dict(crop=math.nan), dict(flip=math.nan)):
         with pytest.raises(common.UserError):
             contrastive.augment(images(15), **bad)
 
@@ -414,6 +420,39 @@ def test_embedded_set_run_with_a_temperature_sweep(tmp_path):
 def test_bad_input_is_a_user_error(tmp_path, argv, message):
     with pytest.raises(common.UserError, match=message):
         contrastive.main(["--quick", "--device", "cpu", "--out", str(tmp_path), *argv])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "inf"], "--lr must be positive and finite"),
+    (["--lr", "nan"], "--lr must be positive and finite"),
+    (["--temperature", "inf"], "--temperature must be positive and finite"),
+    (["--temperatures", "0.1,inf"], "positive and finite"),
+    (["--jitter", "inf"], r"jitter strength must be in \[0, 100\]"),
+    (["--jitter", "1e39"], r"jitter strength must be in \[0, 100\]"),       # finite, but overflows float32
+    (["--crop", "nan"], "crop must be in"),
+    (["--weight-decay", "inf"], "--weight-decay must be finite"),
+    (["--warmup", "nan"], "--warmup must be in"),
+    (["--n-test", "1"], "--n-test must be 0 .* or at least 2"),
+])
+def test_non_finite_or_too_few_is_refused_before_anything_is_written(tmp_path, argv, message):
+    out = tmp_path / "out"
+    with pytest.raises(common.UserError, match=message):
+        contrastive.main(["--quick", "--device", "cpu", "--out", str(out), *argv])
+    assert not out.exists()
+
+
+def test_divergence_stops_pretraining_with_one_message(tmp_path):
+    # at --lr 1e9 the first update already makes z NaN: the geometry read after step 1 sees it (no LinAlgError)
+    write_centred_shapes_as_cifar(tmp_path, n_train=128, n_test=16)      # rendering the embedded set takes seconds
+    out = tmp_path / "out"
+    with pytest.raises(common.UserError, match=r"training diverged \(pre-train: .* at step 1 .*lower --lr"):
+        contrastive.main(["--quick", "--device", "cpu", "--out", str(out), "--dataset", "cifar10",
+                          "--data-dir", str(tmp_path), "--epochs", "1", "--batch-size", "16", "--image-size", "8",
+                          "--lr", "1e9"])
+    assert not (out / "model.pt").exists() and not (out / "metrics.json").exists()
+    with pytest.raises(common.UserError, match=r"the loss is nan at step 7\); lower --lr \(it is 0.1\)"):
+        contrastive.check_finite("tau=0.5", math.nan, 0.3, 7, 0.1)
+    contrastive.check_finite("pre-train", 4.2, 0.3, 7, 0.1)                # finite: nothing to say
 
 
 def test_corrupt_data_is_a_user_error(tmp_path):
