@@ -384,6 +384,11 @@ def fit(model, loss_of_batch, pool, steps, steps_per_epoch, cfg, device, desc, e
                 model.eval()
                 record.update(evaluate())
                 model.train()
+            # the loss is read here anyway: a non-finite one means the weights are lost, so stop now (as 02 does)
+            if not math.isfinite(record["loss"]):
+                bar.close()                          # clears the bar's line, so the error stands on a line of its own
+                raise common.UserError(f"training diverged ({desc}: the loss is {record['loss']} at epoch "
+                                       f"{record['epoch']:g}); lower --lr")
             history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", **{k: f"{v:.3f}" for k, v in record.items() if k == "test_top1"})
             running, count = torch.zeros((), device=device), 0
@@ -665,7 +670,12 @@ def validate(cfg):
         build_model("vit", cfg, num_classes=1)
     common.check(cfg.model == "vit" or cfg.dim % 2 == 0, f"the CNN's widths are dim/2, dim, 2*dim: dim must be even, got {cfg.dim}")
     common.check(cfg.n_train >= 0 and cfg.n_test >= 0, "--n-train and --n-test must be >= 0 (0 = all)")
+    for name in ("lr", "warmup", "weight_decay", "label_smoothing", "clip_grad", "crop", "train_fraction", "temperature"):
+        value = getattr(cfg, name)
+        common.check(math.isfinite(value), f"--{name.replace('_', '-')} must be a finite number, got {value}")
     common.check(cfg.lr > 0 and 0 <= cfg.warmup < 1, "--lr must be > 0 and --warmup in [0, 1)")
+    common.check(cfg.weight_decay >= 0, f"--weight-decay must not be negative, got {cfg.weight_decay}")
+    common.check(cfg.clip_grad >= 0, f"--clip-grad must be a gradient norm > 0, or 0 for no clipping; got {cfg.clip_grad}")
     common.check(0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
     common.check(0 <= cfg.crop < 1, f"--crop must be in [0, 1), got {cfg.crop}")
     common.check(0 < cfg.train_fraction <= 1, f"--train-fraction must be in (0, 1], got {cfg.train_fraction}")
@@ -716,6 +726,13 @@ def main(argv=None):
                  "--pretrain simclr runs in one process; for SimCLR on several GPUs use torchrun 03_contrastive.py")
     wall = common.Stopwatch(device)
     data = load_data(cfg, device)
+    processes = common.world_size()
+    # the full training set bounds the batch (as in 01, 03 and 05); the labelled shares of --train-fraction and
+    # --sweep may be smaller, and fit then takes all of them in each step (fewer labels, the same steps)
+    common.check(cfg.batch_size <= len(data.x_train) // processes,
+                 f"--batch-size {cfg.batch_size} is larger than the {len(data.x_train) // processes} training images"
+                 + (f" of each of the {processes} processes (the batch is per process)" if processes > 1 else "")
+                 + ": use a smaller batch")
     classes, stats = len(data.classes), channel_stats(data.x_train)
     pool = subset(len(data.x_train), cfg.train_fraction, cfg.seed, device)        # the labels this run may use
     model = build_model(cfg.model, cfg, classes).to(device)

@@ -362,10 +362,22 @@ def test_compile_setting_picks_the_models_and_the_mode(monkeypatch, setting, dev
     (["--sweep", "0.1,lots"], "--sweep"),
     (["--init", "missing.pt"], "does not exist"),
     (["--model", "mlp"], "invalid choice"),
+    (["--temperature", "inf"], "--temperature must be a finite number, got inf"),
+    (["--clip-grad", "nan"], "--clip-grad must be a finite number, got nan"),
+    (["--clip-grad", "-1"], "--clip-grad must be a gradient norm > 0, or 0 for no clipping"),
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--weight-decay", "-0.1"], "--weight-decay must not be negative"),
+    (["--depth", "0"], "--depth must be positive"),
+    # as 01, 03 and 05; the labelled shares of --train-fraction and --sweep may still be smaller than a batch
+    (["--n-train", "200", "--n-test", "10", "--batch-size", "1000"], "--batch-size 1000 is larger than the 200 training images"),
 ])
 def test_bad_input_is_a_user_error(tmp_path, argv, message):
+    out = tmp_path / "run"
     with pytest.raises(common.UserError, match=message):
-        vit.main(["--quick", "--device", "cpu", "--out", str(tmp_path), *argv])
+        vit.main(["--quick", "--device", "cpu", "--out", str(out), *argv])
+    # options are checked before the folder is made; what needs the device (--compile on) or the data (--batch-size)
+    # is checked after set-up, which has written config.json alone
+    assert not out.exists() or {p.name for p in out.iterdir()} == {"config.json"}
 
 
 def test_script_exits_with_one_line_error(tmp_path):
@@ -373,3 +385,24 @@ def test_script_exits_with_one_line_error(tmp_path):
                              "--dim", "50", "--heads", "3"], capture_output=True, text=True, cwd=common.ROOT)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_non_finite_loss_stops_training():
+    """fit reads the loss once an epoch; a NaN there ends the run with 02's message instead of a NaN model."""
+    data, cfg = tiny_data(), tiny_config()
+    model = vit.build_model("vit", cfg, len(data.classes))
+    stats = vit.channel_stats(data.x_train)
+    nan_loss = lambda indices: model(vit.normalise(data.x_train[indices], stats)).sum() * float("nan")
+    with pytest.raises(common.UserError, match=r"training diverged \(tiny: the loss is nan at epoch 1\); lower --lr"):
+        vit.fit(model, nan_loss, torch.arange(len(data.x_train)), 4, 2, cfg, torch.device("cpu"), "tiny")
+
+
+def test_init_from_a_diverged_checkpoint_is_refused(tmp_path):
+    cfg = tiny_config()
+    encoder = vit.build_model("vit", cfg, num_classes=0)
+    state = {name: torch.full_like(value, float("nan")) for name, value in encoder.state_dict().items()}
+    # save_checkpoint refuses NaN weights, so the file a diverged run of older code could leave is made by hand
+    torch.save({"kind": "vit", "model": state, "config": {}, "arch": encoder.arch}, tmp_path / "nan.pt")
+    with pytest.raises(common.UserError, match="holds NaN or infinite weights"):
+        vit.main(["--quick", "--device", "cpu", "--out", str(tmp_path / "run"), "--init", str(tmp_path / "nan.pt")])
+    assert {p.name for p in (tmp_path / "run").iterdir()} <= {"config.json"}
