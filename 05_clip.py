@@ -92,17 +92,26 @@ QUICK = dict(n_train=1500, n_test=400, eval_images=200, image_dim=32, image_dept
 
 def validate(cfg):
     """Every option that can be wrong, checked before any data is made or read."""
+    for name in ("lr", "weight_decay", "warmup"):
+        value = getattr(cfg, name)
+        common.check(math.isfinite(value), f"--{name.replace('_', '-')} must be a finite number, got {value}")
     common.check(cfg.batch_size >= 2, f"--batch-size must be at least 2 (a pair needs other pairs as negatives), got {cfg.batch_size}")
     common.check(cfg.vocab_size >= 257, f"--vocab-size {cfg.vocab_size} is too small to hold the 256 bytes and "
                                         "the end-of-text token; use at least 257")
     common.check(cfg.context >= 2, f"--context must be at least 2 (a token and the end-of-text), got {cfg.context}")
     common.check(cfg.steps >= 1 and 0 <= cfg.warmup < 1, "--steps must be positive and --warmup a share of them in [0, 1)")
     common.check(cfg.lr > 0 and cfg.weight_decay >= 0, "--lr must be positive and --weight-decay not negative")
-    for name in ("n_train", "n_test", "eval_images", "embed_dim", "image_size", "probe_steps"):
+    for name in ("n_train", "n_test", "eval_images", "embed_dim", "image_size", "probe_steps", "patch_size", "image_dim",
+                 "image_depth", "image_heads", "text_dim", "text_depth", "text_heads"):
         common.check(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     common.check(cfg.paired >= 0, f"--paired must be 0 (all) or a number of images, got {cfg.paired}")
     common.check(cfg.text_dim % cfg.text_heads == 0,
                  f"--text-dim {cfg.text_dim} is not divisible by --text-heads {cfg.text_heads}")
+    if not cfg.init_image:         # (with it, the checkpoint sets the image encoder's shape)
+        common.check(cfg.image_dim % cfg.image_heads == 0,
+                     f"--image-dim {cfg.image_dim} is not divisible by --image-heads {cfg.image_heads}")
+        common.check(cfg.image_size % cfg.patch_size == 0,
+                     f"--image-size {cfg.image_size} is not divisible by --patch-size {cfg.patch_size}")
     common.check(not cfg.freeze_image or cfg.init_image,
                  "--freeze-image needs --init-image: a frozen random encoder would learn nothing")
     parse_holdout(cfg.holdout)
@@ -509,11 +518,22 @@ def train(model, data, tokens, cfg, device):
         losses[step], scales[step] = loss, model.scale().detach()
         bar.update(cfg.batch_size)
         if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{model.scale().item():.1f}")
+            value = loss.item()                      # the bar's read: it also tells whether training has diverged
+            check_finite(value, step, bar)
+            bar.set_postfix(loss=f"{value:.3f}", scale=f"{model.scale().item():.1f}")
     seconds = common.mean_over_ranks(clock.seconds())
     bar.close()
     model.requires_grad_(True)
-    return losses.cpu(), scales.cpu(), cfg.steps * cfg.batch_size * common.world_size() / seconds   # all GPUs
+    losses = losses.cpu()
+    check_finite(losses[-1].item(), cfg.steps - 1, bar)    # the steps since the bar's last read
+    return losses, scales.cpu(), cfg.steps * cfg.batch_size * common.world_size() / seconds   # all GPUs
+
+
+def check_finite(loss, step, bar):
+    """A NaN or infinite loss means the weights are lost: stop (as 02 does) rather than evaluate and save them."""
+    if not math.isfinite(loss):
+        bar.close()                                  # clears the bar's line, so the error stands on a line of its own
+        raise common.UserError(f"training diverged (the loss is {loss} at step {step + 1}); lower --lr")
 
 
 # ---- 6. Evaluation: zero-shot classification, compositional zero-shot, retrieval ----

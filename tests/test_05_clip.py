@@ -411,10 +411,25 @@ def test_init_from_04_checkpoint_and_freeze(tmp_path):
     (["--init-image", "no/such/file.pt"], "does not exist"),
     (["--batch-size", "5000"], "use a smaller batch"),
     (["--warmup", "100"], r"--warmup a share of them in \[0, 1\)"),
+    (["--patch-size", "0"], "--patch-size must be positive, got 0"),
+    (["--image-heads", "0"], "--image-heads must be positive, got 0"),
+    (["--text-heads", "0"], "--text-heads must be positive, got 0"),
+    (["--text-heads", "-2"], "--text-heads must be positive, got -2"),
+    (["--image-dim", "0"], "--image-dim must be positive, got 0"),
+    (["--text-dim", "0"], "--text-dim must be positive, got 0"),
+    (["--image-depth", "0"], "--image-depth must be positive, got 0"),         # as 04's --depth 0
+    (["--text-depth", "0"], "--text-depth must be positive, got 0"),
+    (["--image-dim", "30", "--image-heads", "4"], "--image-dim 30 is not divisible by --image-heads 4"),
+    (["--image-size", "30"], "--image-size 30 is not divisible by --patch-size 4"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
 ])
 def test_bad_options_fail_with_one_line(tmp_path, argv, message):
+    out = tmp_path / "run"
     with pytest.raises(common.UserError, match=message):
-        clip.main(["--quick", "--device", "cpu", "--out", str(tmp_path), *argv])
+        clip.main(["--quick", "--device", "cpu", "--out", str(out), *argv])
+    # options are checked before the folder is made; a checkpoint and the data's size are checked after set-up,
+    # which has written config.json alone
+    assert not out.exists() or {p.name for p in out.iterdir()} == {"config.json"}
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
@@ -546,3 +561,31 @@ def test_flickr8k_bad_checksum_or_offline_leaves_nothing(tmp_path, flickr_server
     monkeypatch.setattr(common, "FLICKR8K", common.RemoteDataset(["http://127.0.0.1:9/"], common.FLICKR8K.files, []))
     with pytest.raises(common.UserError, match="cannot download Flickr8k_text.zip"):
         clip.load_data(cfg, torch.device("cpu"))
+
+
+# ---- divergence, and checkpoints of a diverged run ----
+
+@pytest.mark.parametrize("bad_from", [0, 1])     # at the bar's read (step 0), or after its last read: the final check
+def test_a_non_finite_loss_stops_training(monkeypatch, bad_from):
+    data, tokens = tiny_pairs()
+    cfg = clip.Config(steps=4, batch_size=6, warmup=0.25, lr=1e-2)
+    loss, calls = clip.clip_loss, []
+
+    def diverging_loss(logits, positives=None):
+        calls.append(1)
+        return loss(logits, positives) * (float("nan") if len(calls) > bad_from else 1.0)
+
+    monkeypatch.setattr(clip, "clip_loss", diverging_loss)
+    step = 1 if bad_from == 0 else cfg.steps
+    with pytest.raises(common.UserError, match=rf"training diverged \(the loss is nan at step {step}\); lower --lr"):
+        clip.train(tiny_clip(), data, tokens, cfg, torch.device("cpu"))
+
+
+def test_init_image_from_a_diverged_checkpoint_is_refused(tmp_path):
+    encoder = vit.ViT(image_size=32, patch_size=8, dim=24, depth=1, heads=2)
+    state = {name: torch.full_like(value, float("nan")) for name, value in encoder.state_dict().items()}
+    # save_checkpoint refuses NaN weights, so the file a diverged run of older code could leave is made by hand
+    torch.save({"kind": "vit", "model": state, "config": {}, "arch": encoder.arch}, tmp_path / "nan.pt")
+    with pytest.raises(common.UserError, match="holds NaN or infinite weights"):
+        clip.main(["--quick", "--device", "cpu", "--out", str(tmp_path / "run"), "--init-image", str(tmp_path / "nan.pt")])
+    assert {p.name for p in (tmp_path / "run").iterdir()} <= {"config.json"}   # refused before any data is made
