@@ -31,6 +31,7 @@ Measured on one H200 (torch 2.11; D=100, W=5, K=5, t=1e-3, 5 epochs, B=65536, lr
 Shapes legend: V vocabulary, N words of running text, B (centre, context) pairs per step, K negatives,
 D vector size, M the most frequent words used for evaluation and the count baseline, Q questions.
 """
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ class Config(common.RunConfig):
     corpus: str = common.arg("planted", "planted (embedded, generated offline) | text8 (downloaded once into "
                                         "--data-dir) | PATH to a UTF-8 text file, one sentence per line")
     sentences: int = common.arg(400_000, "sentences of the planted corpus (about 9 words each)")
+    max_words: int = common.arg(0, "read at most this many words of the corpus (0: all of it)")
     min_count: int = common.arg(5, "words seen fewer times are dropped from the text")
     dim: int = common.arg(100, "D: size of each word vector")
     window: int = common.arg(5, "W: largest distance between a centre and a context; each centre draws its own 1..W")
@@ -79,7 +81,8 @@ class Config(common.RunConfig):
     abtt: int = common.arg(0, "principal directions removed by all-but-the-top (0: dim/100, at least 1)")
 
 
-QUICK = dict(sentences=20_000, dim=32, epochs=5, batch_size=4096, eval_vocab=2000)
+# --quick caps a user's corpus as it shrinks the planted one (20 000 sentences are about 180 000 words)
+QUICK = dict(sentences=20_000, max_words=200_000, dim=32, epochs=5, batch_size=4096, eval_vocab=2000)
 
 
 # ---- 1. Model: two tables of vectors and their scores ----
@@ -283,11 +286,14 @@ def build_corpus(name, lexicon, ids, sentence, min_count, device):
 WORD = re.compile(r"[^\W_]+")          # runs of letters and digits: "Don't stop!" -> don, t, stop
 
 
-def corpus_from_text(text, name, min_count, device):
-    """One sentence per line, tokenised and lower-cased."""
+def corpus_from_text(text, name, min_count, device, max_words=0):
+    """One sentence per line, tokenised and lower-cased; the first max_words words when max_words > 0."""
     index, ids, lengths = {}, [], []
     for line in text.splitlines():
-        words = WORD.findall(line.lower())
+        if max_words and len(ids) >= max_words:
+            break
+        # finditer, cut: text8 is one line of 17M words, and --quick needs only its start
+        words = [m.group() for m in itertools.islice(WORD.finditer(line.lower()), max_words - len(ids) if max_words else None)]
         ids.extend(index.setdefault(word, len(index)) for word in words)
         lengths.append(len(words))
     common.check(ids, f"{name!r} holds no words")
@@ -298,9 +304,10 @@ def corpus_from_text(text, name, min_count, device):
 def load_corpus(cfg, device):
     if cfg.corpus == "planted":
         lexicon, ids, sentence = planted_text(cfg.sentences, cfg.seed)
-        return build_corpus("planted", lexicon, ids, sentence, cfg.min_count, device)
+        cut = slice(cfg.max_words or None)
+        return build_corpus("planted", lexicon, ids[cut], sentence[cut], cfg.min_count, device)
     text = common.read_text8(cfg.data_dir) if cfg.corpus == "text8" else common.read_text(cfg.corpus, "corpus file")
-    return corpus_from_text(text, cfg.corpus, cfg.min_count, device)
+    return corpus_from_text(text, cfg.corpus, cfg.min_count, device, cfg.max_words)
 
 
 # The planted corpus: generated sentences in which relations are built in, so that the distributional
@@ -705,17 +712,30 @@ def plot_all(vectors, index, history, random_pairs, results, agreement, out_path
 
 def validate(cfg):
     common.check(cfg.dataset == "", "--dataset is for the image scripts; word2vec reads --corpus planted|text8|PATH")
-    common.check(cfg.corpus in ("planted", "text8") or Path(cfg.corpus).is_file(),
-                 f"corpus file {cfg.corpus!r} does not exist (or use --corpus planted or text8)")
+    if cfg.corpus not in ("planted", "text8"):
+        common.check_file(cfg.corpus, "corpus file", " (or use --corpus planted or text8)")
     for name in ("sentences", "min_count", "dim", "window", "negatives", "epochs", "batch_size"):
         common.check(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    common.check(cfg.max_words >= 0, f"--max-words must be 0 (all) or positive, got {cfg.max_words}")
+    common.check(math.isfinite(cfg.lr), f"--lr must be a finite number, got {cfg.lr}")
     common.check(cfg.eval_vocab >= 2, f"--eval-vocab must be at least 2, got {cfg.eval_vocab}")
     common.check(0 <= cfg.sample < 1, f"--sample must be in [0, 1), got {cfg.sample}")
     common.check(0 < cfg.min_lr <= cfg.lr, f"need 0 < --min-lr <= --lr, got {cfg.min_lr} and {cfg.lr}")
     common.check(cfg.step_cap > 0, f"--step-cap must be positive, got {cfg.step_cap}")
     common.check(0 <= cfg.abtt < cfg.dim, f"--abtt must be in [0, dim), got {cfg.abtt}")
     for option, path in (("--analogies", cfg.analogies), ("--similarity", cfg.similarity)):
-        common.check(not path or Path(path).is_file(), f"{option} file {path!r} does not exist")
+        if path:
+            common.check_file(path, f"{option} file")
+
+
+CPU_WORDS_PER_SECOND, CPU_SECONDS_PER_MILLION_COUNTS = 1e6, 1.0
+
+
+def cpu_seconds(cfg, corpus):
+    """Rough seconds of this run on the reference CPU of common.cpu_notice (two cores, measured): training, then the
+    evaluation, whose count baseline factorises an M x M matrix."""
+    limit = min(cfg.eval_vocab, len(corpus.words))
+    return cfg.epochs * len(corpus.tokens) / CPU_WORDS_PER_SECOND + (limit / 1000) ** 2 * CPU_SECONDS_PER_MILLION_COUNTS
 
 
 def describe(name, result):
@@ -741,6 +761,7 @@ def main(argv=None):
     corpus = load_corpus(cfg, device)
     print(f"corpus {corpus.name}: {corpus.raw_words:,} words, {len(corpus.words):,} kept by --min-count "
           f"{cfg.min_count} ({len(corpus.tokens):,} tokens), built in {clock.seconds():.1f}s")
+    common.cpu_notice(cfg, device, cpu_seconds(cfg, corpus))
     model = SkipGram(len(corpus.words), cfg.dim, generator)
     history, seconds, trained_pairs = train(model, corpus, cfg, generator)
     common.check(math.isfinite(history[-1][1]), f"training diverged (the loss is {history[-1][1]}); "
@@ -786,6 +807,7 @@ def main(argv=None):
                "components_removed": components}, "pmi_pearson": agreement[0], "never_together": unseen,
                "neighbours": neighbours}
     common.save_json(out / "metrics.json", metrics)
+    out = common.finish_run(out)
     summary = "; ".join(describe(name, results[name]) for name in ("SGNS", "SGNS+ABTT", "PPMI-SVD", "random"))
     print(f"02_word2vec: {corpus.name} {len(corpus.tokens) / 1e6:.2f}M words x{cfg.epochs} at "
           f"{words_per_second / 1e6:.1f}M words/s on {device}; {summary}; mean cosine {before['mean_cosine']:.2f} -> "

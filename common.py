@@ -1,11 +1,12 @@
 """Plumbing shared by the numbered scripts, and nothing else: no model, loss or evaluation lives here
 (the evaluation protocol is evaluation.py).
 
-1. Errors a user can fix          UserError, run
+1. Errors a user can fix          UserError, check, check_file, run
 2. Configuration                  arg, RunConfig, parse_config
-3. Device, seeds, speed           setup, autocast, Stopwatch, warmup_cosine, to_float, at_least_float32,
-                                  constant, progress
-4. Outputs                        save_json, save_figure, save_checkpoint, load_checkpoint; figures: tile, tsne
+3. Device, seeds, speed           setup, finish_run, cpu_notice, autocast, grad_scaler, Stopwatch, warmup_cosine,
+                                  to_float, at_least_float32, constant, progress
+4. Outputs                        one run per folder (staged, then published); save_json, save_figure,
+                                  save_checkpoint, load_checkpoint; figures: tile, tsne
 5. Reusing an earlier script      import_script
 6. The embedded image set         make_shapes, caption
 7. Real datasets                  DATASETS, load_images (MNIST, Fashion-MNIST, CIFAR-10); read_text, read_text8;
@@ -14,6 +15,7 @@
                                   gather_with_grad, GlobalBatchNorm, mean_over_ranks
 """
 import argparse
+import atexit
 import csv
 import dataclasses
 import functools
@@ -26,6 +28,8 @@ import math
 import os
 import pickle
 import random
+import shutil
+import signal
 import sys
 import tarfile
 import tempfile
@@ -33,7 +37,7 @@ import time
 import urllib.request
 import zipfile
 from collections import Counter, defaultdict
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,18 +61,39 @@ def check(condition, message):
         raise UserError(message)
 
 
+def check_file(path, what, hint=""):
+    """A one-line error unless path is a file: a folder given where a file is wanted is called a folder."""
+    path = Path(path)
+    check(not path.is_dir(), f"{what} {str(path)!r} is a folder, not a file{hint}")
+    check(path.is_file(), f"{what} {str(path)!r} does not exist{hint}")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler's or torchrun's stop), raised like Ctrl-C's KeyboardInterrupt so that the same
+    clean-up runs: temporary files and the unfinished run's staging folder are removed."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def run(main):
-    """The `__main__` guard of every script: a UserError becomes one line on stderr and exit code 2.
-    Anything else is a bug and keeps its traceback."""
+    """The `__main__` guard of every script: a UserError becomes one line on stderr and exit code 2, Ctrl-C and
+    SIGTERM one line and 130 or 143. However it ends, a run that did not reach finish_run leaves --out as it was
+    and no temporary file. Anything else is a bug and keeps its traceback."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as stop:
+        print("terminated" if isinstance(stop, Terminated) else "interrupted", file=sys.stderr)
+        sys.exit(143 if isinstance(stop, Terminated) else 130)
     finally:
+        for name in ("SIGINT", "SIGTERM"):           # the process is ending: a second Ctrl-C must not stop the clean-up
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+        discard_unfinished_runs()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -144,15 +169,16 @@ def seed_everything(seed):
 
 
 def setup(cfg, script_file):
-    """Device, seeds, TF32 and the output folder for a parsed config. Returns (device, out_dir)
-    and saves the resolved config beside the outputs."""
+    """Device, seeds, TF32 and the run's output folder for a parsed config. Returns (device, out) and saves the
+    resolved config in out. out is a staging folder beside the --out folder (see stage_out): main writes every output
+    there and ends with `out = finish_run(out)`, which makes it the --out folder."""
     device = init_distributed(pick_device(cfg.device))
     seed_everything(cfg.seed + rank())     # ranks draw different augmentations; DDP copies rank 0's weights
     if device.type == "cuda":
         # TF32 matrix units for the float32 matmuls that autocast leaves alone (10-bit mantissa is plenty here)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    out = prepare_out(cfg.out or ROOT / "runs" / Path(script_file).stem)
+    out = stage_out(cfg.out or ROOT / "runs" / Path(script_file).stem)
     if is_main():
         save_json(out / "config.json", dataclasses.asdict(cfg))
         print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items())
@@ -161,9 +187,53 @@ def setup(cfg, script_file):
 
 
 def finish_run(out):
-    """Called once at the end of main, after the last output is written: the run's outputs become the output folder
-    as one set (see setup). Returns the folder's final path."""
-    return out
+    """The last step of main, after every output is written: the staging folder out becomes the --out folder in one
+    rename, replacing the folder that was there as a whole (two runs' files are never mixed). Returns the --out
+    folder. Other ranks wrote nothing and get the same path."""
+    run = _runs.pop(Path(out))
+    if run.owner:
+        with _signals_held():                  # Ctrl-C between the two renames would leave no --out folder at all
+            old = run.final.with_name(f".{run.final.name}.old-{os.getpid()}")
+            if run.final.exists():
+                os.rename(run.final, old)
+            try:
+                os.rename(out, run.final)
+            except OSError as error:
+                if old.exists():
+                    os.rename(old, run.final)
+                _runs[Path(out)] = run                 # still unfinished: common.run removes it
+                raise UserError(f"cannot move the run's outputs to {str(run.given)!r}: {error.strerror or error}") from None
+            shutil.rmtree(old, ignore_errors=True)
+    return run.given
+
+
+# The CPU that the scripts' estimates for cpu_notice were measured on: two cores, this speed of float32 matmul
+REFERENCE_CPU_GFLOPS = 60.0
+
+
+def cpu_gflops(size=512, repeats=8):
+    """This CPU's float32 matmul speed in GFLOP/s, measured in about 0.1 s."""
+    a = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
+    a @ a                                                                     # warm-up: threads, caches
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ a
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def cpu_notice(cfg, device, reference_seconds):
+    """One line at the start of a run sized for a GPU that got a CPU: roughly how long it will take here, and that
+    --quick is the CPU's size. reference_seconds is the script's estimate of this run on the reference CPU
+    (REFERENCE_CPU_GFLOPS), scaled here by this CPU's matmul speed. Silent on a GPU, with --quick, on other ranks
+    and for runs of under a minute."""
+    if device.type != "cpu" or cfg.quick or not is_main() or reference_seconds < 30:
+        return
+    seconds = reference_seconds * REFERENCE_CPU_GFLOPS / cpu_gflops()
+    if seconds < 60:
+        return
+    took = f"{seconds / 60:.0f} minutes" if seconds < 5400 else f"{seconds / 3600:.1f} hours"
+    print(f"note: this run is sized for a GPU (about a minute there); on this CPU it takes roughly {took}. "
+          "Add --quick for a CPU-sized run of seconds (smaller data and model, the same steps and outputs).")
 
 
 def autocast_dtype(device):
@@ -230,24 +300,136 @@ def constant(values, device, dtype):
     return torch.tensor(values, device=device, dtype=dtype)
 
 
+class _ProgressLines(tqdm):
+    """tqdm for a log file: a plain line at most every mininterval seconds, and one at the end (none for a phase that
+    took less), instead of a bar redrawn in place with carriage returns, which a log shows as one endless line."""
+    printed_at, printed_n = 0.0, None
+
+    def display(self, msg=None, pos=None, final=False):
+        elapsed = self.format_dict["elapsed"]
+        due = elapsed - self.printed_at >= self.mininterval or (final and self.printed_n not in (None, self.n))
+        if msg is None and due:
+            print(self, file=self.fp, flush=True)
+            self.printed_at, self.printed_n = elapsed, self.n
+        return False                                  # nothing on screen to clear afterwards
+
+    def close(self):
+        if not self.disable:
+            self.display(final=True)
+        super().close()
+
+
+PROGRESS_LINE_SECONDS = 5     # how often a log file gets a progress line
+
+
 def progress(total, desc, unit="img"):
-    """A tqdm bar counted in samples, so its rate reads as throughput (img/s, pairs/s, words/s).
-    Set postfix(loss=...) every few steps: reading a GPU loss forces a synchronisation."""
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True,
-                leave=False, disable=None if is_main() else True, mininterval=0.5)   # one bar under torchrun
+    """A tqdm bar counted in samples, so its rate reads as throughput (img/s, pairs/s, words/s): redrawn in place on a
+    terminal, a plain line every few seconds when stderr goes to a file. Set postfix(loss=...) every few steps:
+    reading a GPU loss forces a synchronisation."""
+    options = dict(total=total, desc=desc, unit=unit, unit_scale=True, leave=False, disable=not is_main())  # one under torchrun
+    if sys.stderr.isatty():
+        return tqdm(**options, dynamic_ncols=True, mininterval=0.5)
+    return _ProgressLines(**options, ascii=True, mininterval=PROGRESS_LINE_SECONDS)
 
 
-# ---- 4. Outputs: written atomically so that an interrupted run never leaves a half file ----
+# ---- 4. Outputs: one run per folder, each file written atomically ----
+#
+# A run writes into a staging folder beside --out (.NAME.run-PID, only on rank 0) and finish_run renames it to --out:
+# after any run, finished, failed or interrupted, --out holds the complete outputs of one run, or what it held before.
 
-def prepare_out(path):
-    path = Path(path)
+@dataclass
+class _Run:
+    final: Path              # the --out folder, resolved
+    given: Path              # the --out folder as given, which finish_run returns
+    created: Path = None     # the highest folder above the staging folder that set-up had to create
+    owner: bool = True       # this process made the staging folder (rank 0)
+
+
+_runs = {}                   # staging folder -> _Run, for the runs of this process that have not reached finish_run
+
+
+@contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM wait until the block is done: folders are never left half renamed or half removed."""
+    if not hasattr(signal, "pthread_sigmask"):                          # Windows: no signal masks
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _new_staging_folder(path):
+    """(staging folder, _Run) for the outputs of a run into path, after checking that path may be replaced."""
+    given = Path(path)
+    final = given.resolve()
+    where = repr(str(given))
+    check(not final.is_file(), f"--out {where} is a file, not a folder")
+    if final.is_dir():
+        check(not Path.cwd().is_relative_to(final), f"--out {where} holds the current folder; a run replaces its "
+                                                    "folder as a whole, so choose another one")
+        others = sorted(p.name for p in final.iterdir())
+        # a run replaces its folder as a whole: only a folder of an earlier run (its config.json) or an empty one
+        check(not others or "config.json" in others,
+              f"--out {where} holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''} and is not the folder "
+              "of an earlier run (no config.json); a run replaces its folder as a whole, so choose a new or empty one")
+    created = next((p for p in reversed(final.parents) if not p.exists()), None)
+    staging = final.with_name(f".{final.name}.run-{os.getpid()}")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)                     # left by an earlier process with this id
+        staging.mkdir()                                                 # with the umask's permissions
     except OSError as error:
-        raise UserError(f"cannot write to output folder {str(path)!r}: {error.strerror or error}") from None
-    return path
+        raise UserError(f"cannot write to output folder {where}: {error.strerror or error}") from None
+    return staging, _Run(final, given, created)
+
+
+def stage_out(path):
+    """The staging folder of a new run whose outputs go to path (see finish_run). Under torchrun rank 0 makes it and
+    every rank gets the same paths, or rank 0's error."""
+    discard_unfinished_runs()
+    try:
+        made = _new_staging_folder(path) if is_main() else None
+    except UserError as error:
+        made = error
+    if world_size() > 1:
+        shared = [made]
+        dist.broadcast_object_list(shared, src=0)
+        made = shared[0]
+    if isinstance(made, UserError):
+        raise made
+    staging, run = made
+    _runs[staging] = dataclasses.replace(run, owner=is_main())
+    return staging
+
+
+def discard_unfinished_runs():
+    """Remove the staging folders of this process's runs that did not reach finish_run (a UserError, a traceback,
+    Ctrl-C, SIGTERM), and the folders that set-up created above them: --out stays as it was. common.run calls it
+    when a script ends; for a main() called in a notebook or a test, the next setup and the exit of Python do."""
+    with _signals_held():
+        for staging, run in list(_runs.items()):
+            if run.owner:
+                shutil.rmtree(staging, ignore_errors=True)
+                folder = staging.parent
+                while run.created is not None and folder.is_relative_to(run.created):
+                    try:
+                        folder.rmdir()                                  # only while empty
+                    except OSError:
+                        break
+                    folder = folder.parent
+            del _runs[staging]
+
+
+atexit.register(discard_unfinished_runs)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _atomic_write(path, write):
@@ -257,6 +439,7 @@ def _atomic_write(path, write):
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())       # mkstemp makes 0600; outputs are as readable as the umask allows
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -602,7 +785,7 @@ def _download(url, dest, remote):
     try:
         with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
+            with progress(total, dest.name, unit="B") as bar:
                 for block in iter(lambda: response.read(1 << 16), b""):
                     f.write(block)
                     bar.update(len(block))

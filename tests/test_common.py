@@ -3,8 +3,11 @@ import gzip
 import hashlib
 import http.server
 import io
+import json
 import math
+import os
 import pickle
+import stat
 import subprocess
 import sys
 import tarfile
@@ -12,6 +15,7 @@ import threading
 from dataclasses import dataclass
 
 import matplotlib.image
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -410,11 +414,68 @@ def test_rank_share_slices_the_items_between_ranks(monkeypatch):
     assert shares == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]                # equal and disjoint; the remainder is dropped
 
 
-def test_unwritable_output_folder(tmp_path):
+def test_unwritable_or_unusable_output_folder(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(common.UserError, match="cannot write"):
-        common.prepare_out(blocker / "runs")
+    with pytest.raises(common.UserError, match="cannot write to output folder"):
+        common.stage_out(blocker / "runs")
+    with pytest.raises(common.UserError, match=r"^--out '.*file' is a file, not a folder$"):
+        common.stage_out(blocker)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(common.UserError, match=r"holds notes.txt and is not the folder of an earlier run \(no config"):
+        common.stage_out(mine)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "mine"] and (mine / "notes.txt").is_file()
+
+
+def toy_run(out, files):
+    """A run of a script in miniature: set-up, its outputs, finish_run. Returns the staging folder and the result."""
+    _, staging = common.setup(ToyConfig(device="cpu", out=str(out)), "toy.py")
+    for name, text in files.items():
+        common.save_text(staging / name, text)
+    return staging, common.finish_run(staging)
+
+
+def test_a_finished_run_replaces_the_folder_as_a_set(tmp_path):
+    out = tmp_path / "deep" / "run"                                     # its parents are made too
+    staging, final = toy_run(out, {"metrics.json": "{}", "old.png": "first run"})
+    assert staging.parent == out.parent and staging.name.startswith(".run.run-") and final == out
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.json", "old.png"]
+    _, staging = common.setup(ToyConfig(device="cpu", out=str(out), seed=5), "toy.py")
+    common.save_text(staging / "metrics.json", "{}")
+    assert (out / "old.png").is_file() and json.loads((out / "config.json").read_text())["seed"] == 0   # until it ends
+    common.finish_run(staging)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.json"]                    # nothing mixed
+    assert json.loads((out / "config.json").read_text())["seed"] == 5
+    assert [p.name for p in out.parent.iterdir()] == ["run"]                                       # no staging, no backup
+
+
+def test_an_unfinished_run_leaves_the_folder_as_it_was(tmp_path):
+    out = tmp_path / "new" / "run"
+    _, staging = common.setup(ToyConfig(device="cpu", out=str(out)), "toy.py")
+    common.save_text(staging / "half.png", "x")
+    assert not out.exists()
+    common.discard_unfinished_runs()                 # common.run calls it when a script ends, atexit for main() calls
+    assert list(tmp_path.iterdir()) == []            # the staging folder and the parent set-up made are gone
+    toy_run(out, {"a.txt": "1"})
+    _, staging = common.setup(ToyConfig(device="cpu", out=str(out)), "toy.py")
+    common.save_text(staging / "b.txt", "2")
+    _, staging = common.setup(ToyConfig(device="cpu", out=str(out)), "toy.py")   # a new run discards the unfinished one
+    assert sorted(p.name for p in out.parent.iterdir()) == [staging.name, "run"] and list(staging.iterdir()) == [staging / "config.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt", "config.json"]
+    common.discard_unfinished_runs()
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        toy_run(tmp_path / "run", {"a.txt": "1"})
+        common.save_figure(plt.figure(), tmp_path / "run" / "figure.png")
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "run", *(tmp_path / "run").iterdir()]}
+    assert modes == {"run": 0o750, "config.json": 0o640, "a.txt": 0o640, "figure.png": 0o640}
 
 
 def test_checkpoints_round_trip_and_refuse_other_models(tmp_path):
