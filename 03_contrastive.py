@@ -1,19 +1,29 @@
-"""03 -- Contrastive learning (SimCLR): learn features without labels by telling two views of an image apart
-from the views of every other image in the batch.
+"""03 -- Self-supervised learning: learn features without labels from two views of each image, with seven methods
+on one loop (SimCLR, MoCo, BYOL, SimSiam, Barlow Twins, VICReg, triplets), each with the collapse it avoids shown.
 
 What it teaches
   1. An encoder f (a small ResNet) and a projection head g; downstream tasks use h = f(x), not z = g(h).
-  2. NT-Xent: a softmax over cosine similarities in which each view must pick out its partner.
-  3. Two random views of each image (crop, flip, colour jitter, grayscale, blur), made on the GPU as batched
+  2. NT-Xent: a softmax over cosine similarities in which each view must pick out its partner (SimCLR).
+  3. What keeps a method from collapsing: negatives from the batch (SimCLR) or from a queue of a momentum encoder's
+     keys (MoCo); a predictor against a moving-average target (BYOL) or against a stop-gradient (SimSiam); decorrelated
+     dimensions (Barlow Twins); a variance hinge (VICReg); a margin to a mined negative (triplet). --ablate takes it
+     away, and the std of z, its effective rank and its singular-value spectrum show the collapse that follows.
+  4. Two random views of each image (crop, flip, colour jitter, grayscale, blur), made on the GPU as batched
      tensor ops: the augmentations decide what the representation learns to ignore.
-  4. Evaluation of the frozen encoder (linear probe, weighted kNN, few-shot probes) against a random one and pixels.
-  5. Geometry: alignment, uniformity, effective rank, spread; the collapse without negatives (--negatives none).
-  6. Invariance: how far h moves under each augmentation, and under a change of one factor of the embedded set.
-  7. Several GPUs (torchrun): negatives from the batches of every GPU, and BatchNorm statistics over all of them.
+  5. Evaluation of the frozen encoder (linear probe, weighted kNN, few-shot probes) against a random one and pixels.
+  6. Geometry: alignment, uniformity, effective rank, spread; invariance: how far h moves under each augmentation.
+  7. Several GPUs (torchrun): batch statistics (negatives, cross-correlations, BatchNorm, MoCo's queue) over all GPUs.
 
 Papers
   Chen, Kornblith, Norouzi, Hinton 2020, "A Simple Framework for Contrastive Learning of Visual Representations"
     (SimCLR): Eq. 1 is the NT-Xent loss, Section 2.1 the framework, Section 2.2 global BN, Appendix A the augmentations.
+  He, Fan, Wu, Xie, Girshick 2020, "Momentum Contrast" (MoCo): Eq. 1 InfoNCE over a queue, Eq. 2 the momentum update;
+    Chen, Fan, Girshick, He 2020, "Improved Baselines with Momentum Contrastive Learning" (MoCo v2: MLP head, tau 0.2).
+  Grill et al. 2020, "Bootstrap Your Own Latent" (BYOL): Eq. 2 the loss, Section 3.1 the EMA target and its schedule.
+  Chen and He 2021, "Exploring Simple Siamese Representation Learning" (SimSiam): Eqs. 1 to 4, stop-gradient.
+  Zbontar, Jing, Misra, LeCun, Deny 2021, "Barlow Twins": Eq. 1 the loss, Eq. 2 the cross-correlation matrix.
+  Bardes, Ponce, LeCun 2022, "VICReg": Eq. 1 variance, Eqs. 3 and 4 covariance, Eq. 5 invariance, Eq. 6 the sum.
+  Schroff, Kalenichenko, Philbin 2015, "FaceNet": Eq. 1 the triplet loss, Section 3.2 hard and semi-hard negatives.
   Wang and Isola 2020, "Understanding Contrastive Representation Learning through Alignment and Uniformity on
     the Hypersphere": Eqs. 4 and 5 (alignment, uniformity).
   Roy and Vetterli 2007, "The effective rank: a measure of effective dimensionality": Eq. 1.
@@ -22,9 +32,10 @@ Papers
   He, Zhang, Ren, Sun 2016, "Deep Residual Learning for Image Recognition": the residual block.
 
 Run
-  python 03_contrastive.py                                   # embedded shapes, about a minute on one GPU 
+  python 03_contrastive.py                                   # SimCLR on the embedded shapes, about a minute on one GPU
   python 03_contrastive.py --dataset fashion-mnist --width 64 --epochs 80 --crop 0.5 --temperature 0.05 --jitter 1.5
-  python 03_contrastive.py --negatives none                  # no negatives: watch it collapse
+  python 03_contrastive.py --method byol                     # or moco, simsiam, barlow, vicreg, triplet
+  python 03_contrastive.py --method simsiam --ablate         # no stop-gradient: watch it collapse
   python 03_contrastive.py --temperatures 0.05,0.1,0.5,1     # temperature sweep after the main run
   torchrun --nproc_per_node=2 03_contrastive.py              # 2 GPUs, 1024 images each: 4094 negatives per view
 
@@ -34,10 +45,13 @@ Measured on one H200 (torch 2.11, bf16), linear probe / weighted-kNN top-1 of th
   Fashion-MNIST (the command above, 66 s of pre-training at 72k img/s, 95 s process wall): 0.906 / 0.904;
     random encoder 0.829 / 0.770, raw pixels 0.845 / 0.861.
 """
+import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -47,23 +61,32 @@ import evaluation
 
 
 # Shape legend: B images in a batch, V = 2B views, C channels, H x W pixels, w encoder width,
-# D feature size (h: D = 4w), P projection size (z), N images in an evaluation set.
+# D feature size (h: D = 4w), P projection size (z), K keys in MoCo's queue, N images in an evaluation set.
 
 AUGMENTATIONS = ("crop", "flip", "jitter", "grayscale", "blur")      # SimCLR's chain, in its order (Appendix A)
+METHODS = ("simclr", "moco", "byol", "simsiam", "barlow", "vicreg", "triplet")
+ABLATION = {"simclr": "no negatives", "moco": "no negatives", "byol": "no predictor", "simsiam": "no stop-gradient",
+            "barlow": "no off-diagonal term", "vicreg": "no variance term"}     # what --ablate takes away
 
 
 @dataclass
 class Config(common.RunConfig):
+    method: str = common.arg("simclr", "the self-supervised objective", choices=list(METHODS))
+    ablate: bool = common.arg(False, "take away what keeps the method from collapsing: " + "; ".join(
+        f"{m}: {a}" for m, a in ABLATION.items()))
     epochs: int = common.arg(40, "passes over the training images during pre-training")
     batch_size: int = common.arg(1024, "images per step on each GPU (2 views each; on N GPUs, 2NB - 2 negatives per view)")
     lr: float = common.arg(2e-3, "peak AdamW learning rate (linear warm-up, then cosine decay to 0)")
     warmup: float = common.arg(0.025, "share of the steps in which the learning rate rises linearly from 0 (0.025: 1 of 40 epochs)")
     weight_decay: float = common.arg(1e-4, "AdamW weight decay")
-    temperature: float = common.arg(0.2, "NT-Xent temperature tau > 0: lower sharpens the softmax over negatives")
-    negatives: str = common.arg("all", "all: NT-Xent | none: positives only (the ablation that collapses)",
-                                choices=["all", "none"])
+    temperature: float = common.arg(0.2, "NT-Xent / InfoNCE temperature tau > 0 (simclr, moco): lower sharpens the softmax over negatives")
+    queue: int = common.arg(4096, "moco: keys K in the queue of negatives, at least one step's 2 x batch-size x GPUs")
+    ema: float = common.arg(0.99, "moco, byol: the target's EMA rate at the start, in [0, 1], rising to 1 on a cosine")
+    barlow_lambda: float = common.arg(5e-3, "barlow: weight lambda > 0 of the off-diagonal (redundancy) term")
+    margin: float = common.arg(0.2, "triplet: margin alpha > 0 between squared distances of unit vectors")
+    mining: str = common.arg("semi-hard", "triplet: the negative mined in the batch", choices=["hard", "semi-hard"])
     width: int = common.arg(32, "encoder width w: stages of w, 2w and 4w channels; h has D = 4w features")
-    hidden: int = common.arg(512, "hidden width of the projection head")
+    hidden: int = common.arg(512, "hidden width of the projection head (and of BYOL's predictor)")
     projection: int = common.arg(128, "size P of the projection z that the loss sees")
     augmentations: str = common.arg(",".join(AUGMENTATIONS), "augmentations to use, comma-separated; the others are off")
     crop: float = common.arg(0.6, "random resized crop: share of the area it may cut away, in [0, 1)")
@@ -74,15 +97,17 @@ class Config(common.RunConfig):
     temperatures: str = common.arg("", "comma-separated temperatures to sweep after the main run, e.g. 0.05,0.1,0.5")
     n_train: int = common.arg(0, "training images to use (0: all)")
     n_test: int = common.arg(0, "test images to use (0: all)")
+    validation: int = common.arg(0, "hold out the last N training images and evaluate on them instead of the test set (tuning)")
     image_size: int = common.arg(0, "resize images to this side (0: the dataset's own)")
     probe_steps: int = common.arg(2000, "least number of Adam steps of each linear probe")
+    save_features: bool = common.arg(False, "also write features.npz: h (N, D) float32, images uint8, labels of the test set")
 
 
 QUICK = dict(epochs=6, batch_size=64, lr=5e-3, width=8, hidden=64, projection=32, n_train=1024, n_test=256,
-             image_size=16, probe_steps=100)
+             image_size=16, probe_steps=100, queue=256)
 
 
-# ---- 1. Model: an encoder f and a projection head g (SimCLR Section 2.1) ----
+# ---- 1. Model: an encoder f, a projection head g, and for BYOL and SimSiam a predictor q ----
 
 def conv_bn(c_in, c_out, stride=1):
     """3x3 convolution and BatchNorm; no conv bias, since BatchNorm's shift would cancel it."""
@@ -122,7 +147,8 @@ class Encoder(nn.Module):
 class ProjectionHead(nn.Module):
     """g: z = W2 ReLU(BN(W1 h)) (SimCLR Section 2.1, with the BatchNorm of SimCLR v2). The loss acts on z,
     so z is pushed to drop whatever the augmentations change; h, one layer back, keeps more of it, which is
-    why downstream tasks read h (SimCLR Section 4.2, Fig. 8; the linear probe on both shows it)."""
+    why downstream tasks read h (SimCLR Section 4.2, Fig. 8; the linear probe on both shows it).
+    BYOL's and SimSiam's predictor q is the same two-layer MLP, from z to z."""
 
     def __init__(self, dim, hidden=512, out=128):
         super().__init__()
@@ -135,24 +161,45 @@ class ProjectionHead(nn.Module):
 
 
 class SimCLR(nn.Module):
-    """The encoder and the head, one module so that one checkpoint holds both. forward: x -> (h, z)."""
+    """The online network of every method (named after the first one here): encoder f, head g and, when predictor
+    (its hidden width) is not 0, a predictor q. forward: x -> h (B, D), z = g(h) (B, P), p = q(z) (B, P), which is
+    z itself without a predictor. One module, so that one checkpoint holds it all."""
 
-    def __init__(self, in_channels=3, width=32, hidden=512, projection=128):
+    def __init__(self, in_channels=3, width=32, hidden=512, projection=128, predictor=0):
         super().__init__()
         self.encoder = Encoder(in_channels, width)
         self.head = ProjectionHead(self.encoder.dim, hidden, projection)
+        self.predictor = ProjectionHead(projection, predictor, projection) if predictor else nn.Identity()
 
-    def forward(self, x):                                          # (B, C, H, W) -> (B, D), (B, P)
+    def forward(self, x):                                          # (B, C, H, W) -> (B, D), (B, P), (B, P)
         h = self.encoder(x)
-        return h, self.head(h)
+        z = self.head(h)
+        return h, z, self.predictor(z)
+
+
+def predictor_width(cfg):
+    """BYOL's predictor is as wide as its projector's hidden layer (Section 3.3); SimSiam's is a bottleneck of a
+    quarter of its output (Section 4.4, 2048 -> 512 -> 2048); the others have none, nor does BYOL under --ablate."""
+    if cfg.method == "byol" and not cfg.ablate:
+        return cfg.hidden
+    return max(1, cfg.projection // 4) if cfg.method == "simsiam" else 0
 
 
 def build_model(cfg, in_channels, device):
     # channels_last: the layout that the tensor cores' convolution kernels read without a transpose
-    return SimCLR(in_channels, cfg.width, cfg.hidden, cfg.projection).to(device, memory_format=torch.channels_last)
+    model = SimCLR(in_channels, cfg.width, cfg.hidden, cfg.projection, predictor_width(cfg))
+    return model.to(device, memory_format=torch.channels_last)
 
 
-# ---- 2. Objective: NT-Xent, the normalised temperature-scaled cross-entropy ----
+# ---- 2. Objectives: plain functions of the two views' outputs (B, P) ----
+#
+# Losses work in float32 (or float64) even under autocast: bf16 keeps 8 bits of mantissa, too coarse for logits
+# of size 1/tau or for the sums of squares of Barlow Twins and VICReg. What must not carry a gradient is detached
+# (or computed under no_grad) by the caller, where the reader sees it: pretrain and contrastive_step.
+
+def float32(*tensors):
+    return [common.at_least_float32(t) for t in tensors]
+
 
 def nt_xent(z1, z2, temperature):
     """SimCLR's loss (Eq. 1) over the 2B views of a batch. z1, z2 (B, P): projections of the two views
@@ -162,9 +209,8 @@ def nt_xent(z1, z2, temperature):
     B = z1.shape[0]
     common.check(B >= 2, f"NT-Xent needs at least 2 images per batch (1 has no negatives), got {B}")
     common.check(0 < temperature < math.inf, f"temperature must be positive and finite, got {temperature}")
-    # NOTE: float32 (or float64) even under autocast: bf16 keeps 8 bits of mantissa, too coarse for logits of size 1/tau
     with torch.autocast(z1.device.type, enabled=False):
-        z = F.normalize(common.at_least_float32(torch.cat([z1, z2])), dim=1)    # (V, P) unit vectors, V = 2B
+        z = F.normalize(torch.cat(float32(z1, z2)), dim=1)                     # (V, P) unit vectors, V = 2B
         # EXERCISE: make 1 / temperature a learned parameter (log-parametrised, as CLIP's logit_scale)
         logits = z @ z.T / temperature                                          # (V, P) @ (P, V) -> (V, V): cos / tau
         self_pair = torch.eye(2 * B, dtype=torch.bool, device=z.device)
@@ -176,11 +222,140 @@ def nt_xent(z1, z2, temperature):
 
 
 def positives_only(z1, z2, temperature):
-    """The ablation --negatives none: Eq. 1 without its denominator, -cos(z_i, z_partner) / tau averaged.
+    """The ablation of SimCLR and MoCo: Eq. 1 without its denominator, -cos(z_i, z_partner) / tau averaged.
     Nothing pushes different images apart, so the cheapest minimum maps every image to one point: collapse."""
     with torch.autocast(z1.device.type, enabled=False):
-        z1, z2 = F.normalize(common.at_least_float32(z1), dim=1), F.normalize(common.at_least_float32(z2), dim=1)
+        z1, z2 = (F.normalize(z, dim=1) for z in float32(z1, z2))
         return -(z1 * z2).sum(1).mean() / temperature
+
+
+def info_nce(q, k, temperature, queue):
+    """MoCo's InfoNCE (Eq. 1 of He et al. 2020): each query q_i (B, P) must pick its own key k_i (B, P), made by the
+    momentum encoder from the other view, out of k_i and the K keys of the queue (K, P, unit rows): negatives from
+    earlier batches, as many as the queue holds, however small the batch."""
+    with torch.autocast(q.device.type, enabled=False):
+        q, k = (F.normalize(x, dim=1) for x in float32(q, k))
+        positive = (q * k).sum(1, keepdim=True)                                 # (B, 1): l_pos
+        negatives = q @ queue.to(q.dtype).T                                     # (B, P) @ (P, K) -> (B, K): l_neg
+        logits = torch.cat([positive, negatives], 1) / temperature              # (B, 1 + K), the positive first
+        return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+
+
+@torch.no_grad()
+def enqueue(queue, keys):
+    """MoCo's queue, first in first out: the newest keys (N, P) enter at the front, the oldest N leave at the back,
+    the size K stays. In place, so the loss that holds the queue sees the new keys."""
+    queue.copy_(torch.cat([keys.to(queue.dtype), queue])[: len(queue)])
+
+
+def prediction_loss(p, z):
+    """BYOL's loss (Eq. 2): the squared distance of the normalised prediction p and target z (B, P),
+    ||p/|p| - z/|z|||^2 = 2 - 2 cos(p, z), averaged over the batch. SimSiam's D (Eq. 1) is -cos(p, z): the same
+    loss less 2, halved, so one function serves both. The target must arrive detached: that is the method."""
+    with torch.autocast(p.device.type, enabled=False):
+        return (2 - 2 * F.cosine_similarity(*float32(p, z), dim=1)).mean()
+
+
+def standardise(z, eps=1e-5):
+    """Each column of z (B, P) to mean 0, variance 1 over the batch: BatchNorm without its affine (Barlow Twins' code)."""
+    return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + eps)
+
+
+def barlow_twins(z1, z2, off_diagonal):
+    """Barlow Twins' loss (Eq. 1) of z1, z2 (B, P). C (P, P) is the cross-correlation of the standardised views
+    (Eq. 2). Its diagonal is pulled to 1: every dimension agrees across the views (invariance); its off-diagonal to 0
+    with weight lambda: different dimensions carry different information (redundancy reduction)."""
+    with torch.autocast(z1.device.type, enabled=False):
+        z1, z2 = float32(z1, z2)
+        c = standardise(z1).T @ standardise(z2) / len(z1)                      # (P, B) @ (B, P) -> (P, P), Eq. 2
+        on = torch.diagonal(c)                                                  # (P,)
+        return (1 - on).pow(2).sum() + off_diagonal * (c.pow(2).sum() - on.pow(2).sum())
+
+
+VICREG_WEIGHTS = (25.0, 25.0, 1.0)   # lambda, mu, nu of Eq. 6: invariance, variance, covariance (the paper's)
+
+
+def vicreg(z1, z2, invariance, variance, covariance, gamma=1.0, eps=1e-4):
+    """VICReg's loss (Eq. 6) of z1, z2 (B, P), as the paper's code computes it. Invariance (Eq. 5): the mean squared
+    distance of the views. Variance (Eq. 1): a hinge at gamma on each dimension's standard deviation over the batch,
+    so no dimension may shrink to a constant. Covariance (Eqs. 3, 4): the squared off-diagonal covariances over P,
+    so dimensions decorrelate. NOTE: the code averages the squared distance over dimensions too, and halves the
+    two views' variance terms; the weights 25, 25, 1 were tuned with those choices."""
+    with torch.autocast(z1.device.type, enabled=False):
+        z1, z2 = float32(z1, z2)
+        B, P = z1.shape
+        total = invariance * F.mse_loss(z1, z2)
+        for z in (z1, z2):
+            z = z - z.mean(0)
+            std = torch.sqrt(z.var(0) + eps)                                    # (P,) unbiased, as Eq. 1
+            cov = z.T @ z / (B - 1)                                             # (P, B) @ (B, P) -> (P, P), Eq. 3
+            total = total + variance * F.relu(gamma - std).mean() / 2
+            total = total + covariance * (cov.pow(2).sum() - cov.diagonal().pow(2).sum()) / P
+        return total
+
+
+def triplet_margins(anchor, positive, margin, mining):
+    """FaceNet's triplets within a batch of unit vectors: anchor and positive (B, P) are the two views of an image;
+    the negative is the positive of another image, mined (Section 3.2) as the nearest one (hard) or the nearest one
+    farther than the positive (semi-hard; the hardest where there is none). Returns ||a-p||^2 - ||a-n||^2 + alpha,
+    (B,): a triplet violates the margin where it is above 0."""
+    with torch.autocast(anchor.device.type, enabled=False):
+        a, p = (F.normalize(x, dim=1) for x in float32(anchor, positive))
+        distance = 2 - 2 * a @ p.T                                              # (B, P) @ (P, B) -> (B, B) squared
+        with torch.no_grad():                                                   # mining picks indices: no gradient
+            own = torch.eye(len(a), dtype=torch.bool, device=a.device)
+            others = distance.masked_fill(own, math.inf)                        # (B, B) candidate negatives
+            negative = others.argmin(1)                                         # hard
+            if mining == "semi-hard":
+                farther = others.masked_fill(others <= distance.diagonal()[:, None], math.inf)
+                negative = torch.where(farther.isfinite().any(1), farther.argmin(1), negative)
+        rows = torch.arange(len(a), device=a.device)
+        return distance.diagonal() - distance[rows, negative] + margin
+
+
+def triplet_loss(anchor, positive, margin, mining):
+    """FaceNet's Eq. 1: [||a - p||^2 - ||a - n||^2 + alpha]_+ averaged over the triplets of the batch."""
+    return F.relu(triplet_margins(anchor, positive, margin, mining)).mean()
+
+
+def pair_loss(cfg, queue=None):
+    """The chosen method's loss of (one view's prediction, the other view's target), (B, P) each, and temperature.
+    --ablate takes away what keeps it from collapsing (for BYOL the predictor and for SimSiam the stop-gradient:
+    build_model and pretrain)."""
+    if cfg.method in ("simclr", "moco") and cfg.ablate:
+        return positives_only
+    if cfg.method == "simclr":
+        return nt_xent
+    if cfg.method == "moco":
+        return lambda q, k, temperature: info_nce(q, k, temperature, queue)
+    if cfg.method in ("byol", "simsiam"):
+        return lambda p, z, _: prediction_loss(p, z)
+    if cfg.method == "barlow":
+        return lambda z1, z2, _: barlow_twins(z1, z2, 0.0 if cfg.ablate else cfg.barlow_lambda)
+    if cfg.method == "vicreg":
+        invariance, variance, covariance = VICREG_WEIGHTS
+        return lambda z1, z2, _: vicreg(z1, z2, invariance, 0.0 if cfg.ablate else variance, covariance)
+    return lambda anchor, positive, _: triplet_loss(anchor, positive, cfg.margin, cfg.mining)
+
+
+def ema_rate(step, total, base):
+    """BYOL's schedule of the target's rate (Section 3.1): tau = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2, from
+    tau_base at step k = 0 to 1 at the last step K: the target moves less and less as training settles."""
+    return 1 - (1 - base) * (math.cos(math.pi * step / total) + 1) / 2
+
+
+@torch.no_grad()
+def ema_update(target, online, rate):
+    """xi <- tau xi + (1 - tau) theta for every parameter xi of the target and theta of the online network of the
+    same name (BYOL Section 3.1; MoCo's Eq. 2 with m = tau); the online predictor has no counterpart.
+    BatchNorm's running mean and variance are copied, not averaged: the target runs in training mode, where
+    BatchNorm normalises by the batch's own statistics and never reads them, so copying only keeps them valid."""
+    theta = dict(online.named_parameters())
+    for name, xi in target.named_parameters():
+        xi.mul_(rate).add_(theta[name], alpha=1 - rate)
+    buffers = dict(online.named_buffers())
+    for name, buffer in target.named_buffers():
+        buffer.copy_(buffers[name])
 
 
 # ---- 3. Data: two random views of every image, made on the GPU as batched tensor ops ----
@@ -350,22 +525,35 @@ def view_batches(images, order, batch_size, strength, generator=None):
         views1, views2 = two_views(images[chunk], strength, generator)
         yield from zip(views1.split(batch_size), views2.split(batch_size))
 
-
 # ---- 4. Training: pre-training without labels ----
 
-def contrastive_step(model, optimizer, view1, view2, temperature, loss_fn, device):
-    """One optimisation step on a batch of view pairs (B, C, H, W) each; returns the loss, still on the device
-    (reading it would make the CPU wait for the GPU)."""
+def contrastive_step(model, optimizer, view1, view2, temperature, loss_fn, device, target=None, stop_gradient=False,
+                     scaler=None):
+    """One optimisation step of any method on a batch of view pairs (B, C, H, W) each. The online network gives
+    z and its prediction p (z itself without a predictor); the target of each view is the EMA network's z (MoCo's
+    keys, BYOL's targets) or else the online z, made a constant by stop_gradient (SimSiam). loss_fn compares each
+    view's p with the other view's target, both ways round, averaged (BYOL's L + L~ halved, SimSiam's Eq. 4; the
+    two terms of NT-Xent, Barlow Twins and VICReg are equal). Returns the loss and the targets z (2WB, P), still
+    on the device (reading them would make the CPU wait for the GPU). scaler: pretrain's, kept across steps."""
+    scaler = scaler or common.grad_scaler(device)
     views = torch.cat([view1, view2]).contiguous(memory_format=torch.channels_last)   # (V, C, H, W)
     with common.autocast(device):
-        _, z = model(views)                                         # both views in one batch: one set of BN statistics
-    z = common.gather_with_grad(z).unflatten(0, (-1, 2, len(view1)))    # (W, 2, B, P): rank, view, image
-    z1, z2 = z[:, 0].flatten(0, 1), z[:, 1].flatten(0, 1)               # (W*B, P) each; row i of both is a pair
-    loss = loss_fn(z1, z2, temperature)
+        _, z, p = model(views)                                      # both views in one batch: one set of BN statistics
+        if target is not None:
+            with torch.no_grad():                                   # nothing flows back into the EMA network
+                _, z, _ = target(views)
+    if stop_gradient:
+        z = z.detach()                                              # SimSiam's stop-gradient (Eq. 3)
+    # torchrun: every rank's rows, (W, 2, B, P): rank, view, image; so batch statistics are the global batch's
+    by_view = lambda x: common.gather_with_grad(x).unflatten(0, (-1, 2, len(view1))).transpose(0, 1).flatten(1, 2)
+    p1, p2 = by_view(p)                                             # (W*B, P) each; row i of both is one image
+    z1, z2 = by_view(z)
+    loss = (loss_fn(p1, z2, temperature) + loss_fn(p2, z1, temperature)) / 2
     optimizer.zero_grad(set_to_none=True)
-    common.backward_full_batch(loss)
-    optimizer.step()
-    return loss.detach()
+    common.backward_full_batch(scaler.scale(loss))
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), torch.cat([z1, z2]).detach()
 
 
 TRACK_POINTS = 25          # geometry measurements per pre-training run
@@ -382,29 +570,39 @@ def check_finite(desc, loss, alignment, step, lr):
                  f"{'' if math.isfinite(alignment) else ' and z is not finite after it'}); lower --lr (it is {lr:g})")
 
 
-def pretrain(cfg, data, device, temperature, negatives, desc="pre-train"):
-    """SimCLR pre-training on data.x_train (labels unused). Returns (model, history, stats); the model is the plain
-    module, with the same weights on every rank, and stats times the training steps alone (not the geometry
-    measurements of history)."""
+def pretrain(cfg, data, device, temperature, desc="pre-train"):
+    """Pre-training of cfg.method on data.x_train (labels unused). Returns (model, history, stats); the model is the
+    plain online module, with the same weights on every rank, and stats times the training steps alone (not the
+    geometry measurements of history)."""
     # Several GPUs (torchrun, W processes; in one process nothing changes): each rank trains on its share of the
-    # images with views of its own; contrastive_step gathers every rank's z (2WB - 2 negatives per view) and scales
-    # the loss by W against DDP's average. Global BN (SimCLR Sec. 2.2; CUDA only): with per-GPU statistics a view
-    # could find its partner, always on its own GPU, through the batch they share. DDP keeps gradients in its buckets,
-    # plans once (each step runs the same layers), and need not broadcast running statistics that global BN keeps equal.
+    # images with views of its own; contrastive_step gathers every rank's z (2WB - 2 negatives per view; global
+    # statistics for Barlow Twins and VICReg) and scales the loss by W against DDP's average. Global BN (SimCLR
+    # Sec. 2.2; CUDA only): with per-GPU statistics a view could find its partner, always on its own GPU, through the
+    # batch they share. DDP keeps gradients in its buckets, plans once (each step runs the same layers), and need not
+    # broadcast running statistics that global BN keeps equal.
     model = build_model(cfg, data.shape[0], device)
     if common.world_size() > 1 and device.type == "cuda":
         model = common.global_batchnorm(model)
     trained = common.data_parallel(model, device, gradient_as_bucket_view=True, static_graph=True,
                                    broadcast_buffers=device.type != "cuda")
+    target = queue = None
+    if cfg.method in ("moco", "byol"):          # the EMA network starts as a copy (after DDP gave every rank rank 0's)
+        target = copy.deepcopy(model).requires_grad_(False)
+        target.predictor = nn.Identity()        # BYOL's target has a projector but no predictor
+    if cfg.method == "moco" and not cfg.ablate:   # random unit keys until real ones arrive; the same on every rank
+        start = torch.randn(cfg.queue, cfg.projection, generator=torch.Generator().manual_seed(cfg.seed))
+        queue = F.normalize(start, dim=1).to(device)                            # (K, P)
     images = data.x_train[common.rank_share(len(data.x_train))]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
+    scaler = common.grad_scaler(device)
     n, B = len(images), cfg.batch_size
     steps_per_epoch = n // B                                        # the last partial batch is dropped
     total = cfg.epochs * steps_per_epoch
     warmup = round(cfg.warmup * total)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: common.warmup_cosine(s, total, warmup))
-    strength, loss_fn = strengths(cfg), {"all": nt_xent, "none": positives_only}[negatives]
+    strength, loss_fn = strengths(cfg), pair_loss(cfg, queue)
+    stop_gradient = cfg.method == "simsiam" and not cfg.ablate
     generator = torch.Generator(device).manual_seed(cfg.seed + common.rank())   # each rank its own order and views
     tracked = data.x_test[: min(TRACK_IMAGES, B)]                    # at most a batch: cheap next to training
     track_every = max(1, total // TRACK_POINTS)
@@ -414,9 +612,14 @@ def pretrain(cfg, data, device, temperature, negatives, desc="pre-train"):
     for _ in range(cfg.epochs):
         order = torch.randperm(n, device=device, generator=generator)[: steps_per_epoch * B]
         for view1, view2 in view_batches(images, order, B, strength, generator):
-            loss = contrastive_step(trained, optimizer, view1, view2, temperature, loss_fn, device)
+            loss, keys = contrastive_step(trained, optimizer, view1, view2, temperature, loss_fn, device, target,
+                                          stop_gradient, scaler)
             schedule.step()
             step += 1
+            if target is not None:
+                ema_update(target, model, ema_rate(step, total, cfg.ema))
+            if queue is not None:
+                enqueue(queue, F.normalize(keys.float(), dim=1))    # every rank's keys, so the queues stay equal
             bar.update(B)
             if step % track_every == 0 or step == 1 or step == total:
                 seconds += watch.seconds()                          # the clock stops while the geometry is measured
@@ -430,7 +633,7 @@ def pretrain(cfg, data, device, temperature, negatives, desc="pre-train"):
     seconds = common.mean_over_ranks(seconds + watch.seconds())
     bar.close()
     return model, history, {"seconds": seconds, "images_per_second": total * B * common.world_size() / seconds,
-                            "steps": total}
+                            "steps": total, "ms_per_step": 1000 * seconds / total}
 
 
 # ---- 5. Evaluation: geometry of the embedding, and what a frozen encoder is good for ----
@@ -451,16 +654,22 @@ def uniformity(x, t=2):
     return torch.logsumexp(-t * squared[distinct], 0) - math.log(distinct.sum().item())
 
 
+def spectrum(x):
+    """The eigenvalues (D,) of the covariance of x (N, D), largest first: the squared singular values of the centred
+    x, over N. All NaN when x is not finite (a diverged run), where eigvalsh would fail to converge; torch.where
+    decides that on the device, since an `if` would make the CPU wait for the GPU."""
+    x = x.double() - x.double().mean(0)
+    finite = torch.isfinite(x).all()
+    eigenvalues = torch.linalg.eigvalsh(torch.where(finite, x.T @ x / len(x), 0.0)).clamp(min=0).flip(0)
+    return torch.where(finite, eigenvalues, math.nan)
+
+
 def effective_rank(x):
     """Roy and Vetterli 2007, Eq. 1: exp(entropy) of the covariance's normalised eigenvalues. x (N, D) ->
     a number between 1 (all variance along one direction: collapse) and D (variance spread evenly)."""
-    x = x.double() - x.double().mean(0)
-    # eigvalsh fails to converge on NaN or inf (a diverged run): it gets zeros and the answer is NaN, decided by
-    # torch.where on the device, since an `if` would make the CPU wait for the GPU
-    finite = torch.isfinite(x).all()
-    eigenvalues = torch.linalg.eigvalsh(torch.where(finite, x.T @ x / len(x), 0.0)).clamp(min=0)   # (D,)
+    eigenvalues = spectrum(x)
     p = eigenvalues / eigenvalues.sum()
-    return torch.where(finite, torch.exp(-(p * torch.log(p.clamp(min=1e-30))).sum()), math.nan)
+    return torch.exp(-(p * torch.log(p.clamp(min=1e-30))).sum())
 
 
 def feature_std(x):
@@ -478,7 +687,7 @@ def embed(model, images, device, batch=2048):
     hs, zs = [], []
     for chunk in images.split(batch):
         with common.autocast(device):
-            h, z = model(common.to_float(chunk).contiguous(memory_format=torch.channels_last))
+            h, z, _ = model(common.to_float(chunk).contiguous(memory_format=torch.channels_last))
         hs.append(h.float())
         zs.append(z.float())
     model.train(was_training)
@@ -559,10 +768,24 @@ def evaluate_features(features, data, cfg, few_shot=()):
 
 
 def final_geometry(h, z):
-    """Effective rank and spread of the clean test images' h and z (N, D), (N, P)."""
-    return {"h_effective_rank": effective_rank(h).item(), "h_std": feature_std(h).item(),
-            "z_effective_rank": effective_rank(z).item(), "z_std": feature_std(z).item(),
-            "z_uniformity": uniformity(z[:TRACK_IMAGES]).item()}
+    """Effective rank, spread and spectrum of the clean test images' h and z (N, D), (N, P). The spread of unit
+    vectors is about 1/sqrt(P) per dimension when they cover the sphere and 0 when collapsed: std x sqrt(P) reads
+    1 for the one and 0 for the other (constant collapse); an effective rank far below P is dimensional collapse."""
+    shape = {"z_uniformity": uniformity(z[:TRACK_IMAGES]).item()}
+    for name, x in (("h", h), ("z", z)):
+        shape.update({f"{name}_effective_rank": effective_rank(x).item(), f"{name}_std": feature_std(x).item(),
+                      f"{name}_std_sqrt_dim": feature_std(x).item() * x.shape[1] ** 0.5,
+                      f"{name}_spectrum": spectrum(x).tolist()})
+    return shape
+
+
+@torch.no_grad()
+def violating_triplets(model, images, strength, cfg, device):
+    """The share of the triplets mined among held-out views (of the first TRACK_IMAGES images) that still violate
+    the margin: the triplets that still give a gradient."""
+    view1, view2 = two_views(images[:TRACK_IMAGES], strength, torch.Generator(device).manual_seed(cfg.seed + 6))
+    margins = triplet_margins(embed(model, view1, device)[1], embed(model, view2, device)[1], cfg.margin, cfg.mining)
+    return (margins > 0).float().mean().item()
 
 
 # ---- 6. Invariance: what does the representation ignore? ----
@@ -637,7 +860,7 @@ def plot_similarity(ax, model, images, strength, device, seed, count=16):
 def plot_training(ax, history):
     ax.plot(history["step"], history["loss"], color="black")
     ax.set_xlabel("step")
-    ax.set_ylabel("NT-Xent loss" if history["loss"][0] > 0 else "loss")
+    ax.set_ylabel("loss")
     ax.set_title("pre-training loss", fontsize=9)
 
 
@@ -653,9 +876,9 @@ def plot_geometry(ax, history, projection):
 
 
 def plot_invariance(ax, distances):
-    names = list(distances["simclr"])
+    names = list(distances["trained"])
     rows = torch.arange(len(names)).numpy()
-    ax.barh(rows - 0.2, [distances["simclr"][n] for n in names], height=0.4, label="SimCLR encoder")
+    ax.barh(rows - 0.2, [distances["trained"][n] for n in names], height=0.4, label="trained encoder")
     ax.barh(rows + 0.2, [distances["random"][n] for n in names], height=0.4, label="random encoder")
     ax.set_yticks(rows, names, fontsize=8)
     ax.invert_yaxis()
@@ -676,6 +899,24 @@ def plot_map(ax, xy, labels, classes):
     ax.set_title("t-SNE of h for test images, coloured by class", fontsize=9)
 
 
+def plot_spectrum(ax, shape, title):
+    """Singular values of the centred test embeddings, each over its largest, largest first: a flat spectrum uses
+    every dimension; one that drops off a cliff after a few is dimensional collapse; a constant collapse leaves
+    nothing (all values near 0, before the division: the legend gives std x sqrt(P))."""
+    for name, style in (("trained", "-"), ("random", ":")):
+        for key, colour in (("h", "tab:blue"), ("z", "tab:orange")):
+            values = np.sqrt(np.clip(shape[name][f"{key}_spectrum"], 1e-30, None))
+            ax.plot(np.arange(1, len(values) + 1), values / values[0], style, color=colour,
+                    label=f"{name} {key}: eff. rank {shape[name][f'{key}_effective_rank']:.1f}, "
+                          f"std x sqrt(dim) {shape[name][f'{key}_std_sqrt_dim']:.2f}")
+    ax.set_yscale("log")
+    ax.set_ylim(1e-4, 1.5)
+    ax.set_xlabel("index of the singular value")
+    ax.set_ylabel("singular value / the largest")
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+
+
 def plot_sweep(ax, sweep):
     temperatures = [row["temperature"] for row in sweep]
     ax.plot(temperatures, [row["linear_top1"] for row in sweep], "o-", label="linear probe top-1")
@@ -686,8 +927,8 @@ def plot_sweep(ax, sweep):
     ax.set_title("temperature sweep", fontsize=9)
 
 
-def save_figures(out, model, data, history, distances, h_test, sweep, cfg, device):
-    """A PNG for each panel (training.png holds the loss and the geometry), and all six in overview.png."""
+def save_figures(out, model, data, history, distances, shape, h_test, sweep, cfg, device):
+    """A PNG for each panel (training.png holds the loss and the geometry), and the first six in overview.png."""
     strength = strengths(cfg)
     xy = common.tsne(F.normalize(h_test[:MAP_POINTS], dim=1), seed=cfg.seed).cpu().numpy()     # (N, 2)
     panels = {"views": lambda ax: plot_views(ax, data.x_test, strength, device, cfg.seed),
@@ -695,10 +936,11 @@ def save_figures(out, model, data, history, distances, h_test, sweep, cfg, devic
               "embedding_map": lambda ax: plot_map(ax, xy, data.y_test, data.classes),
               "loss": lambda ax: plot_training(ax, history),
               "geometry": lambda ax: plot_geometry(ax, history, cfg.projection),
-              "invariance": lambda ax: plot_invariance(ax, distances)}
+              "invariance": lambda ax: plot_invariance(ax, distances),
+              "spectrum": lambda ax: plot_spectrum(ax, shape, f"spectrum of the test embeddings: {run_name(cfg)}")}
     if sweep:
         panels["temperature_sweep"] = lambda ax: plot_sweep(ax, sweep)
-    for name in ("views", "embedding_map", "similarity", "invariance", "temperature_sweep"):
+    for name in ("views", "embedding_map", "similarity", "invariance", "spectrum", "temperature_sweep"):
         if name in panels:
             fig, ax = plt.subplots(figsize=(6, 4.5))
             panels[name](ax)
@@ -710,12 +952,16 @@ def save_figures(out, model, data, history, distances, h_test, sweep, cfg, devic
     fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
     for ax, name in zip(axes.flat, ("views", "similarity", "embedding_map", "loss", "geometry", "invariance")):
         panels[name](ax)
-    fig.suptitle(f"SimCLR on {data.name}", fontsize=11)
+    fig.suptitle(f"{run_name(cfg)} on {data.name}", fontsize=11)
     fig.tight_layout()
     common.save_figure(fig, out / "overview.png")
 
 
 # ---- 8. Putting it together ----
+
+def run_name(cfg):
+    return cfg.method + (f" --ablate ({ABLATION[cfg.method]})" if cfg.ablate else "")
+
 
 def validate(cfg):
     """Check the options before any expensive work; returns the temperatures to sweep."""
@@ -724,14 +970,24 @@ def validate(cfg):
     common.check(0 < cfg.temperature < math.inf, f"--temperature must be positive and finite, got {cfg.temperature}")
     for name in ("epochs", "width", "hidden", "projection", "probe_steps"):
         common.check(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    common.check(cfg.n_train >= 0, f"--n-train must be >= 0, got {cfg.n_train}")
+    common.check(cfg.n_train >= 0 and cfg.validation >= 0, f"--n-train and --validation must be >= 0, got "
+                                                           f"{cfg.n_train} and {cfg.validation}")
     # uniformity and view retrieval compare pairs of test images and t-SNE maps their neighbours: one image has none
     common.check(cfg.n_test == 0 or cfg.n_test >= 2, f"--n-test must be 0 (all) or at least 2 (the geometry "
                                                      f"compares pairs of test images), got {cfg.n_test}")
+    common.check(cfg.validation != 1, "--validation must be 0 (the test set) or at least 2 images")
     common.check(0 <= cfg.weight_decay < math.inf, f"--weight-decay must be finite and >= 0, got {cfg.weight_decay}")
     common.check(0 < cfg.lr < math.inf, f"--lr must be positive and finite, got {cfg.lr}")
     common.check(0 <= cfg.warmup < 1, f"--warmup must be in [0, 1) (a share of the steps), got {cfg.warmup}")
     common.check(cfg.image_size == 0 or cfg.image_size >= 8, f"--image-size must be 0 or at least 8, got {cfg.image_size}")
+    common.check(not cfg.ablate or cfg.method in ABLATION, f"--ablate does not apply to --method {cfg.method}; it "
+                 f"applies to {', '.join(ABLATION)}")
+    common.check(cfg.method != "moco" or cfg.queue >= 2 * cfg.batch_size, f"--queue {cfg.queue} is smaller than "
+                 f"the {2 * cfg.batch_size} keys of one step (2 x --batch-size): raise it or lower --batch-size")
+    common.check(0 <= cfg.ema <= 1, f"--ema is a rate and must be in [0, 1], got {cfg.ema}")
+    for name in ("barlow_lambda", "margin"):
+        common.check(0 < getattr(cfg, name) < math.inf, f"--{name.replace('_', '-')} must be positive and finite, "
+                                                       f"got {getattr(cfg, name)}")
     unknown = [name for name in cfg.augmentations.split(",") if name not in AUGMENTATIONS]
     common.check(not unknown, f"unknown augmentation {', '.join(map(repr, unknown))} in --augmentations; "
                               f"choose from {', '.join(AUGMENTATIONS)}")
@@ -742,7 +998,16 @@ def validate(cfg):
         raise common.UserError(f"--temperatures must be comma-separated numbers, got {cfg.temperatures!r}") from None
     common.check(all(0 < t < math.inf for t in sweep),
                  f"every temperature in --temperatures must be positive and finite, got {cfg.temperatures!r}")
+    common.check(not sweep or cfg.method in ("simclr", "moco"), f"--temperatures sweeps the temperature of simclr "
+                                                                f"and moco; {cfg.method} has none")
     return sweep
+
+
+def hold_out(data, n):
+    """data with its last n training images as the test set, for tuning without looking at the test set."""
+    common.check(n < len(data.x_train), f"--validation {n} leaves no training images of {len(data.x_train)}")
+    return dataclasses.replace(data, x_train=data.x_train[:-n], y_train=data.y_train[:-n], x_test=data.x_train[-n:],
+                               y_test=data.y_train[-n:], factors_train=None, factors_test=None)
 
 
 def sweep_row(temperature, scores, stats, history):
@@ -759,13 +1024,15 @@ def main(argv=None):
     watch = common.Stopwatch(device)
     data = common.load_images(cfg.dataset, cfg.data_dir, device, n_train=cfg.n_train or None,
                               n_test=cfg.n_test or None, seed=cfg.seed, size=cfg.image_size or None)
+    if cfg.validation:
+        data = hold_out(data, cfg.validation)
     processes = common.world_size()
     common.check(cfg.batch_size <= len(data.x_train) // processes,
                  f"--batch-size {cfg.batch_size} is larger than the {len(data.x_train) // processes} training images"
                  + (f" of each of the {processes} processes (the batch is per process)" if processes > 1 else ""))
     strength = strengths(cfg)
 
-    model, history, stats = pretrain(cfg, data, device, cfg.temperature, cfg.negatives)
+    model, history, stats = pretrain(cfg, data, device, cfg.temperature)
     # Baselines: the same architecture with its random initial weights, and the pixels themselves
     torch.manual_seed(cfg.seed)
     random_model = build_model(cfg, data.shape[0], device)
@@ -774,45 +1041,55 @@ def main(argv=None):
     r_train, _ = embed(random_model, data.x_train, device)
     r_test, rz_test = embed(random_model, data.x_test, device)
     pixels = lambda images: common.to_float(images).flatten(1)
-    scores = evaluate_features({"simclr_h": (h_train, h_test), "simclr_z": (z_train, z_test),
-                                "random_h": (r_train, r_test), "pixels": (pixels(data.x_train), pixels(data.x_test))},
-                               data, cfg, few_shot=("simclr_h", "random_h", "pixels"))
-    shape = {"simclr": final_geometry(h_test, z_test), "random": final_geometry(r_test, rz_test)}
+    scores = evaluate_features({"h": (h_train, h_test), "z": (z_train, z_test), "random_h": (r_train, r_test),
+                                "pixels": (pixels(data.x_train), pixels(data.x_test))},
+                               data, cfg, few_shot=("h", "random_h", "pixels"))
+    shape = {"trained": final_geometry(h_test, z_test), "random": final_geometry(r_test, rz_test)}
+    if cfg.method == "triplet":
+        shape["trained"]["violating_triplets"] = violating_triplets(model, data.x_test, strength, cfg, device)
     retrieval_images = data.x_test[:INVARIANCE_IMAGES]
-    retrieval = {"simclr": view_retrieval(model, retrieval_images, strength, device, cfg.seed),
+    retrieval = {"trained": view_retrieval(model, retrieval_images, strength, device, cfg.seed),
                  "random": view_retrieval(random_model, retrieval_images, strength, device, cfg.seed),
                  "chance": 1 / len(retrieval_images)}
-    distances = {"simclr": invariance(model, data, strength, device, cfg.seed),
+    distances = {"trained": invariance(model, data, strength, device, cfg.seed),
                  "random": invariance(random_model, data, strength, device, cfg.seed)}
 
     sweep = []
     for temperature in sweep_temperatures:
-        swept, swept_history, swept_stats = pretrain(cfg, data, device, temperature, cfg.negatives, f"tau={temperature:g}")
+        swept, swept_history, swept_stats = pretrain(cfg, data, device, temperature, f"tau={temperature:g}")
         train_h, _ = embed(swept, data.x_train, device)
         test_h, _ = embed(swept, data.x_test, device)
         swept_scores = evaluate_features({"h": (train_h, test_h)}, data, cfg)["h"]
         sweep.append(sweep_row(temperature, swept_scores, swept_stats, swept_history))
     if sweep:                                       # the main run is one more point of the sweep
-        sweep.append(sweep_row(cfg.temperature, scores["simclr_h"], stats, history))
+        sweep.append(sweep_row(cfg.temperature, scores["h"], stats, history))
         sweep.sort(key=lambda row: row["temperature"])
     # under torchrun every rank computes the same numbers (no rank waits on another) and rank 0 writes them
     if common.is_main():
         common.save_checkpoint(out / "model.pt", model, cfg, kind="simclr")   # the plain module: loads anywhere
-        save_figures(out, model, data, history, distances, h_test, sweep, cfg, device)
+        save_figures(out, model, data, history, distances, shape, h_test, sweep, cfg, device)
+        if cfg.save_features:                       # for 01's sparse autoencoder over learned features
+            np.savez(out / "features.npz", features=h_test.cpu().numpy().astype(np.float32),
+                     images=data.x_test.cpu().numpy(), labels=data.y_test.cpu().numpy().astype(np.int64))
     total = watch.seconds()
-    metrics = {"dataset": data.name, "epochs": cfg.epochs, "pretrain": stats, "total_seconds": total,
-               "evaluation": scores, "view_retrieval": retrieval, "geometry": shape, "history": history,
-               "invariance": distances, "temperature_sweep": sweep,
+    metrics = {"dataset": data.name, "method": cfg.method, "ablate": cfg.ablate, "validation": cfg.validation,
+               "epochs": cfg.epochs, "pretrain": stats, "total_seconds": total, "evaluation": scores,
+               "view_retrieval": retrieval, "geometry": shape, "history": history, "invariance": distances,
+               "temperature_sweep": sweep,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
                "processes": processes}
     if common.is_main():
         common.save_json(out / "metrics.json", metrics)
-        ours, rand, raw = scores["simclr_h"], scores["random_h"], scores["pixels"]
-        print(f"03_contrastive {data.name}: linear probe top-1 {ours['linear_top1']:.3f} (on z {scores['simclr_z']['linear_top1']:.3f}, "
-              f"random encoder {rand['linear_top1']:.3f}, pixels {raw['linear_top1']:.3f}) | kNN top-1 {ours['knn_top1']:.3f} "
-              f"(random {rand['knn_top1']:.3f}, pixels {raw['knn_top1']:.3f}) | 10-shot {ours['10_shot_top1']:.3f} "
-              f"(pixels {raw['10_shot_top1']:.3f}) | z effective rank {shape['simclr']['z_effective_rank']:.1f}/{cfg.projection} | "
-              f"{cfg.epochs} epochs in {stats['seconds']:.1f} s, {stats['images_per_second'] / 1e3:.1f}k img/s | total {total:.1f} s")
+    out = common.finish_run(out)
+    if common.is_main():
+        ours, rand, raw, trained = scores["h"], scores["random_h"], scores["pixels"], shape["trained"]
+        print(f"03_contrastive {run_name(cfg)} {data.name}: linear probe top-1 {ours['linear_top1']:.3f} (on z "
+              f"{scores['z']['linear_top1']:.3f}, random encoder {rand['linear_top1']:.3f}, pixels {raw['linear_top1']:.3f}) "
+              f"| kNN top-1 {ours['knn_top1']:.3f} (random {rand['knn_top1']:.3f}, pixels {raw['knn_top1']:.3f}) | "
+              f"10-shot {ours['10_shot_top1']:.3f} (pixels {raw['10_shot_top1']:.3f}) | z effective rank "
+              f"{trained['z_effective_rank']:.1f}/{cfg.projection}, std x sqrt(P) {trained['z_std_sqrt_dim']:.2f} | "
+              f"{cfg.epochs} epochs in {stats['seconds']:.1f} s, {stats['images_per_second'] / 1e3:.1f}k img/s | "
+              f"total {total:.1f} s")
     return model, metrics
 
 

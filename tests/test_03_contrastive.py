@@ -1,6 +1,9 @@
-"""03_contrastive: NT-Xent, geometry measures, augmentations and t-SNE against references; pre-training that runs
-the nt_xent the lecture shows; an end-to-end --quick run that must learn; bad input that must fail with one line.
+"""03_contrastive: every method's loss (NT-Xent, InfoNCE over a queue, BYOL/SimSiam, Barlow Twins, VICReg, mined
+triplets), the EMA and the queue, geometry measures, augmentations and t-SNE against references; stop-gradients;
+pre-training that runs the losses the lecture shows and lowers them for every method; end-to-end --quick runs that must
+learn, or collapse under --ablate; bad input that must fail with one line.
 The evaluation protocol itself (linear probe, kNN) is tested in tests/test_evaluation.py."""
+import copy
 import math
 import pickle
 import subprocess
@@ -28,9 +31,11 @@ def images(seed, shape=(4, 3, 12, 10), dtype=torch.float32):
 
 def test_encoder_shapes_for_gray_and_colour_images():
     for channels, side in ((1, 28), (3, 32), (3, 20)):
-        model = contrastive.SimCLR(channels, width=4, hidden=16, projection=8)
-        h, z = model(torch.rand(2, channels, side, side))
-        assert h.shape == (2, 16) and z.shape == (2, 8)
+        model = contrastive.SimCLR(channels, width=4, hidden=16, projection=8, predictor=3)
+        h, z, p = model(torch.rand(2, channels, side, side))
+        assert h.shape == (2, 16) and z.shape == (2, 8) and p.shape == (2, 8)
+    h, z, p = contrastive.SimCLR(3, width=4, hidden=16, projection=8)(torch.rand(2, 3, 8, 8))
+    assert p is z                                                       # no predictor: p is z itself
 
 
 def nt_xent_loop(z1, z2, temperature):
@@ -82,6 +87,200 @@ def test_positives_only_is_minus_mean_cosine_over_temperature():
     g = torch.Generator().manual_seed(2)
     z1, z2 = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
     torch.testing.assert_close(contrastive.positives_only(z1, z2, 0.5), -F.cosine_similarity(z1, z2).mean() / 0.5)
+
+
+# ---- The other methods' losses, each against a loop over its paper's formula (float64, values and gradients) ----
+
+def randn(seed, *shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64, requires_grad=True)
+
+
+def assert_same(ours, reference, inputs):
+    torch.testing.assert_close(ours, reference)
+    torch.testing.assert_close(torch.autograd.grad(ours, inputs), torch.autograd.grad(reference, inputs))
+
+
+def cos(a, b):
+    return torch.dot(a, b) / (a.norm() * b.norm())
+
+
+@pytest.mark.parametrize("batch, dim, keys", [(3, 4, 5), (6, 3, 12)])
+def test_info_nce_over_a_queue_matches_moco_eq_1(batch, dim, keys):
+    q, k = randn(1, batch, dim), randn(2, batch, dim)
+    queue = F.normalize(randn(3, keys, dim).detach(), dim=1)
+    total = 0
+    for i in range(batch):          # -log exp(q.k+ / t) / (exp(q.k+ / t) + sum over the queue of exp(q.k / t))
+        positive = torch.exp(cos(q[i], k[i]) / 0.2)
+        total = total - torch.log(positive / (positive + sum(torch.exp(cos(q[i], key) / 0.2) for key in queue)))
+    assert_same(contrastive.info_nce(q, k, 0.2, queue), total / batch, (q, k))
+
+
+def test_prediction_loss_is_byols_normalised_squared_distance():
+    p, z = randn(4, 5, 6), randn(5, 5, 6)
+    reference = sum(((p[i] / p[i].norm() - z[i] / z[i].norm()) ** 2).sum() for i in range(5)) / 5
+    assert_same(contrastive.prediction_loss(p, z), reference, (p, z))
+
+
+@pytest.mark.parametrize("batch, dim, weight", [(7, 3, 0.005), (5, 6, 0.5), (9, 4, 0.0)])
+def test_barlow_twins_matches_its_eqs_1_and_2(batch, dim, weight):
+    z1, z2 = randn(6, batch, dim), randn(7, batch, dim)
+    standard = lambda z, d: (z[:, d] - z[:, d].mean()) / torch.sqrt(((z[:, d] - z[:, d].mean()) ** 2).mean() + 1e-5)
+    total = 0
+    for i in range(dim):
+        for j in range(dim):
+            c = (standard(z1, i) * standard(z2, j)).sum() / batch                    # Eq. 2
+            total = total + ((1 - c) ** 2 if i == j else weight * c**2)            # Eq. 1
+    assert_same(contrastive.barlow_twins(z1, z2, weight), total, (z1, z2))
+
+
+@pytest.mark.parametrize("batch, dim, weights", [(6, 4, (25.0, 25.0, 1.0)), (9, 3, (1.0, 0.0, 2.0))])
+def test_vicreg_matches_its_eqs_1_to_6(batch, dim, weights):
+    z1, z2 = randn(8, batch, dim) * 0.4, randn(9, batch, dim) * 2
+    invariance, variance, covariance = weights
+    total = invariance * sum(((z1[i] - z2[i]) ** 2).sum() for i in range(batch)) / (batch * dim)   # Eq. 5 (code's mean)
+    for z in (z1, z2):
+        mean = [z[:, j].mean() for j in range(dim)]
+        cov = lambda i, j: sum((z[b, i] - mean[i]) * (z[b, j] - mean[j]) for b in range(batch)) / (batch - 1)
+        total = total + variance * sum(torch.relu(1 - torch.sqrt(cov(j, j) + 1e-4)) for j in range(dim)) / dim / 2
+        total = total + covariance * sum(cov(i, j) ** 2 for i in range(dim) for j in range(dim) if i != j) / dim
+    assert_same(contrastive.vicreg(z1, z2, *weights), total, (z1, z2))
+
+
+@pytest.mark.parametrize("mining", ["hard", "semi-hard"])
+def test_triplets_mine_what_a_loop_mines_and_match_facenet_eq_1(mining):
+    a, p = randn(10, 12, 3), randn(11, 12, 3)
+    na, np_ = F.normalize(a, dim=1), F.normalize(p, dim=1)
+    total, picked_semi_hard = 0, 0
+    for i in range(12):
+        d = [((na[i] - np_[j]) ** 2).sum().item() for j in range(12)]
+        others = [j for j in range(12) if j != i]
+        negative = min(others, key=lambda j: d[j])
+        farther = [j for j in others if d[j] > d[i]]
+        if mining == "semi-hard" and farther:
+            negative = min(farther, key=lambda j: d[j])
+            picked_semi_hard += negative != min(others, key=lambda j: d[j])
+        total = total + torch.relu(((na[i] - np_[i]) ** 2).sum() - ((na[i] - np_[negative]) ** 2).sum() + 0.3)
+    assert_same(contrastive.triplet_loss(a, p, 0.3, mining), total / 12, (a, p))
+    assert mining == "hard" or picked_semi_hard > 0                   # the two minings differ on this batch
+
+
+# ---- The EMA target and MoCo's queue ----
+
+def test_ema_update_is_the_formula_over_every_parameter_and_copies_buffers():
+    torch.manual_seed(0)
+    online = contrastive.SimCLR(3, width=2, hidden=8, projection=4, predictor=2)
+    online(torch.rand(4, 3, 8, 8))                                      # running statistics away from their start
+    target = contrastive.SimCLR(3, width=2, hidden=8, projection=4)
+    before = {name: t.clone() for name, t in target.state_dict().items()}
+    contrastive.ema_update(target, online, 0.9)
+    theta = online.state_dict()
+    for name, xi in target.named_parameters():
+        torch.testing.assert_close(xi, 0.9 * before[name] + 0.1 * theta[name])
+    for name, buffer in target.named_buffers():
+        assert torch.equal(buffer, theta[name]), name
+    assert contrastive.ema_rate(0, 50, 0.99) == 0.99 and contrastive.ema_rate(50, 50, 0.99) == 1.0
+    assert contrastive.ema_rate(25, 50, 0.9) == pytest.approx(0.95)
+
+
+def test_queue_is_first_in_first_out_and_keeps_its_size():
+    queue, expected = torch.zeros(5, 2), [[0.0, 0.0]] * 5
+    for step in range(4):
+        keys = torch.tensor([[step, 0.0], [step, 1.0]])
+        contrastive.enqueue(queue, keys)
+        expected = (keys.tolist() + expected)[:5]                       # newest first, the oldest leave
+        assert queue.tolist() == expected
+    contrastive.enqueue(queue, torch.arange(14.0).view(7, 2))           # more keys than it holds: the first five
+    assert queue.tolist() == torch.arange(10.0).view(5, 2).tolist()
+
+
+# ---- The training step: both ways round, and what carries no gradient ----
+
+def tiny_views(seed, n=6):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 8, 8, generator=g, dtype=torch.float64), torch.rand(n, 3, 8, 8, generator=g, dtype=torch.float64)
+
+
+def step_gradients(model, loss_fn, target=None, stop_gradient=False, seed=0):
+    view1, view2 = tiny_views(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss, keys = contrastive.contrastive_step(model, optimizer, view1, view2, 0.5, loss_fn, torch.device("cpu"),
+                                              target, stop_gradient)
+    return loss, keys, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_stop_gradient_and_the_ema_target_give_the_target_branch_no_gradient():
+    torch.manual_seed(1)
+    model = contrastive.SimCLR(3, width=2, hidden=8, projection=4, predictor=2).double().eval()
+    loss_fn = lambda p, z, _: contrastive.prediction_loss(p, z)
+    loss, _, stopped = step_gradients(model, loss_fn, stop_gradient=True)
+    view1, view2 = tiny_views(0)
+    _, z, p = model(torch.cat([view1, view2]))
+    constant = z.detach().chunk(2)                                      # the target branch as numbers, by hand
+    p1, p2 = p.chunk(2)
+    reference = (contrastive.prediction_loss(p1, constant[1]) + contrastive.prediction_loss(p2, constant[0])) / 2
+    expected = torch.autograd.grad(reference, list(model.parameters()))
+    torch.testing.assert_close(loss, reference.detach())
+    torch.testing.assert_close(list(stopped.values()), list(expected))
+    _, _, through = step_gradients(model, loss_fn, stop_gradient=False)     # SimSiam's ablation differs
+    assert not torch.allclose(through["head.layers.0.weight"], stopped["head.layers.0.weight"])
+    # BYOL and MoCo: the EMA network is used under no_grad, so it gets no gradient, and its keys come back
+    target = copy.deepcopy(model).requires_grad_(True)
+    target.predictor = torch.nn.Identity()
+    _, keys, _ = step_gradients(model, loss_fn, target=target)
+    assert all(t.grad is None for t in target.parameters())
+    torch.testing.assert_close(keys, target(torch.cat(tiny_views(0)))[1].detach())
+
+
+def test_the_step_averages_both_directions_and_nt_xent_is_its_own_mirror():
+    torch.manual_seed(2)
+    model = contrastive.SimCLR(3, width=2, hidden=8, projection=4).double().eval()
+    loss, _, grads = step_gradients(model, contrastive.nt_xent)
+    view1, view2 = tiny_views(0)
+    z1, z2 = model(torch.cat([view1, view2]))[1].chunk(2)
+    once = contrastive.nt_xent(z1, z2, 0.5)
+    torch.testing.assert_close(loss, once.detach())
+    torch.testing.assert_close(list(grads.values()), list(torch.autograd.grad(once, list(model.parameters()))))
+
+
+# ---- Every method trains on the one loop; every ablation runs ----
+
+@pytest.fixture(scope="module")
+def tiny_shapes():
+    return common.load_images("shapes", n_train=256, n_test=32, size=12)
+
+
+def tiny_pretrain(data, method, ablate=False, epochs=4):
+    cfg = contrastive.Config(**{**contrastive.QUICK, "method": method, "ablate": ablate, "epochs": epochs,
+                                "batch_size": 32, "width": 4, "hidden": 32, "projection": 16, "queue": 64,
+                                "warmup": 0.1, "lr": 1e-2})
+    torch.manual_seed(0)
+    return contrastive.pretrain(cfg, data, torch.device("cpu"), cfg.temperature)
+
+
+@pytest.mark.parametrize("method", contrastive.METHODS)
+def test_every_method_lowers_its_loss(tiny_shapes, method):
+    _, history, stats = tiny_pretrain(tiny_shapes, method)
+    start = 1 if method == "moco" else 0    # MoCo's first step meets the random keys its queue starts with: easy ones
+    assert history["loss"][-1] < history["loss"][start], history["loss"]
+    assert stats["steps"] == 32 and stats["ms_per_step"] > 0
+
+
+@pytest.mark.parametrize("method", list(contrastive.ABLATION))
+def test_every_ablation_runs(tiny_shapes, method):
+    model, history, _ = tiny_pretrain(tiny_shapes, method, ablate=True, epochs=1)
+    assert all(math.isfinite(loss) for loss in history["loss"])
+    assert isinstance(model.predictor, torch.nn.Identity) == (method != "simsiam")   # BYOL's ablation: no predictor
+
+
+def test_triplet_run_reports_violations_and_saves_features(tmp_path):
+    _, metrics = contrastive.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--method", "triplet",
+                                   "--mining", "hard", "--epochs", "1", "--n-train", "128", "--n-test", "64",
+                                   "--save-features"])
+    assert 0 <= metrics["geometry"]["trained"]["violating_triplets"] <= 1
+    saved = np.load(tmp_path / "features.npz")
+    assert saved["features"].shape == (64, 32) and saved["features"].dtype == np.float32
+    assert saved["images"].shape == (64, 3, 16, 16) and saved["images"].dtype == np.uint8
+    assert saved["labels"].shape == (64,) and saved["labels"].dtype == np.int64
 
 
 # ---- Geometry ----
@@ -314,7 +513,7 @@ def pretraining_losses():
     cfg = contrastive.Config(**{**contrastive.QUICK, "epochs": 1, "n_train": 128})
     data = common.load_images("shapes", n_train=128, n_test=64, size=16)
     torch.manual_seed(0)
-    _, history, _ = contrastive.pretrain(cfg, data, torch.device("cpu"), cfg.temperature, cfg.negatives)
+    _, history, _ = contrastive.pretrain(cfg, data, torch.device("cpu"), cfg.temperature)
     return history["loss"]
 
 
@@ -327,7 +526,7 @@ def test_pretraining_minimises_the_nt_xent_the_lecture_shows(monkeypatch):
 
     monkeypatch.setattr(contrastive, "nt_xent", shifted)
     assert pretraining_losses() == pytest.approx([loss + 1.0 for loss in real], abs=1e-5)
-    assert batches == [(64, 32), (64, 32)]                  # once per step, on the projections z of both views
+    assert batches == [(64, 32)] * 4                        # twice per step (both ways round), on the z of the views
 
 
 # ---- End to end ----
@@ -362,38 +561,41 @@ def quick_runs(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("data")
     write_centred_shapes_as_cifar(data_dir)
     runs = {}
-    for negatives in ("all", "none"):
-        out = tmp_path_factory.mktemp(f"quick_{negatives}")
+    for ablate in ([], ["--ablate"]):
+        out = tmp_path_factory.mktemp(f"quick{''.join(ablate)}")
         # 20 epochs (320 steps, about 10 CPU seconds): 6 teach the pretext task but not yet the classes; the
         # learning rate warms up over one epoch, as the default run's over one of its 40 (half as long fails)
-        model, metrics = contrastive.main(["--quick", "--device", "cpu", "--out", str(out), "--negatives", negatives,
+        model, metrics = contrastive.main(["--quick", "--device", "cpu", "--out", str(out), *ablate,
                                            "--dataset", "cifar10", "--data-dir", str(data_dir), "--epochs", "20",
                                            "--warmup", "0.05"])
-        runs[negatives] = (out, model, metrics)
+        runs["ablate" if ablate else "simclr"] = (out, model, metrics)
     return runs
 
 
 def test_quick_run_learns_and_writes_everything(quick_runs):
-    out, model, metrics = quick_runs["all"]
+    out, model, metrics = quick_runs["simclr"]
     loss = metrics["history"]["loss"]
     assert loss[-1] < loss[0] - 0.5
     retrieval = metrics["view_retrieval"]                   # the pretext task: find an image's other view
-    assert retrieval["simclr"] > 1.5 * retrieval["random"] and retrieval["random"] > 5 * retrieval["chance"]
-    ours, random = metrics["evaluation"]["simclr_h"], metrics["evaluation"]["random_h"]
+    assert retrieval["trained"] > 1.5 * retrieval["random"] and retrieval["random"] > 5 * retrieval["chance"]
+    ours, random = metrics["evaluation"]["h"], metrics["evaluation"]["random_h"]
     assert ours["linear_top1"] > random["linear_top1"] + 0.1                     # chance is 0.1
     assert ours["knn_top1"] > random["knn_top1"] + 0.1
     for name in ("metrics.json", "config.json", "model.pt", "training.png", "views.png", "embedding_map.png",
-                 "similarity.png", "invariance.png", "overview.png"):
+                 "similarity.png", "invariance.png", "spectrum.png", "overview.png"):
         assert (out / name).is_file(), name
     reloaded = contrastive.SimCLR(3, 8, 64, 32)
     common.load_checkpoint(out / "model.pt", reloaded, kind="simclr")
     torch.testing.assert_close(reloaded.state_dict(), model.state_dict())
-    assert set(metrics["invariance"]["simclr"]) == {f"augment: {name}" for name in contrastive.AUGMENTATIONS} | {"another class"}
+    assert set(metrics["invariance"]["trained"]) == {f"augment: {name}" for name in contrastive.AUGMENTATIONS} | {"another class"}
+    trained = metrics["geometry"]["trained"]
+    assert len(trained["z_spectrum"]) == 32 and trained["z_spectrum"] == sorted(trained["z_spectrum"], reverse=True)
+    assert trained["z_std_sqrt_dim"] == pytest.approx(trained["z_std"] * 32**0.5)
 
 
 def test_without_negatives_the_representation_collapses(quick_runs):
-    normal, collapsed = quick_runs["all"][2], quick_runs["none"][2]
-    assert collapsed["geometry"]["simclr"]["z_effective_rank"] < 0.5 * normal["geometry"]["simclr"]["z_effective_rank"]
+    normal, collapsed = quick_runs["simclr"][2], quick_runs["ablate"][2]
+    assert collapsed["geometry"]["trained"]["z_effective_rank"] < 0.5 * normal["geometry"]["trained"]["z_effective_rank"]
     assert collapsed["history"]["uniformity"][-1] > normal["history"]["uniformity"][-1]
 
 
@@ -402,7 +604,7 @@ def test_embedded_set_run_with_a_temperature_sweep(tmp_path):
                                    "--n-train", "256", "--temperatures", "0.1,1"])
     assert [row["temperature"] for row in metrics["temperature_sweep"]] == [0.1, 0.2, 1.0]    # 0.2: the main run
     assert (tmp_path / "temperature_sweep.png").is_file()
-    assert set(metrics["invariance"]["simclr"]) >= {"augment: crop", "factor: colour", "factor: class"}
+    assert set(metrics["invariance"]["trained"]) >= {"augment: crop", "factor: colour", "factor: class"}
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -416,6 +618,15 @@ def test_embedded_set_run_with_a_temperature_sweep(tmp_path):
     (["--warmup", "1"], "warmup"),
     (["--batch-size", "5000"], "larger than"),
     (["--no-such-option"], "unrecognized"),
+    (["--method", "dino"], "invalid choice"),
+    (["--method", "triplet", "--ablate"], "--ablate does not apply to --method triplet"),
+    (["--method", "moco", "--queue", "100"], "smaller than the 128 keys of one step"),
+    (["--ema", "1.5"], r"--ema is a rate and must be in \[0, 1\]"),
+    (["--ema", "nan"], r"--ema is a rate"),
+    (["--barlow-lambda", "0"], "--barlow-lambda must be positive"),
+    (["--margin", "-1"], "--margin must be positive"),
+    (["--method", "byol", "--temperatures", "0.1"], "byol has none"),
+    (["--validation", "1"], "--validation must be 0"),
 ])
 def test_bad_input_is_a_user_error(tmp_path, argv, message):
     with pytest.raises(common.UserError, match=message):
