@@ -10,15 +10,15 @@ What it teaches
      away, and the std of z, its effective rank and its singular-value spectrum show the collapse that follows.
   4. Two random views of each image (crop, flip, colour jitter, grayscale, blur), made on the GPU as batched
      tensor ops: the augmentations decide what the representation learns to ignore.
-  5. Evaluation of the frozen encoder (linear probe, weighted kNN, few-shot probes) against a random one and pixels.
-  6. Geometry: alignment, uniformity, effective rank, spread; invariance: how far h moves under each augmentation.
+  5. Evaluation of the frozen encoder (linear probe, weighted kNN, few-shot) against a random one and pixels; geometry
+     (alignment, uniformity, effective rank, spread); invariance: how far h moves under each augmentation.
   7. Several GPUs (torchrun): batch statistics (negatives, cross-correlations, BatchNorm, MoCo's queue) over all GPUs.
 
 Papers
   Chen, Kornblith, Norouzi, Hinton 2020, "A Simple Framework for Contrastive Learning of Visual Representations"
     (SimCLR): Eq. 1 is the NT-Xent loss, Section 2.1 the framework, Section 2.2 global BN, Appendix A the augmentations.
-  He, Fan, Wu, Xie, Girshick 2020, "Momentum Contrast" (MoCo): Eq. 1 InfoNCE over a queue, Eq. 2 the momentum update;
-    Chen, Fan, Girshick, He 2020, "Improved Baselines with Momentum Contrastive Learning" (MoCo v2: MLP head, tau 0.2).
+  He, Fan, Wu, Xie, Girshick 2020, "Momentum Contrast" (MoCo): Eq. 1 InfoNCE over a queue, Eq. 2 the momentum
+    update; Chen, Fan, Girshick, He 2020 (MoCo v2): an MLP head, tau 0.2.
   Grill et al. 2020, "Bootstrap Your Own Latent" (BYOL): Eq. 2 the loss, Section 3.1 the EMA target and its schedule.
   Chen and He 2021, "Exploring Simple Siamese Representation Learning" (SimSiam): Eqs. 1 to 4, stop-gradient.
   Zbontar, Jing, Misra, LeCun, Deny 2021, "Barlow Twins": Eq. 1 the loss, Eq. 2 the cross-correlation matrix.
@@ -36,7 +36,6 @@ Run
   python 03_contrastive.py --dataset fashion-mnist --width 64 --epochs 80 --crop 0.5 --temperature 0.05 --jitter 1.5
   python 03_contrastive.py --method byol                     # or moco, simsiam, barlow, vicreg, triplet
   python 03_contrastive.py --method simsiam --ablate         # no stop-gradient: watch it collapse
-  python 03_contrastive.py --temperatures 0.05,0.1,0.5,1     # temperature sweep after the main run
   torchrun --nproc_per_node=2 03_contrastive.py              # 2 GPUs, 1024 images each: 4094 negatives per view
 
 Measured on one H200 (torch 2.11, bf16), linear probe / weighted-kNN top-1 of the frozen encoder's h (RESULTS.md):
@@ -48,7 +47,6 @@ Measured on one H200 (torch 2.11, bf16), linear probe / weighted-kNN top-1 of th
 import copy
 import dataclasses
 import math
-from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -69,7 +67,7 @@ ABLATION = {"simclr": "no negatives", "moco": "no negatives", "byol": "no predic
             "barlow": "no off-diagonal term", "vicreg": "no variance term"}     # what --ablate takes away
 
 
-@dataclass
+@dataclasses.dataclass
 class Config(common.RunConfig):
     method: str = common.arg("simclr", "the self-supervised objective", choices=list(METHODS))
     ablate: bool = common.arg(False, "take away what keeps the method from collapsing: " + "; ".join(
@@ -94,7 +92,6 @@ class Config(common.RunConfig):
     jitter: float = common.arg(0.5, "colour jitter strength s in [0, 100] (SimCLR's CIFAR-10 value: 0.5), on 80%% of views")
     grayscale: float = common.arg(0.2, "probability of dropping colour")
     blur: float = common.arg(0.5, "probability of a Gaussian blur")
-    temperatures: str = common.arg("", "comma-separated temperatures to sweep after the main run, e.g. 0.05,0.1,0.5")
     n_train: int = common.arg(0, "training images to use (0: all)")
     n_test: int = common.arg(0, "test images to use (0: all)")
     validation: int = common.arg(0, "hold out the last N training images and evaluate on them instead of the test set (tuning)")
@@ -178,8 +175,7 @@ class SimCLR(nn.Module):
 
 
 def predictor_width(cfg):
-    """BYOL's predictor is as wide as its projector's hidden layer (Section 3.3); SimSiam's is a bottleneck of a
-    quarter of its output (Section 4.4, 2048 -> 512 -> 2048); the others have none, nor does BYOL under --ablate."""
+    """BYOL's predictor is as wide as its projector's hidden layer (Sec. 3.3), SimSiam's a bottleneck (Sec. 4.4)"""
     if cfg.method == "byol" and not cfg.ablate:
         return cfg.hidden
     return max(1, cfg.projection // 4) if cfg.method == "simsiam" else 0
@@ -529,12 +525,11 @@ def view_batches(images, order, batch_size, strength, generator=None):
 
 def contrastive_step(model, optimizer, view1, view2, temperature, loss_fn, device, target=None, stop_gradient=False,
                      scaler=None):
-    """One optimisation step of any method on a batch of view pairs (B, C, H, W) each. The online network gives
-    z and its prediction p (z itself without a predictor); the target of each view is the EMA network's z (MoCo's
-    keys, BYOL's targets) or else the online z, made a constant by stop_gradient (SimSiam). loss_fn compares each
-    view's p with the other view's target, both ways round, averaged (BYOL's L + L~ halved, SimSiam's Eq. 4; the
-    two terms of NT-Xent, Barlow Twins and VICReg are equal). Returns the loss and the targets z (2WB, P), still
-    on the device (reading them would make the CPU wait for the GPU). scaler: pretrain's, kept across steps."""
+    """One step of any method on view pairs (B, C, H, W) each. loss_fn compares each view's prediction p (z itself
+    without a predictor) with the other view's target, both ways round, averaged (BYOL's L + L~ halved, SimSiam's
+    Eq. 4; NT-Xent's two terms are equal). The target is the EMA network's z (MoCo's keys, BYOL), or the online z,
+    a constant under stop_gradient (SimSiam). Returns the loss and the targets (2WB, P), on the device (reading them
+    would make the CPU wait for the GPU). scaler: pretrain's, kept across steps."""
     scaler = scaler or common.grad_scaler(device)
     views = torch.cat([view1, view2]).contiguous(memory_format=torch.channels_last)   # (V, C, H, W)
     with common.autocast(device):
@@ -570,7 +565,7 @@ def check_finite(desc, loss, alignment, step, lr):
                  f"{'' if math.isfinite(alignment) else ' and z is not finite after it'}); lower --lr (it is {lr:g})")
 
 
-def pretrain(cfg, data, device, temperature, desc="pre-train"):
+def pretrain(cfg, data, device, desc="pre-train"):
     """Pre-training of cfg.method on data.x_train (labels unused). Returns (model, history, stats); the model is the
     plain online module, with the same weights on every rank, and stats times the training steps alone (not the
     geometry measurements of history)."""
@@ -612,7 +607,7 @@ def pretrain(cfg, data, device, temperature, desc="pre-train"):
     for _ in range(cfg.epochs):
         order = torch.randperm(n, device=device, generator=generator)[: steps_per_epoch * B]
         for view1, view2 in view_batches(images, order, B, strength, generator):
-            loss, keys = contrastive_step(trained, optimizer, view1, view2, temperature, loss_fn, device, target,
+            loss, keys = contrastive_step(trained, optimizer, view1, view2, cfg.temperature, loss_fn, device, target,
                                           stop_gradient, scaler)
             schedule.step()
             step += 1
@@ -768,9 +763,9 @@ def evaluate_features(features, data, cfg, few_shot=()):
 
 
 def final_geometry(h, z):
-    """Effective rank, spread and spectrum of the clean test images' h and z (N, D), (N, P). The spread of unit
-    vectors is about 1/sqrt(P) per dimension when they cover the sphere and 0 when collapsed: std x sqrt(P) reads
-    1 for the one and 0 for the other (constant collapse); an effective rank far below P is dimensional collapse."""
+    """Effective rank, spread and spectrum of the test images' h and z (N, D), (N, P). Unit vectors that cover the
+    sphere spread by about 1/sqrt(P) per dimension: std x sqrt(P) is 1 for them, 0 under constant collapse; an
+    effective rank far below P is dimensional collapse."""
     shape = {"z_uniformity": uniformity(z[:TRACK_IMAGES]).item()}
     for name, x in (("h", h), ("z", z)):
         shape.update({f"{name}_effective_rank": effective_rank(x).item(), f"{name}_std": feature_std(x).item(),
@@ -917,17 +912,7 @@ def plot_spectrum(ax, shape, title):
     ax.set_title(title, fontsize=9)
 
 
-def plot_sweep(ax, sweep):
-    temperatures = [row["temperature"] for row in sweep]
-    ax.plot(temperatures, [row["linear_top1"] for row in sweep], "o-", label="linear probe top-1")
-    ax.plot(temperatures, [row["knn_top1"] for row in sweep], "s-", label="kNN top-1")
-    ax.set_xscale("log")
-    ax.set_xlabel("temperature")
-    ax.legend(fontsize=8)
-    ax.set_title("temperature sweep", fontsize=9)
-
-
-def save_figures(out, model, data, history, distances, shape, h_test, sweep, cfg, device):
+def save_figures(out, model, data, history, distances, shape, h_test, cfg, device):
     """A PNG for each panel (training.png holds the loss and the geometry), and the first six in overview.png."""
     strength = strengths(cfg)
     xy = common.tsne(F.normalize(h_test[:MAP_POINTS], dim=1), seed=cfg.seed).cpu().numpy()     # (N, 2)
@@ -938,13 +923,10 @@ def save_figures(out, model, data, history, distances, shape, h_test, sweep, cfg
               "geometry": lambda ax: plot_geometry(ax, history, cfg.projection),
               "invariance": lambda ax: plot_invariance(ax, distances),
               "spectrum": lambda ax: plot_spectrum(ax, shape, f"spectrum of the test embeddings: {run_name(cfg)}")}
-    if sweep:
-        panels["temperature_sweep"] = lambda ax: plot_sweep(ax, sweep)
-    for name in ("views", "embedding_map", "similarity", "invariance", "spectrum", "temperature_sweep"):
-        if name in panels:
-            fig, ax = plt.subplots(figsize=(6, 4.5))
-            panels[name](ax)
-            common.save_figure(fig, out / f"{name}.png")
+    for name in ("views", "embedding_map", "similarity", "invariance", "spectrum"):
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        panels[name](ax)
+        common.save_figure(fig, out / f"{name}.png")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     panels["loss"](axes[0])
     panels["geometry"](axes[1])
@@ -964,18 +946,18 @@ def run_name(cfg):
 
 
 def validate(cfg):
-    """Check the options before any expensive work; returns the temperatures to sweep."""
+    """Check the options before any expensive work."""
     common.check_dataset(cfg.dataset)
     common.check(cfg.batch_size >= 2, f"--batch-size must be at least 2 (one image has no negatives), got {cfg.batch_size}")
     common.check(0 < cfg.temperature < math.inf, f"--temperature must be positive and finite, got {cfg.temperature}")
     for name in ("epochs", "width", "hidden", "projection", "probe_steps"):
         common.check(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    common.check(cfg.n_train >= 0 and cfg.validation >= 0, f"--n-train and --validation must be >= 0, got "
-                                                           f"{cfg.n_train} and {cfg.validation}")
+    common.check(cfg.n_train >= 0, f"--n-train must be >= 0, got {cfg.n_train}")
     # uniformity and view retrieval compare pairs of test images and t-SNE maps their neighbours: one image has none
     common.check(cfg.n_test == 0 or cfg.n_test >= 2, f"--n-test must be 0 (all) or at least 2 (the geometry "
                                                      f"compares pairs of test images), got {cfg.n_test}")
-    common.check(cfg.validation != 1, "--validation must be 0 (the test set) or at least 2 images")
+    common.check(cfg.validation == 0 or cfg.validation >= 2, f"--validation must be 0 (the test set) or at least 2, "
+                                                             f"got {cfg.validation}")
     common.check(0 <= cfg.weight_decay < math.inf, f"--weight-decay must be finite and >= 0, got {cfg.weight_decay}")
     common.check(0 < cfg.lr < math.inf, f"--lr must be positive and finite, got {cfg.lr}")
     common.check(0 <= cfg.warmup < 1, f"--warmup must be in [0, 1) (a share of the steps), got {cfg.warmup}")
@@ -992,15 +974,6 @@ def validate(cfg):
     common.check(not unknown, f"unknown augmentation {', '.join(map(repr, unknown))} in --augmentations; "
                               f"choose from {', '.join(AUGMENTATIONS)}")
     check_strengths(*(getattr(cfg, name) for name in AUGMENTATIONS))
-    try:
-        sweep = [float(t) for t in cfg.temperatures.split(",")] if cfg.temperatures else []
-    except ValueError:
-        raise common.UserError(f"--temperatures must be comma-separated numbers, got {cfg.temperatures!r}") from None
-    common.check(all(0 < t < math.inf for t in sweep),
-                 f"every temperature in --temperatures must be positive and finite, got {cfg.temperatures!r}")
-    common.check(not sweep or cfg.method in ("simclr", "moco"), f"--temperatures sweeps the temperature of simclr "
-                                                                f"and moco; {cfg.method} has none")
-    return sweep
 
 
 def hold_out(data, n):
@@ -1010,15 +983,9 @@ def hold_out(data, n):
                                y_test=data.y_train[-n:], factors_train=None, factors_test=None)
 
 
-def sweep_row(temperature, scores, stats, history):
-    """One temperature's row of the sweep: its probes (not the few-shot ones), seconds and final geometry."""
-    return {"temperature": temperature, **{k: v for k, v in scores.items() if "shot" not in k},
-            "seconds": stats["seconds"], **{key: history[key][-1] for key in GEOMETRY}}
-
-
 def main(argv=None):
     cfg = common.parse_config(Config, argv, __doc__, quick=QUICK)
-    sweep_temperatures = validate(cfg)
+    validate(cfg)
     device, out = common.setup(cfg, __file__)
     torch.backends.cudnn.benchmark = True           # fixed shapes: let cuDNN time its kernels once and keep the fastest
     watch = common.Stopwatch(device)
@@ -1032,7 +999,7 @@ def main(argv=None):
                  + (f" of each of the {processes} processes (the batch is per process)" if processes > 1 else ""))
     strength = strengths(cfg)
 
-    model, history, stats = pretrain(cfg, data, device, cfg.temperature)
+    model, history, stats = pretrain(cfg, data, device)
     # Baselines: the same architecture with its random initial weights, and the pixels themselves
     torch.manual_seed(cfg.seed)
     random_model = build_model(cfg, data.shape[0], device)
@@ -1054,20 +1021,10 @@ def main(argv=None):
     distances = {"trained": invariance(model, data, strength, device, cfg.seed),
                  "random": invariance(random_model, data, strength, device, cfg.seed)}
 
-    sweep = []
-    for temperature in sweep_temperatures:
-        swept, swept_history, swept_stats = pretrain(cfg, data, device, temperature, f"tau={temperature:g}")
-        train_h, _ = embed(swept, data.x_train, device)
-        test_h, _ = embed(swept, data.x_test, device)
-        swept_scores = evaluate_features({"h": (train_h, test_h)}, data, cfg)["h"]
-        sweep.append(sweep_row(temperature, swept_scores, swept_stats, swept_history))
-    if sweep:                                       # the main run is one more point of the sweep
-        sweep.append(sweep_row(cfg.temperature, scores["h"], stats, history))
-        sweep.sort(key=lambda row: row["temperature"])
     # under torchrun every rank computes the same numbers (no rank waits on another) and rank 0 writes them
     if common.is_main():
         common.save_checkpoint(out / "model.pt", model, cfg, kind="simclr")   # the plain module: loads anywhere
-        save_figures(out, model, data, history, distances, shape, h_test, sweep, cfg, device)
+        save_figures(out, model, data, history, distances, shape, h_test, cfg, device)
         if cfg.save_features:                       # for 01's sparse autoencoder over learned features
             np.savez(out / "features.npz", features=h_test.cpu().numpy().astype(np.float32),
                      images=data.x_test.cpu().numpy(), labels=data.y_test.cpu().numpy().astype(np.int64))
@@ -1075,7 +1032,6 @@ def main(argv=None):
     metrics = {"dataset": data.name, "method": cfg.method, "ablate": cfg.ablate, "validation": cfg.validation,
                "epochs": cfg.epochs, "pretrain": stats, "total_seconds": total, "evaluation": scores,
                "view_retrieval": retrieval, "geometry": shape, "history": history, "invariance": distances,
-               "temperature_sweep": sweep,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
                "processes": processes}
     if common.is_main():

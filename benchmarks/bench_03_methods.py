@@ -70,11 +70,11 @@ def timed_run(cfg, data, device, seconds):
     few = dataclasses.replace(data, x_train=data.x_train[: steps * cfg.batch_size])
     short = dataclasses.replace(cfg, epochs=1)
     for _ in range(2):                                          # the first call also times cuDNN's kernel search
-        _, _, calibration = contrastive.pretrain(short, few, device, cfg.temperature, "calibrate")
+        _, _, calibration = contrastive.pretrain(short, few, device, "calibrate")
     steps_per_epoch = len(data.x_train) // cfg.batch_size
     epochs = max(1, int(seconds * 1000 / (calibration["ms_per_step"] * steps_per_epoch)))
     cfg = dataclasses.replace(cfg, epochs=epochs)
-    model, history, stats = contrastive.pretrain(cfg, data, device, cfg.temperature, cfg.method)
+    model, history, stats = contrastive.pretrain(cfg, data, device, cfg.method)
     h_train, _ = contrastive.embed(model, data.x_train, device)
     h_test, z_test = contrastive.embed(model, data.x_test, device)
     scores = contrastive.evaluate_features({"h": (h_train, h_test)}, data, cfg)["h"]
