@@ -226,7 +226,7 @@ def cpu_notice(cfg, device, reference_seconds):
     --quick is the CPU's size. reference_seconds is the script's estimate of this run on the reference CPU
     (REFERENCE_CPU_GFLOPS), scaled here by this CPU's matmul speed. Silent on a GPU, with --quick, on other ranks
     and for runs of under a minute."""
-    if device.type != "cpu" or cfg.quick or not is_main() or reference_seconds < 30:
+    if device.type != "cpu" or cfg.quick or not is_main():
         return
     seconds = reference_seconds * REFERENCE_CPU_GFLOPS / cpu_gflops()
     if seconds < 60:

@@ -7,6 +7,8 @@ import http.server
 import io
 import json
 import math
+import os
+import stat
 import subprocess
 import sys
 import threading
@@ -372,8 +374,17 @@ def test_text8_unreachable_is_one_clear_error(server, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("w2v")
-    model, metrics = w2v.main(["--quick", "--device", "cpu", "--out", str(out)])
+    """The --quick run, into a folder that an earlier run left (with a figure this run does not make), under a umask
+    that lets the group read and others nothing."""
+    out = tmp_path_factory.mktemp("w2v") / "run"
+    out.mkdir()
+    (out / "config.json").write_text('{"seed": 7}')
+    (out / "old_figure.png").write_bytes(b"png")
+    umask = os.umask(0o027)
+    try:
+        model, metrics = w2v.main(["--quick", "--device", "cpu", "--out", str(out)])
+    finally:
+        os.umask(umask)
     return out, model, metrics
 
 
@@ -402,10 +413,13 @@ def test_quick_run_never_together_pair_is_never_within_a_window(quick_run):
     assert not ((centre == a) & (context == b)).any()
 
 
-def test_quick_run_writes_every_output(quick_run):
+def test_quick_run_writes_every_output_as_one_run(quick_run):
     out, model, metrics = quick_run
-    for name in ("metrics.json", "config.json", "vectors.vec", "word2vec.pt", "word2vec.png"):
-        assert (out / name).is_file(), name
+    outputs = ["config.json", "metrics.json", "vectors.vec", "word2vec.png", "word2vec.pt"]
+    assert sorted(p.name for p in out.iterdir()) == outputs                      # the earlier run's figure is gone
+    assert [p.name for p in out.parent.iterdir()] == ["run"]                     # no staging folder, no temporary file
+    assert json.loads((out / "config.json").read_text())["seed"] == 0
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o640} and stat.S_IMODE(out.stat().st_mode) == 0o750
     words, vectors = read_vec(out / "vectors.vec")
     assert len(words) == metrics["vocabulary"] and vectors.shape == model.in_vectors.shape
     fresh = w2v.SkipGram(len(words), vectors.shape[1])
@@ -422,6 +436,18 @@ def test_a_text_file_corpus_runs(tmp_path):
     assert metrics["vocabulary"] == 8 and metrics["results"]["SGNS"]["analogy"] is None
 
 
+@pytest.mark.parametrize("lines", [1, 5000])
+def test_quick_caps_a_users_corpus(tmp_path, lines):
+    """A 2-million-word file took 126 s with --quick; its first 200 000 words are enough to show the pipeline
+    (text8 is a single line: the cut is by words, not lines)."""
+    path = tmp_path / "big.txt"
+    path.write_text("\n".join([" ".join(["the cat sat on a mat"] * (50_000 // lines))] * lines))     # 300 000 words
+    quick = common.parse_config(w2v.Config, ["--quick", "--corpus", str(path)], w2v.__doc__, quick=w2v.QUICK)
+    assert w2v.load_corpus(quick, "cpu").raw_words == 200_000
+    assert w2v.corpus_from_text(path.read_text(), "big", 1, "cpu").raw_words == 300_000
+    assert len(w2v.load_corpus(common.parse_config(w2v.Config, ["--quick"], "", quick=w2v.QUICK), "cpu").tokens) < 200_000
+
+
 def test_one_dimensional_vectors_leave_the_relation_planes_empty():
     fig, ax = plt.subplots()
     index = {"king": 0, "queen": 1, "man": 2, "woman": 3}
@@ -432,10 +458,13 @@ def test_one_dimensional_vectors_leave_the_relation_planes_empty():
     plt.close(fig)
 
 
-def test_dim_1_runs_to_the_end_and_says_what_it_skipped(tmp_path, capsys):
+def test_dim_1_runs_to_the_end_and_says_what_it_skipped(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(common, "cpu_gflops", lambda: 1e-4)                 # a CPU so slow that even this run is long
     _, metrics = w2v.main(["--device", "cpu", "--out", str(tmp_path), "--sentences", "300", "--dim", "1",
                            "--epochs", "1", "--batch-size", "1024", "--eval-vocab", "200"])
-    assert "word2vec.png: the two PCA planes of relations are left empty (--dim 1 gives no plane)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "word2vec.png: the two PCA planes of relations are left empty (--dim 1 gives no plane)" in printed
+    assert "note: this run is sized for a GPU" in printed and "Add --quick" in printed     # not a --quick run
     for name in ("metrics.json", "vectors.vec", "word2vec.pt", "word2vec.png"):
         assert (tmp_path / name).is_file(), name
 
@@ -448,6 +477,10 @@ def test_dim_1_runs_to_the_end_and_says_what_it_skipped(tmp_path, capsys):
     (["--analogies", "/no/such/questions.txt"], "does not exist"),
     (["--dataset", "mnist"], "--corpus"),
     (["--no-such-option"], "unrecognized"),
+    (["--corpus", "."], r"corpus file '\.' is a folder, not a file"),
+    (["--similarity", "."], r"--similarity file '\.' is a folder, not a file"),
+    (["--lr", "inf", "--min-lr", "inf"], "--lr must be a finite number"),
+    (["--max-words", "-1"], "--max-words must be 0"),
 ])
 def test_bad_options_fail_cleanly(tmp_path, argv, message):
     with pytest.raises(common.UserError, match=message):

@@ -12,7 +12,9 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import matplotlib.image
 import matplotlib.pyplot as plt
@@ -389,6 +391,57 @@ def test_devices(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(common.UserError, match="no CUDA"):
         common.pick_device("cuda")
+
+
+@pytest.mark.parametrize("bf16, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_autocast_is_bf16_where_the_gpu_has_it_else_fp16_with_a_gradient_scaler(monkeypatch, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)           # a GPU, faked: nothing here touches it
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16 and not including_emulation)
+    cuda = torch.device("cuda")
+    assert common.autocast_dtype(cuda) == expected                           # a T4 or a V100 emulates bf16 slowly: fp16
+    assert common.grad_scaler(cuda).is_enabled() == (expected == torch.float16)
+    cpu = torch.device("cpu")
+    assert common.autocast_dtype(cpu) is None and not common.grad_scaler(cpu).is_enabled()
+
+
+def test_a_disabled_scaler_leaves_the_step_a_plain_step():
+    scaler, steps = common.grad_scaler(torch.device("cpu")), []
+    loss = torch.ones(2, requires_grad=True).sum()
+    assert scaler.scale(loss) is loss                                         # no factor: bf16 and float32 need none
+    scaler.step(SimpleNamespace(step=lambda: steps.append("step")))
+    scaler.update()
+    assert steps == ["step"]
+
+
+def test_progress_in_a_log_file_is_a_plain_line_every_few_seconds(monkeypatch, capsys):
+    monkeypatch.setattr(common, "PROGRESS_LINE_SECONDS", 0.05)
+    bar = common.progress(100, "train", unit="word")                         # stderr is not a terminal here
+    for _ in range(4):
+        time.sleep(0.06)
+        bar.update(25)
+        bar.set_postfix(loss="0.5")
+    bar.close()
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert "\r" not in err and 3 <= len(lines) <= 5 and all(line.startswith("train: ") for line in lines)
+    assert lines[-1].startswith("train: 100%") and "loss=0.5" in lines[-1]
+    monkeypatch.setattr(common, "PROGRESS_LINE_SECONDS", 5)
+    with common.progress(100, "short") as bar:                              # a phase shorter than that: no line
+        bar.update(100)
+    assert capsys.readouterr().err == ""
+
+
+def test_cpu_notice_says_how_long_and_what_to_run_instead(monkeypatch, capsys):
+    monkeypatch.setattr(common, "cpu_gflops", lambda: common.REFERENCE_CPU_GFLOPS / 2)    # a CPU half as fast
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    common.cpu_notice(ToyConfig(), cpu, 600)
+    line = capsys.readouterr().out
+    assert line.count("\n") == 1 and "sized for a GPU" in line and "roughly 20 minutes" in line and "--quick" in line
+    common.cpu_notice(ToyConfig(), cpu, 3 * 3600)
+    assert "roughly 6.0 hours" in capsys.readouterr().out
+    for cfg, device, seconds in ((ToyConfig(quick=True), cpu, 600), (ToyConfig(), cuda, 600), (ToyConfig(), cpu, 29)):
+        common.cpu_notice(cfg, device, seconds)
+    assert capsys.readouterr().out == ""
 
 
 def test_warmup_cosine_at_its_ends():
