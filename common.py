@@ -1224,6 +1224,142 @@ def read_flickr8k(data_dir, size, device):
     return caption_data("flickr8k", x_train, c_train, x_test, c_test, dict(skipped), device)
 
 
+# Openclipart (openclipart.org, public domain), as Debian's openclipart-png installs it: 6,900 clip-art PNGs in a
+# category tree (animals/birds/eagle_01.png, signs_and_symbols/flags/asia/kuwait.png), and 1,221 links that file an
+# image under a second category too. A file's name is the drawing's title, then often its author and a number, the
+# title and author cut to 25 characters: seagull_contour_nicu_buc_01.png. A caption is the title without the author
+# and the numbering, then the categories from the leaf up, leaving out those the title names: "seagull contour,
+# birds, animals"; an image reached by several paths has a caption for each. The top-level categories are the
+# classes; "unsorted" is none (label -1, and no category words). Stars and computer icons are 45% of the images.
+OPENCLIPART_TREE = Path("/usr/share/openclipart/png")
+# the authors who drew most of the set, as the file names spell them; a name cut short ("architetto_fran") matches
+OPENCLIPART_AUTHORS = [
+    "architetto francesco rollandin", "ganson", "benji park", "juliane krug", "nicu buculei", "jean victor balin",
+    "jarno vasamaa", "jon phillips", "gerald g", "linda kim", "yves guillou", "sergio luiz araujo silva",
+    "lumen design studio", "peterm", "aj ashton", "enrique meza c", "dan gerhards", "dan gerhrads", "matthew gates",
+    "mimooh", "jonadab", "patricia fidi", "nurbldoff", "nubldoff", "kurt cagle", "costea bogdan", "frouke",
+    "susan park", "frederic moser", "matt todd", "dave pena", "anthony liekens", "mauro olivo", "yen cheng",
+    "roman bertle", "christoph brill", "nathan eady", "guillaume boitel", "leif lodahl", "jonathan dietrich",
+    "charles mccolm", "jakob chaosinfanterie", "andy fitzsimon", "ruairi hanna", "michael breuer", "dirk struve",
+    "stefan bazelkov", "brice boyer", "aubanel monnier", "daniel steele", "marcelo staudt", "shandy brown",
+    "wolfram esser", "andreas nilsson", "cedric bosdonnat", "richard torkar", "k yager", "glenn rolland",
+    "raphael seban", "tatiana coutinho", "angelo gelmi", "fudriot omic ch", "petri lummemaki", "kexi team",
+    "nicolas cle", "mateya", "dave reckoning", "lauris kaplinski", "mikhail a medvedev", "miguel s nchez"]
+
+
+def openclipart_caption(path):
+    """The caption of a file, from its path in the tree: 'food/fruit/banana_mateya_01.png' -> 'banana, fruit, food'."""
+    *folders, name = Path(path).parts
+    words = Path(name).stem.lower().replace("-", "_").replace(".", "_").replace(" ", "_").split("_")
+    numbering = lambda word: word in ("", "r") or word.isdigit() or (word[:-1].isdigit() and word[-1].isalpha())
+    while words and numbering(words[-1]):                                 # _01, _06c, _r, a trailing _
+        words.pop()
+    for start in range(1, len(words)):                                    # an author's name, perhaps cut, ends it
+        tail = " ".join(words[start:])
+        if len(tail) >= 3 and any(author.startswith(tail) for author in OPENCLIPART_AUTHORS):
+            words = words[:start]
+            break
+    words = [word.rstrip("0123456789") for word in words]                 # home15, arrow1: numbered titles
+    words = [{"bw": "black and white"}.get(w, w) for w in words if w and not any(c.isdigit() for c in w)]
+    categories = [folder.replace("_", " ").replace("-", " ") for folder in reversed(folders) if folder != "unsorted"]
+    named = lambda category: any(w in words or w.rstrip("s") in words for w in category.split())
+    return ", ".join([" ".join(words)] * bool(words) + [c for c in categories if not named(c)])
+
+
+def decode_clipart(path, size, min_side=8):
+    """(3, S, S) uint8 of a clip-art file: transparent pixels laid on white, cut to the bounding box of what is not
+    white, padded to a square with white, resized. Returns a reason string instead for a file to skip."""
+    import warnings
+    from PIL import Image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)     # a few drawings are 10k x 16k
+            with Image.open(path) as picture:
+                if min(picture.size) < min_side:
+                    return f"smaller than {min_side} pixels"
+                picture = picture.convert("RGBA")
+                picture.thumbnail((16 * size, 16 * size), reducing_gap=2.0)  # box-filter huge drawings down first
+    except Image.DecompressionBombError:
+        return "over Pillow's pixel limit"
+    except Exception:  # Pillow raises many types for a broken file
+        return "unreadable PNG"
+    x = np.asarray(picture, dtype=np.float32) / 255                             # (h, w, 4)
+    rgb = x[..., :3] * x[..., 3:] + (1 - x[..., 3:])                            # over white
+    rows, columns = ((rgb < 0.98).any(-1).any(axis).nonzero()[0] for axis in (1, 0))
+    if not len(rows):
+        return "blank (white or transparent)"
+    rgb = rgb[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]
+    side = max(rgb.shape[:2])
+    square = np.ones((side, side, 3), dtype=np.float32)
+    top, left = (side - rgb.shape[0]) // 2, (side - rgb.shape[1]) // 2
+    square[top:top + rgb.shape[0], left:left + rgb.shape[1]] = rgb
+    square = Image.fromarray((square * 255).round().astype(np.uint8)).resize((size, size), Image.Resampling.LANCZOS)
+    return torch.from_numpy(np.array(square)).permute(2, 0, 1)
+
+
+def read_openclipart(data_dir, size, device, seed=0, test_share=0.15):
+    """CaptionData of the clip art at S x S, with classes and labels, split by image (test_share of them, by seed).
+    The tree is data_dir/openclipart/png if there is one, else the package's. The images are decoded once into
+    data_dir/openclipart/images-S.npz, which holds everything read later: the tree is not needed again."""
+    folder = Path(data_dir) / "openclipart"
+    cache = folder / f"images-{size}.npz"
+    if not cache.is_file():
+        tree = folder / "png" if (folder / "png").is_dir() else OPENCLIPART_TREE
+        check(tree.is_dir(), f"--dataset openclipart needs the clip art: sudo apt-get install openclipart-png "
+                             f"(into {OPENCLIPART_TREE}), or a copy of that tree in {folder / 'png'}")
+        files, links, skipped = [], [], Counter()
+        for parent, _, names in sorted(os.walk(tree)):
+            for name in sorted(names):
+                path = Path(parent) / name
+                if path.suffix.lower() != ".png":
+                    skipped["not a PNG file"] += 1
+                else:
+                    (links if path.is_symlink() else files).append(path)
+        images, paths, bar = [], [], progress(len(files), f"decoding {tree}")
+        for path in files:
+            image = decode_clipart(path, size)
+            if isinstance(image, str):
+                skipped[image] += 1
+            else:
+                images.append(image)
+                paths.append(path)
+            bar.update(1)
+        bar.close()
+        check(len(images) >= 2, f"{tree} holds {len(images)} readable PNG (skipped: {dict(skipped)})")
+        row = {path.resolve(): i for i, path in enumerate(paths)}
+        image_of = list(range(len(paths)))
+        for link in links:
+            if link.resolve() in row:
+                paths.append(link)
+                image_of.append(row[link.resolve()])
+            else:
+                skipped["link to no usable image"] += 1
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic_write(cache, lambda tmp: np.savez_compressed(
+            open(tmp, "wb"), paths=np.array([p.relative_to(tree).as_posix() for p in paths]), image_of=np.array(image_of),
+            images=torch.stack(images).numpy(), skipped=np.array(list(skipped)), skipped_counts=np.array(list(skipped.values()))))
+    try:
+        with np.load(cache, allow_pickle=False) as stored:
+            paths, image_of, images = list(stored["paths"]), stored["image_of"].tolist(), torch.from_numpy(stored["images"])
+            skipped = dict(zip(stored["skipped"].tolist(), stored["skipped_counts"].tolist()))
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(f"{cache} is corrupt ({error}); delete it to decode the images again") from None
+    captions = [[] for _ in images]
+    for path, i in zip(paths, image_of):
+        if openclipart_caption(path) not in captions[i]:
+            captions[i].append(openclipart_caption(path))
+    top = [Path(paths[i]).parts[0] if len(Path(paths[i]).parts) > 1 else "unsorted" for i in range(len(images))]
+    classes = sorted(set(top) - {"unsorted"})
+    labels = torch.tensor([classes.index(t) if t in classes else -1 for t in top])
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    test, train = order[:max(1, round(test_share * len(images)))], order[max(1, round(test_share * len(images))):]
+    data = caption_data("openclipart", images[train], [captions[i] for i in train], images[test],
+                        [captions[i] for i in test], skipped, device)
+    data.train.labels, data.test.labels = labels[train].to(device), labels[test].to(device)
+    data.classes = [name.replace("_", " ") for name in classes]
+    return data
+
+
 # ---- 8. Several GPUs: torchrun starts one process per GPU and sets RANK, LOCAL_RANK, WORLD_SIZE ----
 
 def world_size():
