@@ -6,10 +6,11 @@ per-token MLP) lets the tokens exchange information. The class token's final sta
 This script writes all of it from tensor operations, trains it, and then looks inside:
   - a linear probe on the class token after every block: how linearly separable the classes become with depth;
   - where the class token attends, per head and rolled out over the layers, and what the position embeddings learned;
-  - inductive bias: a CNN of about the same size under the same budget, on all labels and on a few
-    (--sweep), and the symmetries each architecture has built in, measured on real images;
-  - self-supervised pre-training (--pretrain simclr, with 03's augmentations and NT-Xent) against training
-    from scratch when labels are few.
+  - inductive bias: a CNN of about the same size under the same budget, and the symmetries each architecture
+    has built in, measured on real images;
+  - self-supervised pre-training without labels, on any images 04 can read (a captions folder and Flickr8k too):
+    --pretrain mae (masked autoencoding), dino (self-distillation) or simclr (03's contrastive views), each then
+    probed, fine-tuned and compared with training from scratch when the images have labels.
 
 Papers:
   Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words" (ViT): Eqs. 1-4 are the model.
@@ -17,11 +18,15 @@ Papers:
   Ba, Kiros, Hinton 2016, "Layer Normalization": Eq. 4.
   Abnar, Zuidema 2020, "Quantifying Attention Flow in Transformers": attention rollout (Eq. 1 there).
   Loshchilov, Hutter 2019, "Decoupled Weight Decay Regularization" (AdamW); Szegedy et al. 2016 (label smoothing).
+  He et al. 2022, "Masked Autoencoders Are Scalable Vision Learners" (MAE), Sec. 3, for --pretrain mae.
+  Caron et al. 2021, "Emerging Properties in Self-Supervised Vision Transformers" (DINO), Algorithm 1 and Eq. 2-4.
   Chen et al. 2020 (SimCLR), Eq. 1, for --pretrain simclr.
 
 Run:  python 04_vit.py            (the embedded shapes set; --dataset fashion-mnist|cifar10 for real data)
-      python 04_vit.py --model cnn  (the CNN baseline)   --sweep 0.01,0.1,1   --pretrain simclr --train-fraction 0.02
-      torchrun --nproc_per_node=2 04_vit.py   (supervised training on 2 GPUs, --batch-size images on each)
+      python 04_vit.py --model cnn  (the CNN baseline)   --pretrain mae|dino|simclr --train-fraction 0.02
+      python 04_vit.py --pretrain dino --dataset captions --data-dir DIR   (no labels: pre-trains and saves the ViT)
+      torchrun --nproc_per_node=2 04_vit.py   (supervised training, or --pretrain mae|dino, on 2 GPUs)
+      benchmarks/bench_04_labels.py: 1%, 10%, 100% of Fashion-MNIST's labels, from scratch and after each pre-training
 Measured on one H200 (torch 2.11, bf16; compiled, as the default is on one GPU), RESULTS.md:
   python 04_vit.py: ViT 2.71M parameters (patch 8), 25 epochs: test top-1 86.4% on the shapes set (chance 10%,
     raw-pixel probe 13%); the class-token probe climbs from 10% before block 1 to 86.3% after block 6; 65 s
@@ -30,16 +35,17 @@ Measured on one H200 (torch 2.11, bf16; compiled, as the default is on one GPU),
     60.5 s of training; raw-pixel probe 82%.
 
 Shapes legend: B batch, C channels, P patch size, N patches, T tokens (1 + N), E embedding width,
-H heads, D head size (E / H), L layers.
+H heads, D head size (E / H), L layers, n visible patches (MAE), K outputs of DINO's head.
 """
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import common
@@ -48,8 +54,15 @@ import evaluation
 contrastive = common.import_script("03_contrastive")    # augment, nt_xent
 
 
+# passes over the training images of each pre-training at its defaults: about a minute on one H200
+PRETRAIN_EPOCHS = {"mae": 60, "dino": 12, "simclr": 15}
+UNLABELLED = ("captions", "flickr8k", "openclipart")     # image sets 04 pre-trains on without labels
+
+
 @dataclass
 class Config(common.RunConfig):
+    dataset: str = common.arg("shapes", "shapes (embedded, offline) | mnist | fashion-mnist | cifar10, or for --pretrain "
+                                        "alone the images of captions (--data-dir DIR) | flickr8k | openclipart")
     model: str = common.arg("vit", "the model trained and examined: vit | cnn (the baseline)", choices=["vit", "cnn"])
     image_size: int = common.arg(32, "images are padded or resized to this many pixels a side")
     # NOTE: patch 8 (16 tokens), not the usual 4 for 32x32 images (64 tokens): with 4 times fewer tokens a step
@@ -68,22 +81,35 @@ class Config(common.RunConfig):
     clip_grad: float = common.arg(1.0, "gradients are rescaled to at most this global norm (0 = no clipping)")
     crop: float = common.arg(0.0, "03's random resized crop while training: the share of the area it may cut away (0 = none)")
     train_fraction: float = common.arg(1.0, "share of the labelled training images used, in (0, 1]")
-    sweep: str = common.arg("", "comma-separated shares of the training set, e.g. 0.01,0.1,1: train a ViT and a CNN on "
-                                "each with the same steps and plot test accuracy against the number of labels")
-    pretrain: str = common.arg("", "simclr: pre-train the ViT on the unlabelled training images first", choices=["", "simclr"])
-    pretrain_epochs: int = common.arg(15, "passes over the training images for --pretrain simclr")
+    pretrain: str = common.arg("", "pre-train the ViT on the training images, labels unused, before fine-tuning: "
+                                   "mae | dino | simclr", choices=["", *PRETRAIN_EPOCHS])
+    pretrain_epochs: int = common.arg(0, "passes over the training images for --pretrain (0 = the method's default, "
+                                         "PRETRAIN_EPOCHS: about a minute on one GPU)")
+    mask_ratio: float = common.arg(0.75, "MAE: share r of each image's patches hidden from the encoder, in (0, 1)")
+    decoder_dim: int = common.arg(128, "MAE: token width of the light decoder")
+    decoder_depth: int = common.arg(2, "MAE: Transformer blocks of the decoder")
+    dino_dim: int = common.arg(1024, "DINO: K, the outputs of the head (prototypes) that teacher and student share")
+    student_temp: float = common.arg(0.1, "DINO: temperature of the student's softmax")
+    teacher_temp: float = common.arg(0.04, "DINO: temperature of the teacher's softmax; below the student's, it sharpens")
+    ema: float = common.arg(0.996, "DINO: the teacher's momentum l in [0, 1]: teacher <- l teacher + (1 - l) student")
+    center_momentum: float = common.arg(0.9, "DINO: momentum m in [0, 1] of the centre C of the teacher's outputs")
+    local_crops: int = common.arg(0, "DINO: extra small views per image (half the side), seen by the student only")
+    no_centering: bool = common.arg(False, "DINO ablation: the teacher's outputs are not centred (C stays 0)")
+    no_sharpening: bool = common.arg(False, "DINO ablation: the teacher's temperature is the student's")
     temperature: float = common.arg(0.2, "NT-Xent temperature for --pretrain simclr")
+    pretrain_lr: float = common.arg(0.0, "peak learning rate of the pre-training (0 = --lr)")
     init: str = common.arg("", "start the ViT from a checkpoint saved by --pretrain (kind 'vit'), e.g. runs/04_vit/vit_simclr.pt")
     compile: str = common.arg("auto", "torch.compile the training forward pass: auto (the ViT on one GPU), on, off; "
                                       "about 20 s of compiling, then 2-4x the images per second", choices=["auto", "on", "off"])
     n_train: int = common.arg(0, "training images to load (0 = all of the dataset's)")
     n_test: int = common.arg(0, "test images to load (0 = all of the dataset's)")
+    val_split: int = common.arg(0, "evaluate on the last this many training images instead of the test set (for tuning)")
     probe_samples: int = common.arg(10_000, "training images the per-layer linear probes are fitted on")
     probe_steps: int = common.arg(300, "Adam steps of each linear probe (evaluation.linear_probe runs at least this many)")
 
 
 QUICK = dict(n_train=1200, n_test=1000, patch_size=8, dim=48, depth=2, heads=2, mlp_ratio=2, epochs=6, batch_size=100,
-             lr=3e-3, pretrain_epochs=3, probe_samples=600, probe_steps=100)
+             lr=3e-3, pretrain_epochs=3, probe_samples=600, probe_steps=100, decoder_dim=32, decoder_depth=1, dino_dim=128)
 
 
 # ---- 1. Model: a Vision Transformer, built up from its smallest parts ----
@@ -231,24 +257,38 @@ class ViT(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
             nn.init.zeros_(module.bias)
 
-    def embed(self, images):                                   # (B, C, H, W) -> (B, T, E): Eq. 1
+    def embed(self, images, keep=None):                        # (B, C, H, W) -> (B, T, E): Eq. 1
         patches = patchify(images, self.patch_size)            # (B, N, C*P*P)
         tokens = self.patch_embed(patches)                     # (B, N, E)
         cls = self.cls_token.expand(len(images), -1, -1)       # (B, 1, E)
         tokens = torch.cat([cls, tokens], dim=1)               # (B, T, E), T = 1 + N
         if self.pos_embedding is not None:
-            tokens = tokens + self.pos_embedding               # (B, T, E) + (1, T, E)
+            tokens = tokens + self.positions(tokens.shape[1])  # (B, T, E) + (1, T, E)
+        if keep is not None:                                   # MAE: only the visible patches, each with its position
+            visible = tokens[:, 1:].gather(1, keep[:, :, None].expand(-1, -1, tokens.shape[2]))   # (B, n, E)
+            tokens = torch.cat([tokens[:, :1], visible], dim=1)                                   # (B, 1 + n, E)
         return tokens
 
-    def hidden_states(self, images):
-        """The tokens after the embedding and after every block: depth + 1 tensors of (B, T, E)."""
-        states = [self.embed(images)]
+    def positions(self, T):
+        """E_pos for T tokens: as learned, or for a smaller image (DINO's local crops) the learned grid of patch
+        positions resized to that image's grid, as DINO does (1, T, E)."""
+        if T == self.pos_embedding.shape[1]:
+            return self.pos_embedding
+        grid, side = math.isqrt(self.num_patches), math.isqrt(T - 1)
+        patch_pos = self.pos_embedding[:, 1:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2)   # (1, E, g, g)
+        patch_pos = F.interpolate(patch_pos, size=(side, side), mode="bicubic", align_corners=False)
+        return torch.cat([self.pos_embedding[:, :1], patch_pos.flatten(2).transpose(1, 2)], dim=1)
+
+    def hidden_states(self, images, keep=None):
+        """The tokens after the embedding and after every block: depth + 1 tensors of (B, T, E), or (B, 1 + n, E)
+        when keep (B, n) names the visible patches."""
+        states = [self.embed(images, keep)]
         for block in self.blocks:
             states.append(block(states[-1]))
         return states
 
-    def tokens(self, images):                                  # (B, C, H, W) -> (B, T, E), final-normed
-        return self.norm(self.hidden_states(images)[-1])
+    def tokens(self, images, keep=None):                       # (B, C, H, W) -> (B, T, E), final-normed
+        return self.norm(self.hidden_states(images, keep)[-1])
 
     def features(self, images):                                # (B, C, H, W) -> (B, E): Eq. 4
         return self.tokens(images)[:, 0]                       # EXERCISE: average the patch tokens [:, 1:] instead
@@ -295,12 +335,157 @@ def build_model(kind, cfg, num_classes):
     return ConvNet(3, cfg.dim // 2, num_classes)
 
 
-# ---- 2. Data: images stay on the device as uint8; each batch is converted, augmented and normalised there ----
+# ---- 2. Pre-training without labels, the two ways that suit a ViT: masked autoencoding and self-distillation ----
+#
+# MAE (He et al. 2022, Sec. 3). Each image's N patches are shuffled by a random permutation and the first
+# n = round(N (1 - r)) kept; the encoder runs on those n alone (a quarter of the tokens at r = 0.75, which is what
+# makes it cheap, and what no CNN can do); a light decoder puts a shared mask token at every hidden place, adds
+# position embeddings, and predicts every patch's pixels; the loss is the mean squared error on the hidden patches
+# only, against each patch's pixels normalised by their own mean and variance ("normalized pixels", Table 1d):
+#   L = 1/|M| sum_{i in M} ||x̂_i - (x_i - mean(x_i)) / sqrt(var(x_i) + eps)||^2 / (C P P)
+
+def random_masking(batch, num_patches, mask_ratio, device):
+    """MAE's masking for a batch: keep (B, n) the visible patches, restore (B, N) the inverse of each image's
+    permutation (the shuffled order put back), mask (B, N) 1.0 on the hidden patches, in image order."""
+    visible = round(num_patches * (1 - mask_ratio))
+    shuffle = torch.rand(batch, num_patches, device=device).argsort(dim=1)   # (B, N): a random permutation each
+    restore = shuffle.argsort(dim=1)                                         # (B, N): shuffle[restore] = 0..N-1
+    mask = torch.ones(batch, num_patches, device=device)
+    mask[:, :visible] = 0                                                    # in the shuffled order: n kept first
+    return shuffle[:, :visible], restore, mask.gather(1, restore)            # mask back in image order
+
+
+class MAEDecoder(nn.Module):
+    """MAE's light decoder: the encoded visible tokens (B, 1 + n, E) and the inverse permutation (B, N) -> predicted
+    pixels of every patch (B, N, C*P*P). Narrow blocks over all N places, each hidden one holding the shared mask
+    token; only pre-training uses it, and only the encoder is kept."""
+
+    def __init__(self, num_patches, encoder_dim, patch_pixels, dim=128, depth=2, heads=4):
+        super().__init__()
+        self.embed = nn.Linear(encoder_dim, dim)                         # the encoder's width to the decoder's
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))           # one learned vector for "hidden here"
+        # the decoder's own E_pos: a mask token says nothing of where it sits, so the position must be added
+        self.pos_embedding = nn.Parameter(torch.zeros(1, 1 + num_patches, dim))
+        self.blocks = nn.ModuleList(Block(dim, heads, 4) for _ in range(depth))
+        self.norm = LayerNorm(dim)
+        self.predict = nn.Linear(dim, patch_pixels)
+        self.apply(ViT._init_weights)
+        nn.init.normal_(self.mask_token, std=0.02)
+        nn.init.normal_(self.pos_embedding, std=0.02)
+
+    def forward(self, latent, restore):
+        x = self.embed(latent)                                            # (B, 1 + n, E')
+        B, N = restore.shape
+        hidden = self.mask_token.expand(B, N + 1 - x.shape[1], -1)        # (B, N - n, E')
+        shuffled = torch.cat([x[:, 1:], hidden], dim=1)                   # (B, N, E'), the shuffled order
+        patches = shuffled.gather(1, restore[:, :, None].expand(-1, -1, x.shape[2]))   # (B, N, E'), image order
+        x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embedding    # (B, T, E')
+        for block in self.blocks:
+            x = block(x)
+        return self.predict(self.norm(x)[:, 1:])                          # (B, N, C*P*P)
+
+
+class MAE(nn.Module):
+    """The ViT as MAE's encoder, on the visible patches only, and its decoder: normalised images (B, C, H, W) and a
+    masking (keep, restore) -> predicted pixels (B, N, C*P*P)."""
+
+    def __init__(self, encoder, decoder_dim, decoder_depth):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = MAEDecoder(encoder.num_patches, encoder.dim, encoder.in_channels * encoder.patch_size**2,
+                                  decoder_dim, decoder_depth, heads=max(1, decoder_dim // 32))
+
+    def forward(self, images, keep, restore):
+        return self.decoder(self.encoder.tokens(images, keep), restore)  # the encoder never sees a hidden patch
+
+
+def mae_loss(prediction, images, mask, patch_size):
+    """The loss above: prediction (B, N, C*P*P), normalised images (B, C, H, W), mask (B, N) -> scalar."""
+    patches = patchify(images, patch_size)                                # (B, N, C*P*P)
+    mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
+    target = (patches - mean) / (var + 1e-6).sqrt()                       # each patch's own contrast
+    per_patch = (prediction - target).square().mean(-1)                   # (B, N)
+    return (per_patch * mask).sum() / mask.sum()                          # visible patches count for nothing
+
+
+# DINO (Caron et al. 2021, Algorithm 1). A student g_s and a teacher g_t, the same ViT with the same head; the
+# teacher is never trained by gradients (stop-gradient): its weights follow the student's as an exponential moving
+# average, g_t <- l g_t + (1 - l) g_s. Two views x1, x2 of each image; the student learns to predict the teacher's
+# output on the other view (Eq. 2-3):
+#   loss = H(t1, s2) / 2 + H(t2, s1) / 2,  H(t, s) = - sum_k softmax((t - C) / tau_t)_k log softmax(s / tau_s)_k
+# and the centre C <- m C + (1 - m) mean over the batch of [t1; t2] (Eq. 4). Two ways to a trivial solution:
+# one output dimension winning for every image, or the uniform output. Centring subtracts the mean output, so no
+# dimension can dominate, but pushes towards uniform; sharpening (tau_t < tau_s) does the opposite. Together they
+# balance. With local crops (Sec. 3.1) the student also sees small views, the teacher only the two global ones.
+
+class DINOHead(nn.Module):
+    """DINO's projection head (Sec. 3.1, Appendix): a 3-layer MLP to a bottleneck, l2-normalised, then a
+    weight-normalised linear layer to K outputs, i.e. cosine scores against K learned prototypes. (B, E) -> (B, K)."""
+
+    def __init__(self, dim, out_dim, hidden=512, bottleneck=128):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, bottleneck))
+        self.prototypes = nn.Parameter(0.02 * torch.randn(out_dim, bottleneck))   # (K, bottleneck), directions only
+        self.apply(ViT._init_weights)
+
+    def forward(self, features):
+        z = F.normalize(self.mlp(features), dim=-1)                                # (B, bottleneck), unit
+        return z @ F.normalize(self.prototypes, dim=-1).T                         # (B, K) cosines in [-1, 1]
+
+
+def dino_cross_entropy(teacher, student, center, teacher_temp, student_temp):
+    """H(t, s) of Algorithm 1: teacher and student outputs (B, K), centre (K,) -> the batch's mean cross-entropy."""
+    t = F.softmax((teacher.detach() - center) / teacher_temp, dim=-1)    # stop-gradient; centre, then sharpen
+    return -(t * F.log_softmax(student / student_temp, dim=-1)).sum(-1).mean()
+
+
+def dino_loss(teachers, students, center, teacher_temp, student_temp):
+    """Every teacher view against every student view of another crop (Sec. 3.1): teachers [t1, t2], students
+    [s1, s2, local crops...], each (B, K). With no local crops this is H(t1, s2) / 2 + H(t2, s1) / 2."""
+    terms = [dino_cross_entropy(t, s, center, teacher_temp, student_temp)
+             for i, t in enumerate(teachers) for j, s in enumerate(students) if i != j]
+    return sum(terms) / len(terms)
+
+
+@torch.no_grad()
+def update_center(center, teacher_outputs, momentum):
+    """Eq. 4: C <- m C + (1 - m) mean of the teacher's outputs (B, K) over the batch; (K,) -> (K,)."""
+    batch_mean = common.at_least_float32(teacher_outputs).mean(0)         # (K,)
+    if common.world_size() > 1:    # torchrun: the mean over every GPU's batch, so C is the same everywhere
+        dist.all_reduce(batch_mean)
+        batch_mean /= common.world_size()
+    return momentum * center + (1 - momentum) * batch_mean
+
+
+@torch.no_grad()
+def update_teacher(teacher, student, momentum):
+    """Algorithm 1: teacher <- l teacher + (1 - l) student, parameter by parameter (no gradient flows here)."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+
+
+# ---- 3. Data: images stay on the device as uint8; each batch is converted, augmented and normalised there ----
 
 def load_data(cfg, device):
-    """The dataset as 3-channel uint8 images of image_size pixels, resident on device."""
-    return common.load_images(cfg.dataset, cfg.data_dir, device, n_train=cfg.n_train or None, n_test=cfg.n_test or None,
-                              seed=cfg.seed, size=cfg.image_size, channels=3)
+    """The dataset as 3-channel uint8 images of image_size pixels, resident on device. The images of a captioned set
+    come without labels (y_train, y_test None): there is nothing to classify, only to pre-train on."""
+    if cfg.dataset in UNLABELLED:
+        reader = {"captions": lambda: common.read_caption_folder(cfg.data_dir, cfg.image_size, cfg.seed, device),
+                  "flickr8k": lambda: common.read_flickr8k(cfg.data_dir, cfg.image_size, device),
+                  "openclipart": lambda: common.read_openclipart(cfg.data_dir, cfg.image_size, device)}[cfg.dataset]
+        pairs = reader()
+        data = common.ImageData(cfg.dataset, pairs.train.images[:cfg.n_train or None], None,
+                                pairs.test.images[:cfg.n_test or None], None, [])
+    else:
+        data = common.load_images(cfg.dataset, cfg.data_dir, device, n_train=cfg.n_train or None,
+                                  n_test=cfg.n_test or None, seed=cfg.seed, size=cfg.image_size, channels=3)
+    if cfg.val_split:             # the last training images stand in for the test set, which tuning must not see
+        common.check(cfg.val_split < len(data.x_train), f"--val-split {cfg.val_split} leaves no training image")
+        cut = lambda y: None if y is None else (y[:-cfg.val_split], y[-cfg.val_split:])
+        (data.x_train, data.x_test), labels = cut(data.x_train), cut(data.y_train)
+        data.y_train, data.y_test = labels or (None, None)
+    return data
 
 
 def channel_stats(images):
@@ -331,7 +516,7 @@ def index_batches(pool, batch_size, steps, generator):
         yield order[(step % per_pass) * batch_size:(step % per_pass + 1) * batch_size]
 
 
-# ---- 3. Training, as practitioners train small ViTs: AdamW, warm-up then cosine, label smoothing, clipping ----
+# ---- 4. Training, as practitioners train small ViTs: AdamW, warm-up then cosine, label smoothing, clipping ----
 
 def decay_groups(model, weight_decay):
     """AdamW's two parameter groups: decoupled weight decay on the weight matrices of linear and conv layers,
@@ -344,12 +529,14 @@ def decay_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def fit(model, loss_of_batch, pool, steps, steps_per_epoch, cfg, device, desc, evaluate=None):
-    """The loop shared by supervised training and SimCLR pre-training. loss_of_batch(indices) -> scalar loss.
-    After every epoch's worth of steps, records the mean loss, the training seconds so far (evaluation
-    excluded) and whatever evaluate() returns. Returns that history, a list of dicts."""
+def fit(model, loss_of_batch, pool, steps, steps_per_epoch, cfg, device, desc, evaluate=None, after_step=None):
+    """The loop shared by supervised training and every pre-training. loss_of_batch(indices) -> scalar loss;
+    after_step() runs after each optimiser step (DINO's teacher and centre). After every epoch's worth of steps,
+    records the mean loss, the training seconds so far (evaluation excluded) and whatever evaluate() returns.
+    Returns that history, a list of dicts."""
     optimizer = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
                                   fused=device.type == "cuda")
+    scaler = common.grad_scaler(device)                         # fp16 GPUs only; with bf16 and float32 a no-op
     generator = torch.Generator().manual_seed(cfg.seed)
     history, running, count, seconds = [], torch.zeros((), device=device), 0, 0.0
     # Several GPUs (torchrun), here and in train_classifier: every rank holds all the data and draws the same batch
@@ -368,11 +555,15 @@ def fit(model, loss_of_batch, pool, steps, steps_per_epoch, cfg, device, desc, e
             group["lr"] = cfg.lr * common.warmup_cosine(step, steps, round(cfg.warmup * steps))
         loss = loss_of_batch(indices[common.rank_share(len(indices))])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if cfg.clip_grad > 0:
             # one bad batch cannot throw the weights far: the step is rescaled when the gradient norm is large
+            scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
+        if after_step is not None:
+            after_step()
         running += loss.detach()                               # summed on the device: no synchronisation per step
         count += 1
         bar.update(len(indices))
@@ -411,10 +602,11 @@ def compiled(module, cfg, device):
     the written-out attention and LayerNorm into about half as many kernels; on one GPU, mode "reduce-overhead" also
     records the step's kernels once as a CUDA graph and replays it. NOTE: otherwise Python launches the kernels one
     by one, and for a model this small that sets the pace, not the GPU's work. Under torchrun, DDP's gradient hooks
-    run between kernels: no CUDA graph there."""
-    if not uses_compile(cfg, device, isinstance(module, ViT)):
+    run between kernels: no CUDA graph there. dynamic=False: DINO's local crops get a graph of their own size."""
+    if not uses_compile(cfg, device, not isinstance(module, ConvNet)):
         return module
-    return torch.compile(module, mode="reduce-overhead" if device.type == "cuda" and common.world_size() == 1 else None)
+    return torch.compile(module, mode="reduce-overhead" if device.type == "cuda" and common.world_size() == 1 else None,
+                         dynamic=False)
 
 
 def train_classifier(model, data, stats, pool, cfg, device, desc):
@@ -439,10 +631,90 @@ def train_classifier(model, data, stats, pool, cfg, device, desc):
     return fit(model, loss_of_batch, pool, cfg.epochs * steps_per_epoch, steps_per_epoch, cfg, device, desc, evaluate)
 
 
+def pretrain_loop(model, loss_of_batch, data, cfg, device, desc, evaluate=None, after_step=None):
+    """fit over all training images (no labels used) for --pretrain-epochs, at --pretrain-lr."""
+    everything = torch.arange(len(data.x_train), device=device)
+    steps_per_epoch = max(1, len(data.x_train) // (cfg.batch_size * common.world_size()))
+    steps = (cfg.pretrain_epochs or PRETRAIN_EPOCHS[cfg.pretrain]) * steps_per_epoch
+    settings = replace(cfg, lr=cfg.pretrain_lr or cfg.lr)
+    return fit(model, loss_of_batch, everything, steps, steps_per_epoch, settings, device, desc, evaluate, after_step)
+
+
+def pretrain_mae(vit, data, stats, cfg, device):
+    """MAE (section 2) on the training images. Returns (history, the MAE, whose decoder draws reconstruction.png)."""
+    mae = MAE(vit, cfg.decoder_dim, cfg.decoder_depth).to(device)
+    forward = compiled(common.data_parallel(mae, device), cfg, device)
+
+    def loss_of_batch(indices):
+        # MAE's only augmentations are a random resized crop and a mirror (Appendix A.1): masking is the task
+        x = contrastive.augment(common.to_float(data.x_train[indices]), crop=0.6, flip=0.5, jitter=0, grayscale=0, blur=0)
+        x = normalise(x, stats)                                                  # (B, C, H, W)
+        keep, restore, mask = random_masking(len(x), vit.num_patches, cfg.mask_ratio, device)
+        with common.autocast(device):
+            prediction = forward(x, keep, restore)                               # (B, N, C*P*P)
+        return mae_loss(prediction.float(), x, mask, vit.patch_size)
+
+    return pretrain_loop(mae, loss_of_batch, data, cfg, device, "MAE pre-training"), mae
+
+
+def local_crop_side(cfg):
+    """Side of DINO's local crops: half the image, in whole patches."""
+    return cfg.image_size // 2 // cfg.patch_size * cfg.patch_size
+
+
+def entropy(p):                                                                  # (..., K) -> (...), in nats
+    return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
+
+def pretrain_dino(vit, data, stats, cfg, device):
+    """DINO (section 2, Algorithm 1) on the training images. Every epoch it records the two collapse checks: the
+    entropy of the teacher's mean output over 1024 training images (near 0: one dimension wins for all of them) and
+    the teacher's mean per-image entropy (near ln K: the output is uniform, and the loss sits at ln K).
+    Afterwards vit holds the teacher's weights, the better encoder in DINO's Sec. 5.2. Returns (history, teacher)."""
+    student = nn.Sequential(vit, DINOHead(vit.dim, cfg.dino_dim)).to(device)    # images -> (B, K)
+    teacher = copy.deepcopy(student).requires_grad_(False)                      # the same start: g_t = g_s
+    student_forward = compiled(common.data_parallel(student, device), cfg, device)
+    teacher_forward = compiled(teacher, cfg, device)
+    teacher_temp = cfg.student_temp if cfg.no_sharpening else cfg.teacher_temp
+    state = {"center": torch.zeros(cfg.dino_dim, device=device), "teacher": None}
+    side = local_crop_side(cfg)
+
+    def loss_of_batch(indices):
+        x = common.to_float(data.x_train[indices])                               # (B, C, H, W)
+        views = normalise(contrastive.augment(torch.cat([x, x])), stats)         # (2B, C, H, W): x1, then x2
+        with common.autocast(device):
+            with torch.no_grad():                                                # stop-gradient: EMA only
+                teacher_out = teacher_forward(views).float()                     # (2B, K)
+            students = [student_forward(views).float()]                          # (2B, K)
+            if cfg.local_crops:
+                # NOTE: 03's crop keeps 10-100% of the area (DINO's local crops keep 5-40%), then half the side
+                small = contrastive.augment(x.repeat(cfg.local_crops, 1, 1, 1), crop=0.9)
+                small = F.interpolate(small, size=(side, side), mode="bilinear", antialias=True)
+                students.append(student_forward(normalise(small, stats)).float())   # (n_local B, K)
+        state["teacher"] = teacher_out
+        return dino_loss(teacher_out.chunk(2), torch.cat(students).chunk(2 + cfg.local_crops), state["center"],
+                         teacher_temp, cfg.student_temp)
+
+    def after_step():                                                            # Algorithm 1's last two lines
+        update_teacher(teacher, student, cfg.ema)
+        if not cfg.no_centering:
+            state["center"] = update_center(state["center"], state["teacher"], cfg.center_momentum)
+
+    def collapse_checks():
+        with torch.no_grad(), common.autocast(device):
+            targets = F.softmax((teacher(normalise(data.x_train[:1024], stats)).float() - state["center"]) / teacher_temp, -1)
+        return {"teacher_entropy_of_mean": entropy(targets.mean(0)).item(),
+                "teacher_mean_entropy": entropy(targets).mean().item()}
+
+    history = pretrain_loop(student, loss_of_batch, data, cfg, device, "DINO pre-training", collapse_checks, after_step)
+    vit.load_state_dict(teacher[0].state_dict())
+    return history, teacher
+
+
 def pretrain_simclr(vit, data, stats, cfg, device):
     """SimCLR without labels: two views of every image from 03's augment, the ViT's class token h through
     a small projector g, and NT-Xent (Eq. 1 of SimCLR) on g(h). The probe later reads h, not g(h).
-    Returns the history of the loss."""
+    Returns (history, projector). NOTE: one process; 03 shares NT-Xent's negatives over GPUs."""
     projector = nn.Sequential(nn.Linear(vit.dim, vit.dim), nn.GELU(), nn.Linear(vit.dim, 128)).to(device)
     both = nn.ModuleDict({"encoder": vit, "projector": projector})
     encode = compiled(vit, cfg, device)
@@ -455,13 +727,13 @@ def pretrain_simclr(vit, data, stats, cfg, device):
         z1, z2 = z.float().chunk(2)                                             # (B, 128) each
         return contrastive.nt_xent(z1, z2, cfg.temperature)
 
-    everything = torch.arange(len(data.x_train), device=device)                 # no labels used: all images
-    steps_per_epoch = max(1, len(data.x_train) // cfg.batch_size)
-    return fit(both, loss_of_batch, everything, cfg.pretrain_epochs * steps_per_epoch, steps_per_epoch, cfg, device,
-               "SimCLR pre-training")
+    return pretrain_loop(both, loss_of_batch, data, cfg, device, "SimCLR pre-training"), projector
 
 
-# ---- 4. Evaluation: accuracy, what each layer knows, where attention looks, which symmetries hold ----
+PRETRAINERS = {"mae": pretrain_mae, "dino": pretrain_dino, "simclr": pretrain_simclr}
+
+
+# ---- 5. Evaluation: accuracy, what each layer knows, where attention looks, which symmetries hold ----
 
 @torch.no_grad()
 def predict(model, images, stats, batch_size=1024):
@@ -572,7 +844,7 @@ def equivariance(vit, cnn, images, seed):
                                 "shift_one_patch": relative_error(stage(shift(x))[..., inside], shift(maps)[..., inside])}}
 
 
-# ---- 5. Figures ----
+# ---- 6. Figures ----
 
 def plot_curves(histories, path):
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -646,121 +918,177 @@ def plot_positions(vit, path):
     common.save_figure(fig, path)
 
 
-def plot_sweep(results, path):
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for kind, name in (("vit", "ViT"), ("cnn", "CNN")):
-        rows = [r for r in results if r["model"] == kind]
-        ax.plot([r["train_images"] for r in rows], [100 * r["test_top1"] for r in rows], "o-", label=name)
-    ax.set(xscale="log", xlabel="labelled training images (same number of steps each)", ylabel="test top-1 (%)",
-           title="ViT and CNN, the same steps on fewer labels")
-    ax.grid(alpha=0.3)
-    ax.legend()
+@torch.no_grad()
+def plot_reconstruction(mae, images, stats, mask_ratio, path):
+    """MAE's Fig. 2 in small: each test image with its hidden patches grey, the reconstruction (visible patches
+    pasted back, the hidden ones predicted, in each true patch's mean and contrast since the loss is in normalised
+    pixels), and the original."""
+    mae.eval()
+    mean, std = stats
+    x = normalise(images, stats)                                                 # (n, C, H, W)
+    P, C = mae.encoder.patch_size, images.shape[1]
+    keep, restore, mask = random_masking(len(x), mae.encoder.num_patches, mask_ratio, x.device)
+    with common.autocast(x.device):
+        prediction = mae(x, keep, restore).float()                               # (n, N, C*P*P)
+    patches = patchify(x, P)
+    prediction = prediction * (patches.var(-1, keepdim=True) + 1e-6).sqrt() + patches.mean(-1, keepdim=True)
+    hidden = mask[:, :, None].bool()                                             # (n, N, 1)
+    to_pixels = lambda p: (unpatchify(p, P, C) * std + mean).clamp(0, 1)
+    rows = {"masked input": to_pixels(patches.masked_fill(hidden, 0.0)),         # 0 = the mean colour
+            "reconstruction": to_pixels(torch.where(hidden, prediction, patches)), "original": common.to_float(images)}
+    fig, axes = plt.subplots(3, len(images), figsize=(1.3 * len(images), 4.2), squeeze=False)
+    for r, (name, shown) in enumerate(rows.items()):
+        for i in range(len(images)):
+            show_image(axes[r, i], shown[i])
+        axes[r, 0].set_title(name, fontsize=8, loc="left")
     common.save_figure(fig, path)
 
 
-# ---- 6. Main ----
+def plot_attention_compare(models, images, stats, path):
+    """The last block's class-token attention (mean over heads) of each ViT in models {name: ViT}, on the same
+    test images: DINO's Fig. 1 in small, against a supervised and a random ViT."""
+    side = math.isqrt(next(iter(models.values())).num_patches)
+    fig, axes = plt.subplots(len(images), len(models) + 1, figsize=(1.6 * (len(models) + 1), 1.6 * len(images)),
+                             squeeze=False)
+    size = images.shape[-1]
+    for j, (name, vit) in enumerate(models.items()):
+        heat = attention_maps(vit, normalise(images, stats))[-1][:, :, 0, 1:].mean(1).reshape(len(images), side, side)
+        for i, image in enumerate(images):
+            show_image(axes[i, 0], image)
+            show_image(axes[i, j + 1], image)
+            axes[i, j + 1].imshow(heat[i].float().cpu().numpy(), cmap="inferno", alpha=0.65,
+                                  extent=(-0.5, size - 0.5, size - 0.5, -0.5))
+        axes[0, j + 1].set_title(name, fontsize=8)
+    common.save_figure(fig, path)
+
+
+# ---- 7. Main ----
 
 def validate(cfg):
     """Every option checked before any work is done, so a mistake costs nothing."""
-    common.check_dataset(cfg.dataset)
+    if cfg.dataset in UNLABELLED:
+        common.check(cfg.pretrain, f"--dataset {cfg.dataset} has images but no labels: pre-train a ViT on them with "
+                                   "--pretrain mae|dino|simclr")
+    else:
+        common.check_dataset(cfg.dataset)
     for name in ("image_size", "patch_size", "dim", "heads", "depth", "mlp_ratio", "epochs", "batch_size",
-                 "pretrain_epochs", "probe_samples", "probe_steps"):
+                 "probe_samples", "probe_steps", "decoder_dim", "decoder_depth", "dino_dim"):
         common.check(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    common.check(cfg.pretrain_epochs >= 0 and cfg.local_crops >= 0, "--pretrain-epochs and --local-crops must be >= 0")
     with torch.device("meta"):                 # no memory, no time: the constructor checks patch and head sizes
-        build_model("vit", cfg, num_classes=1)
+        vit = build_model("vit", cfg, num_classes=1)
     common.check(cfg.model == "vit" or cfg.dim % 2 == 0, f"the CNN's widths are dim/2, dim, 2*dim: dim must be even, got {cfg.dim}")
-    common.check(cfg.n_train >= 0 and cfg.n_test >= 0, "--n-train and --n-test must be >= 0 (0 = all)")
-    for name in ("lr", "warmup", "weight_decay", "label_smoothing", "clip_grad", "crop", "train_fraction", "temperature"):
+    common.check(min(cfg.n_train, cfg.n_test, cfg.val_split) >= 0, "--n-train, --n-test and --val-split must be >= 0")
+    for name in ("lr", "warmup", "weight_decay", "label_smoothing", "clip_grad", "crop", "train_fraction", "temperature",
+                 "pretrain_lr", "mask_ratio", "student_temp", "teacher_temp", "ema", "center_momentum"):
         value = getattr(cfg, name)
         common.check(math.isfinite(value), f"--{name.replace('_', '-')} must be a finite number, got {value}")
     common.check(cfg.lr > 0 and 0 <= cfg.warmup < 1, "--lr must be > 0 and --warmup in [0, 1)")
+    common.check(cfg.pretrain_lr >= 0, f"--pretrain-lr must be > 0, or 0 for --lr; got {cfg.pretrain_lr}")
     common.check(cfg.weight_decay >= 0, f"--weight-decay must not be negative, got {cfg.weight_decay}")
     common.check(cfg.clip_grad >= 0, f"--clip-grad must be a gradient norm > 0, or 0 for no clipping; got {cfg.clip_grad}")
     common.check(0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
     common.check(0 <= cfg.crop < 1, f"--crop must be in [0, 1), got {cfg.crop}")
     common.check(0 < cfg.train_fraction <= 1, f"--train-fraction must be in (0, 1], got {cfg.train_fraction}")
-    common.check(cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}")
-    common.check(not cfg.pretrain or cfg.model == "vit", "--pretrain simclr pre-trains the ViT; drop --model cnn")
+    for name in ("temperature", "student_temp", "teacher_temp"):
+        common.check(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    common.check(0 < cfg.mask_ratio < 1, f"--mask-ratio must be in (0, 1) (the share of patches hidden), got {cfg.mask_ratio}")
+    common.check(round(vit.num_patches * (1 - cfg.mask_ratio)) >= 1,
+                 f"--mask-ratio {cfg.mask_ratio} leaves no visible patch of the {vit.num_patches}: lower it")
+    for name in ("ema", "center_momentum"):
+        common.check(0 <= getattr(cfg, name) <= 1, f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(cfg, name)}")
+    common.check(not cfg.local_crops or local_crop_side(cfg) >= 2 * cfg.patch_size,
+                 f"--local-crops: {cfg.image_size}-pixel images are too small for local crops of half the side in "
+                 f"{cfg.patch_size}-pixel patches (at least 2 patches a side); use larger images or smaller patches")
+    if cfg.pretrain == "dino" and not cfg.no_sharpening and cfg.teacher_temp >= cfg.student_temp:
+        print(f"warning: --teacher-temp {cfg.teacher_temp} >= --student-temp {cfg.student_temp} cannot sharpen the "
+              "teacher's output (--no-sharpening is the way to ask for that)")
+    common.check(not cfg.pretrain or cfg.model == "vit", f"--pretrain {cfg.pretrain} pre-trains the ViT; drop --model cnn")
     common.check(not cfg.init or (cfg.model == "vit" and not cfg.pretrain), "--init starts a ViT without --pretrain")
     common.check(not cfg.init or Path(cfg.init).is_file(), f"checkpoint {cfg.init!r} does not exist")
-    common.check(all(0 < f <= 1 for f in sweep_fractions(cfg.sweep)), f"--sweep shares must be in (0, 1], got {cfg.sweep!r}")
 
 
-def sweep_fractions(text):
-    try:
-        return sorted(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise common.UserError(f"--sweep takes comma-separated numbers such as 0.01,0.1,1, got {text!r}") from None
+def probe_features(encoder, data, stats, pool, cfg, knn=False):
+    """The linear probe (or with knn=True, the kNN classifier) on encoder(images) (B, E): fitted on the labelled
+    pool, scored on the test set. encoder=None reads raw pixels, the baseline."""
+    encode = (lambda images: predict(encoder, images, stats)) if encoder else lambda images: common.to_float(images.flatten(1))
+    train, test = encode(data.x_train[pool]), encode(data.x_test)
+    if knn:
+        return evaluation.knn_classify(train, data.y_train[pool], test, data.y_test, len(data.classes))["top1"]
+    return evaluation.linear_probe(train, data.y_train[pool], test, data.y_test, len(data.classes), seed=cfg.seed,
+                                   min_steps=cfg.probe_steps)["top1"]
 
 
-def probe_features(encoder, data, stats, pool, cfg):
-    """The linear probe on encoder(images) (B, E): fitted on the labelled pool, scored on the test set."""
-    encode = lambda images: predict(encoder, images, stats)                  # a batch at a time
-    return evaluation.linear_probe(encode(data.x_train[pool]), data.y_train[pool], encode(data.x_test), data.y_test,
-                                    len(data.classes), seed=cfg.seed, min_steps=cfg.probe_steps)["top1"]
-
-
-def label_sweep(cfg, data, stats, device, main_top1):
-    """A ViT and a CNN trained with the same steps on each share of the labels in --sweep: test top-1 against
-    the number of labelled images, where the CNN's built-in locality should pay most. The main run is the
-    point of its own model and share."""
-    results = []
-    for fraction in sweep_fractions(cfg.sweep):
-        labelled = subset(len(data.x_train), fraction, cfg.seed, device)
-        for kind in ("vit", "cnn"):
-            if (kind, fraction) == (cfg.model, cfg.train_fraction):
-                top1 = main_top1
-            else:
-                candidate = build_model(kind, cfg, len(data.classes)).to(device)
-                top1 = train_classifier(candidate, data, stats, labelled, cfg, device,
-                                        f"{kind} on {len(labelled)} labels")[-1]["test_top1"]
-            results.append({"model": kind, "fraction": fraction, "train_images": len(labelled), "test_top1": top1})
-    return results
+def pretrain_encoder(cfg, data, stats, device, out):
+    """A fresh ViT pre-trained by --pretrain on the training images (labels unused), saved as vit_<method>.pt (kind
+    'vit': what 04 --init and 05 --init-image load). Returns (encoder, its random start, the report for metrics)."""
+    encoder = build_model("vit", cfg, num_classes=0).to(device)
+    random_encoder = copy.deepcopy(encoder)
+    history, helper = PRETRAINERS[cfg.pretrain](encoder, data, stats, cfg, device)
+    report = {"method": cfg.pretrain, "epochs": history[-1]["epoch"], "loss": [r["loss"] for r in history],
+              "seconds": history[-1]["seconds"], "checkpoint": str(out / f"vit_{cfg.pretrain}.pt")}
+    if cfg.pretrain == "dino":             # the collapse checks, against ln K (the uniform output's entropy)
+        report.update(ln_K=math.log(cfg.dino_dim), **{k: [r[k] for r in history] for k in
+                                                     ("teacher_entropy_of_mean", "teacher_mean_entropy")})
+    if common.is_main():
+        common.save_checkpoint(out / f"vit_{cfg.pretrain}.pt", encoder, cfg, kind="vit", arch=encoder.arch)
+        if cfg.pretrain == "mae":
+            plot_reconstruction(helper, data.x_test[:8], stats, cfg.mask_ratio, out / "reconstruction.png")
+    return encoder, random_encoder, report
 
 
 def main(argv=None):
     cfg = common.parse_config(Config, argv, __doc__, quick=QUICK)
     validate(cfg)
     device, out = common.setup(cfg, __file__)
-    common.check(not cfg.pretrain or common.world_size() == 1,
+    common.check(cfg.pretrain != "simclr" or common.world_size() == 1,
                  "--pretrain simclr runs in one process; for SimCLR on several GPUs use torchrun 03_contrastive.py")
     wall = common.Stopwatch(device)
     data = load_data(cfg, device)
     processes = common.world_size()
-    # the full training set bounds the batch (as in 01, 03 and 05); the labelled shares of --train-fraction and
-    # --sweep may be smaller, and fit then takes all of them in each step (fewer labels, the same steps)
+    # the full training set bounds the batch (as in 01, 03 and 05); the labelled share of --train-fraction may be
+    # smaller, and fit then takes all of it in each step (fewer labels, the same steps)
     common.check(cfg.batch_size <= len(data.x_train) // processes,
                  f"--batch-size {cfg.batch_size} is larger than the {len(data.x_train) // processes} training images"
                  + (f" of each of the {processes} processes (the batch is per process)" if processes > 1 else "")
                  + ": use a smaller batch")
-    classes, stats = len(data.classes), channel_stats(data.x_train)
+    stats, histories = channel_stats(data.x_train), {}
+    metrics = {"dataset": cfg.dataset, "model": cfg.model, "processes": processes}
+    if cfg.pretrain:
+        encoder, random_encoder, metrics["pretrain"] = pretrain_encoder(cfg, data, stats, device, out)
+        compared = {f"{cfg.pretrain.upper()} ViT": encoder, "random ViT": random_encoder}
+    if data.y_train is None:
+        print(f"{cfg.dataset} has no labels, so the labelled evaluation (probes, fine-tuning, training from scratch) "
+              f"is skipped; the encoder is in {metrics['pretrain']['checkpoint']}")
+        metrics["wall_seconds"] = wall.seconds()
+        if common.is_main():
+            plot_attention_compare(compared, data.x_test[:6], stats, out / "attention_compare.png")
+            common.save_json(out / "metrics.json", metrics)
+            out = common.finish_run(out)
+            print(summary(cfg, metrics))
+        return encoder, metrics
+    classes = len(data.classes)
     pool = subset(len(data.x_train), cfg.train_fraction, cfg.seed, device)        # the labels this run may use
     model = build_model(cfg.model, cfg, classes).to(device)
-    metrics = {"dataset": cfg.dataset, "model": cfg.model, "parameters": sum(p.numel() for p in model.parameters()),
-               "labelled_images": len(pool), "epochs": cfg.epochs, "compile": uses_compile(cfg, device, cfg.model == "vit"),
-               "processes": common.world_size()}
+    metrics.update(parameters=sum(p.numel() for p in model.parameters()), labelled_images=len(pool), epochs=cfg.epochs,
+                   compile=uses_compile(cfg, device, cfg.model == "vit"))
     if common.is_main():
         print(f"{cfg.model}: {metrics['parameters'] / 1e6:.2f}M parameters; {len(pool)} labelled of {len(data.x_train)} "
               f"training images, {len(data.x_test)} test images")
-    histories = {}
-    if cfg.init or cfg.pretrain:                     # a ViT without its head: from a checkpoint, or pre-trained here
-        backbone = build_model("vit", cfg, num_classes=0).to(device)
-        if cfg.init:
-            common.load_checkpoint(cfg.init, backbone, kind="vit", device=device)
-        else:
-            random_probe = probe_features(backbone, data, stats, pool, cfg)
-            pretrained = pretrain_simclr(backbone, data, stats, cfg, device)
-            checkpoint = out / "vit_simclr.pt"
-            common.save_checkpoint(checkpoint, backbone, cfg, kind="vit", arch=backbone.arch)
-            print(f"pre-trained ViT saved to {checkpoint}")
-            metrics["pretrain"] = {"loss": [r["loss"] for r in pretrained], "seconds": pretrained[-1]["seconds"],
-                                   "probe_top1": probe_features(backbone, data, stats, pool, cfg),
-                                   "random_encoder_probe_top1": random_probe, "checkpoint": str(checkpoint)}
-            scratch = build_model("vit", cfg, classes).to(device)
-            histories["ViT from scratch"] = train_classifier(scratch, data, stats, pool, cfg, device, "ViT from scratch")
-            metrics["pretrain"]["scratch_test_top1"] = histories["ViT from scratch"][-1]["test_top1"]
-        model.load_state_dict({**model.state_dict(), **backbone.state_dict()})    # the head stays freshly initialised
-    name = {"vit": "ViT", "cnn": "CNN"}[cfg.model] + (" fine-tuned from SimCLR" if cfg.pretrain else "")
+    if cfg.init:
+        encoder = build_model("vit", cfg, num_classes=0).to(device)
+        common.load_checkpoint(cfg.init, encoder, kind="vit", device=device)
+    if cfg.pretrain:                       # the frozen encoder against its random start and raw pixels, then scratch
+        metrics["pretrain"].update({name: probe_features(e, data, stats, pool, cfg, knn) for name, e, knn in [
+            ("probe_top1", encoder, False), ("random_encoder_probe_top1", random_encoder, False),
+            ("knn_top1", encoder, True), ("pixels_knn_top1", None, True)]})
+        scratch = build_model("vit", cfg, classes).to(device)
+        histories["ViT from scratch"] = train_classifier(scratch, data, stats, pool, cfg, device, "ViT from scratch")
+        metrics["pretrain"]["scratch_test_top1"] = histories["ViT from scratch"][-1]["test_top1"]
+        compared = {**compared, "supervised ViT": scratch}
+    if cfg.init or cfg.pretrain:
+        model.load_state_dict({**model.state_dict(), **encoder.state_dict()})      # the head stays freshly initialised
+    name = {"vit": "ViT", "cnn": "CNN"}[cfg.model] + (f" fine-tuned from {cfg.pretrain.upper()}" if cfg.pretrain else "")
     histories[name] = history = train_classifier(model, data, stats, pool, cfg, device, name)
     metrics.update(test_accuracy(model, data, stats), train_seconds=history[-1]["seconds"],
                    train_images_per_second=history[-1]["images"] / history[-1]["seconds"], history=history)
@@ -772,8 +1100,6 @@ def main(argv=None):
     metrics["equivariance"] = equivariance(vit, cnn, normalise(data.x_test[:64], stats), cfg.seed)
     if cfg.model == "vit":
         metrics["depth_probe"] = depth_probes(model, data, stats, pool, cfg)
-    if cfg.sweep:
-        metrics["sweep"] = label_sweep(cfg, data, stats, device, history[-1]["test_top1"])
     if common.is_main():                 # model is the plain module, never DDP's wrapper: its checkpoint loads anywhere
         common.save_checkpoint(out / f"{cfg.model}.pt", model, cfg, kind=f"{cfg.model}-classifier")
         plot_curves(histories, out / "curves.png")
@@ -781,11 +1107,12 @@ def main(argv=None):
             plot_depth(metrics["depth_probe"], out / "depth.png")
             plot_attention(model, data.x_test[:6], stats, data.classes, data.y_test[:6], out / "attention.png")
             plot_positions(model, out / "positions.png")
-        if cfg.sweep:
-            plot_sweep(metrics["sweep"], out / "sweep.png")
+        if cfg.pretrain:
+            plot_attention_compare(compared, data.x_test[:6], stats, out / "attention_compare.png")
     metrics["wall_seconds"] = wall.seconds()
     if common.is_main():
         common.save_json(out / "metrics.json", metrics)
+        out = common.finish_run(out)
         print(summary(cfg, metrics))
     return model, metrics
 
@@ -794,20 +1121,25 @@ def summary(cfg, metrics):
     """The one line a run ends with."""
     parts = [f"04_vit: {cfg.model} ({metrics['parameters'] / 1e6:.2f}M) on {cfg.dataset}, {metrics['labelled_images']} labels: "
              f"test top-1 {metrics['top1']:.3f} after {cfg.epochs} epochs ({metrics['train_seconds']:.1f} s training, "
-             f"{metrics['train_images_per_second'] / 1e3:.1f}k img/s{', compiled' if metrics['compile'] else ''})"]
+             f"{metrics['train_images_per_second'] / 1e3:.1f}k img/s{', compiled' if metrics['compile'] else ''})"] if "top1" in metrics else []
     if "depth_probe" in metrics:
         probe = metrics["depth_probe"]["class_token"]
         parts.append(f"class-token probe by block {' '.join(f'{a:.2f}' for a in probe)} (pixels {metrics['depth_probe']['pixels']:.2f})")
-    eq = metrics["equivariance"]
-    parts.append(f"patch-permutation error {eq['vit_without_positions']['permute_patches']:.0e} without positions, "
-                 f"{eq['vit']['permute_patches']:.2f} with; CNN shift error {eq['cnn_first_stage']['shift_one_patch']:.0e}")
+    if "equivariance" in metrics:
+        eq = metrics["equivariance"]
+        parts.append(f"patch-permutation error {eq['vit_without_positions']['permute_patches']:.0e} without positions, "
+                     f"{eq['vit']['permute_patches']:.2f} with; CNN shift error {eq['cnn_first_stage']['shift_one_patch']:.0e}")
     if "pretrain" in metrics:
         p = metrics["pretrain"]
-        parts.append(f"SimCLR probe {p['probe_top1']:.3f} (random encoder {p['random_encoder_probe_top1']:.3f}), "
-                     f"fine-tuned {p['finetune_test_top1']:.3f} vs scratch {p['scratch_test_top1']:.3f}")
-    if "sweep" in metrics:
-        parts.append("sweep " + " ".join(f"{r['model']}@{r['train_images']}={r['test_top1']:.3f}" for r in metrics["sweep"]))
-    return "; ".join(parts) + f"; {metrics['wall_seconds']:.0f} s"
+        parts.append(f"{p['method']} pre-training loss {p['loss'][0]:.3f} -> {p['loss'][-1]:.3f} in {p['seconds']:.0f} s")
+        if "ln_K" in p:
+            parts.append(f"teacher entropy of the mean {p['teacher_entropy_of_mean'][-1]:.2f}, per image "
+                         f"{p['teacher_mean_entropy'][-1]:.2f} (ln K {p['ln_K']:.2f})")
+        if "probe_top1" in p:
+            parts.append(f"probe {p['probe_top1']:.3f} (random encoder {p['random_encoder_probe_top1']:.3f}), kNN "
+                         f"{p['knn_top1']:.3f} (pixels {p['pixels_knn_top1']:.3f}), fine-tuned {p['finetune_test_top1']:.3f} "
+                         f"vs scratch {p['scratch_test_top1']:.3f}")
+    return f"04_vit {cfg.dataset}: " * ("top1" not in metrics) + "; ".join(parts) + f"; {metrics['wall_seconds']:.0f} s"
 
 
 if __name__ == "__main__":

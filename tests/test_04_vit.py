@@ -1,9 +1,14 @@
 """04_vit: every from-scratch piece against its PyTorch reference (float64, values and gradients), the
 symmetries the architectures promise, and end-to-end --quick runs that must learn and fail cleanly."""
 import json
+import math
 import subprocess
 import sys
+from dataclasses import replace
 from types import SimpleNamespace
+
+import matplotlib.image
+import numpy as np
 
 import pytest
 import torch
@@ -171,6 +176,106 @@ def test_attention_rollout_matches_a_loop():
     torch.testing.assert_close(vit.attention_rollout(maps), expected[:, 0, 1:])
 
 
+# ---- MAE and DINO against loops over their formulas ----
+
+@pytest.mark.parametrize("N,ratio", [(16, 0.75), (9, 0.5), (7, 0.9)])
+def test_masking_keeps_round_n_patches_and_restore_inverts_the_permutation(N, ratio):
+    torch.manual_seed(N)
+    keep, restore, mask = vit.random_masking(5, N, ratio, torch.device("cpu"))
+    visible = round(N * (1 - ratio))
+    assert keep.shape == (5, visible) and (mask.sum(1) == N - visible).all()
+    for b in range(5):
+        kept = set(keep[b].tolist())
+        assert len(kept) == visible and all(mask[b, i] == (i not in kept) for i in range(N))
+        # the decoder's order: the kept patches, then the hidden ones; restore must put every patch back
+        hidden = [i for i in range(N) if i not in kept]
+        shuffled = keep[b].tolist() + [i for i in restore[b].argsort().tolist() if i in hidden]
+        assert [shuffled[restore[b, i]] for i in range(N)] == list(range(N))
+
+
+def test_mae_loss_matches_a_loop_over_the_hidden_patches():
+    g = torch.Generator().manual_seed(0)
+    images = randn(g, 3, 2, 8, 8)
+    patches = vit.patchify(images, 4)                                # (3, 4, 32)
+    prediction = randn(g, 3, 4, 32).requires_grad_()
+    mask = torch.tensor([[1, 0, 1, 1], [0, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.float64)
+
+    def loop(prediction):
+        terms = []
+        for b in range(3):
+            for i in range(4):
+                if mask[b, i]:
+                    x = patches[b, i]
+                    target = (x - x.mean()) / (x.var() + 1e-6).sqrt()
+                    terms.append(((prediction[b, i] - target) ** 2).mean())
+        return torch.stack(terms).mean()
+
+    assert_same_values_and_grads(lambda p: vit.mae_loss(p, images, mask, 4), loop, (prediction,))
+
+
+def test_the_encoder_never_sees_a_hidden_patch():
+    model = small_vit(True)
+    torch.manual_seed(1)
+    images = torch.randn(4, 2, 12, 12, dtype=torch.float64)
+    keep, restore, mask = vit.random_masking(4, 16, 0.75, torch.device("cpu"))
+    hidden = vit.unpatchify(mask[:, :, None].expand(-1, -1, 18).double(), 3, 2).bool()     # (4, 2, 12, 12)
+    poisoned = images.masked_fill(hidden, 1e6)
+    torch.testing.assert_close(model.tokens(poisoned, keep), model.tokens(images, keep))
+    assert vit.relative_error(model.tokens(poisoned), model.tokens(images)) > 0.1           # all patches: it sees them
+    decoder = vit.MAEDecoder(16, 8, 18, dim=8, depth=1, heads=2).double()
+    assert decoder(model.tokens(images, keep), restore).shape == (4, 16, 18)
+
+
+@pytest.mark.parametrize("B,K", [(4, 6), (3, 17)])
+def test_dino_cross_entropy_matches_a_loop_and_gives_the_teacher_no_gradient(B, K):
+    g = torch.Generator().manual_seed(K)
+    teacher, student, center = randn(g, B, K).requires_grad_(), randn(g, B, K).requires_grad_(), randn(g, K)
+
+    def loop(teacher, student):
+        total = 0
+        for b in range(B):
+            t = torch.exp((teacher[b].detach() - center) / 0.04)
+            t = t / t.sum()
+            s = torch.exp(student[b] / 0.1)
+            total = total - sum(t[k] * torch.log(s[k] / s.sum()) for k in range(K))
+        return total / B
+
+    ours = vit.dino_cross_entropy(teacher, student, center, 0.04, 0.1)
+    torch.testing.assert_close(ours, loop(teacher, student))
+    grad_ours, = torch.autograd.grad(ours, student)
+    grad_loop, = torch.autograd.grad(loop(teacher, student), student)
+    torch.testing.assert_close(grad_ours, grad_loop)
+    ours = vit.dino_cross_entropy(teacher, student, center, 0.04, 0.1)
+    ours.backward()
+    assert teacher.grad is None                                      # stop-gradient: nothing reaches the teacher
+    views = [randn(g, B, K) for _ in range(4)]                       # 2 global, 2 local student views
+    pairs = [(0, 1), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3)]
+    expected = sum(vit.dino_cross_entropy(views[i], views[j], center, 0.04, 0.1) for i, j in pairs) / 6
+    torch.testing.assert_close(vit.dino_loss(views[:2], views, center, 0.04, 0.1), expected)
+
+
+def test_dino_centre_and_teacher_follow_their_moving_averages():
+    g = torch.Generator().manual_seed(0)
+    center, outputs = randn(g, 5), randn(g, 8, 5)
+    torch.testing.assert_close(vit.update_center(center, outputs, 0.9), 0.9 * center + 0.1 * outputs.mean(0))
+    student, teacher = vit.DINOHead(6, 5, hidden=7, bottleneck=3).double(), vit.DINOHead(6, 5, hidden=7, bottleneck=3).double()
+    before = [p.clone() for p in teacher.parameters()]
+    vit.update_teacher(teacher, student, 0.99)
+    for old, new, s in zip(before, teacher.parameters(), student.parameters()):
+        torch.testing.assert_close(new, 0.99 * old + 0.01 * s)
+    assert vit.DINOHead(6, 5)(torch.randn(2, 6)).abs().max() <= 1 + 1e-6     # cosines to unit prototypes
+
+
+def test_a_smaller_image_reads_the_resized_grid_of_position_embeddings():
+    model = small_vit(True)                                          # 12 pixels, patch 3: a 4 x 4 grid
+    assert model.features(torch.randn(2, 2, 6, 6, dtype=torch.float64)).shape == (2, 8)   # a local crop: 2 x 2 patches
+    assert model.positions(17) is model.pos_embedding
+    with torch.no_grad():                                            # one vector at every place resizes to itself
+        model.pos_embedding[0, 1:] = model.pos_embedding[0, 1]
+    torch.testing.assert_close(model.positions(5)[0, 1:], model.pos_embedding[0, 1].expand(4, 8))
+    torch.testing.assert_close(model.positions(5)[0, 0], model.pos_embedding[0, 0])
+
+
 def test_weight_decay_only_on_the_weight_matrices_of_linear_and_conv_layers():
     model = nn.ModuleDict({"vit": vit.ViT(image_size=8, patch_size=4, dim=12, depth=1, heads=3, num_classes=5),
                            "cnn": vit.ConvNet(3, 4, 5), "table": nn.Embedding(7, 12)})
@@ -225,7 +330,8 @@ def simclr_losses(data):
     torch.manual_seed(0)
     cfg = tiny_config()
     encoder = vit.build_model("vit", cfg, num_classes=0)
-    history = vit.pretrain_simclr(encoder, data, vit.channel_stats(data.x_train), cfg, torch.device("cpu"))
+    history, _ = vit.pretrain_simclr(encoder, data, vit.channel_stats(data.x_train), replace(cfg, pretrain="simclr"),
+                                     torch.device("cpu"))
     return [record["loss"] for record in history]
 
 
@@ -317,21 +423,79 @@ def test_quick_cnn_learns(tmp_path):
     assert metrics["equivariance"]["cnn_first_stage"]["shift_one_patch"] < 1e-10
 
 
-def test_quick_simclr_pretraining_saves_a_loadable_vit(tmp_path):
-    _, metrics = vit.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--pretrain", "simclr",
-                           "--train-fraction", "0.25", "--epochs", "2", "--pretrain-epochs", "3"])
+def test_quick_mae_pretraining_with_labels_reports_probes_and_saves_a_loadable_vit(tmp_path):
+    _, metrics = vit.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--pretrain", "mae", "--n-train", "200",
+                           "--n-test", "100", "--train-fraction", "0.5", "--epochs", "1", "--pretrain-epochs", "2",
+                           "--probe-steps", "20", "--probe-samples", "50", "--batch-size", "50"])
     pre = metrics["pretrain"]
-    assert pre["loss"][-1] < pre["loss"][0] - 0.1                    # NT-Xent fell
-    for key in ("probe_top1", "random_encoder_probe_top1", "finetune_test_top1", "scratch_test_top1"):
+    for key in ("probe_top1", "random_encoder_probe_top1", "knn_top1", "pixels_knn_top1", "finetune_test_top1",
+                "scratch_test_top1"):
         assert 0 <= pre[key] <= 1
-    state = torch.load(tmp_path / "vit_simclr.pt", weights_only=True)
+    for name in ("reconstruction.png", "attention_compare.png", "curves.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    state = torch.load(tmp_path / "vit_mae.pt", weights_only=True)
     encoder = vit.ViT(**state["arch"])
-    common.load_checkpoint(tmp_path / "vit_simclr.pt", encoder, kind="vit")
+    common.load_checkpoint(tmp_path / "vit_mae.pt", encoder, kind="vit")
     assert encoder.features(torch.zeros(1, 3, 32, 32)).shape == (1, encoder.dim)
     # a checkpoint of another shape is refused in one line
     with pytest.raises(common.UserError, match="does not fit"):
-        vit.main(["--quick", "--device", "cpu", "--out", str(tmp_path / "again"), "--init", str(tmp_path / "vit_simclr.pt"),
+        vit.main(["--quick", "--device", "cpu", "--out", str(tmp_path / "again"), "--init", str(tmp_path / "vit_mae.pt"),
                   "--dim", "64", "--heads", "2"])
+
+
+@pytest.mark.parametrize("method,options", [
+    ("mae", ["--pretrain-epochs", "4"]),
+    ("simclr", ["--pretrain-epochs", "3"]),
+    # a fast teacher and a slow centre: DINO's loss falls within a few steps
+    ("dino", ["--pretrain-epochs", "3", "--ema", "0.98", "--pretrain-lr", "1e-3", "--center-momentum", "0.99"])])
+def test_each_pretraining_lowers_its_loss(method, options):
+    images, _, _ = common.make_shapes(64, seed=1)                    # structure to learn (noise has none for MAE)
+    data = SimpleNamespace(x_train=images, x_test=images[:8])
+    cfg = common.parse_config(vit.Config, ["--quick", "--batch-size", "32", "--pretrain", method, *options], "",
+                              quick=vit.QUICK)
+    torch.manual_seed(0)
+    encoder = vit.build_model("vit", cfg, num_classes=0)
+    history, _ = vit.PRETRAINERS[method](encoder, data, vit.channel_stats(data.x_train), cfg, torch.device("cpu"))
+    losses = [record["loss"] for record in history]
+    assert losses[-1] < losses[0] - 0.01, losses
+    if method == "dino":
+        for record in history:                                      # the collapse checks, every epoch
+            assert 0 <= record["teacher_entropy_of_mean"] <= math.log(cfg.dino_dim) + 1e-4
+            assert 0 <= record["teacher_mean_entropy"] <= record["teacher_entropy_of_mean"] + 1e-4   # concavity
+
+
+def make_caption_folder(folder, n=24):
+    """n small PNG images of the embedded set, one caption each: a captions folder as a user would have it."""
+    folder.mkdir()
+    images, labels, _ = common.make_shapes(n, seed=3)
+    rows = [("image", "caption")]
+    for i in range(n):
+        matplotlib.image.imsave(folder / f"{i}.png", images[i].permute(1, 2, 0).numpy())
+        rows.append((f"{i}.png", f"a {common.SHAPES[int(labels[i])]}"))
+    (folder / "captions.csv").write_text("\n".join(",".join(row) for row in rows) + "\n")
+
+
+def test_pretraining_on_a_captions_folder_saves_an_encoder_that_05_loads(tmp_path, capsys):
+    make_caption_folder(tmp_path / "pics")
+    out = tmp_path / "run"
+    encoder, metrics = vit.main(["--quick", "--device", "cpu", "--out", str(out), "--pretrain", "dino", "--dataset",
+                                 "captions", "--data-dir", str(tmp_path / "pics"), "--batch-size", "8",
+                                 "--pretrain-epochs", "1", "--local-crops", "2", "--image-size", "32"])
+    assert "has no labels, so the labelled evaluation" in capsys.readouterr().out
+    pre = metrics["pretrain"]
+    assert "top1" not in metrics and pre["ln_K"] == pytest.approx(math.log(128))
+    assert len(pre["teacher_entropy_of_mean"]) == len(pre["loss"]) >= 1
+    assert (out / "attention_compare.png").is_file() and read_metrics(out)["pretrain"]["loss"] == pre["loss"]
+    clip = common.import_script("05_clip")
+    _, clip_metrics = clip.main(["--quick", "--device", "cpu", "--out", str(tmp_path / "clip"), "--dataset", "captions",
+                                 "--data-dir", str(tmp_path / "pics"), "--batch-size", "8", "--steps", "3",
+                                 "--init-image", str(out / "vit_dino.pt"),
+                                 # 05's --quick shrinks its own encoder; the checkpoint's shape is given to agree with it
+                                 *[f"--{o}={encoder.arch[k]}" for o, k in [("patch-size", "patch_size"), ("image-dim", "dim"),
+                                                                          ("image-depth", "depth"), ("image-heads", "heads")]]])
+    loaded = vit.ViT(**torch.load(out / "vit_dino.pt", weights_only=True)["arch"])
+    common.load_checkpoint(out / "vit_dino.pt", loaded, kind="vit")
+    assert loaded.arch == encoder.arch and (tmp_path / "clip" / "metrics.json").is_file()
 
 
 @pytest.mark.parametrize("setting,device,kind,processes,expected", [
@@ -342,7 +506,7 @@ def test_compile_setting_picks_the_models_and_the_mode(monkeypatch, setting, dev
     """compiled() hands back torch.compile's module, in the mode the decision table says, or the module itself."""
     cfg = common.parse_config(vit.Config, ["--quick", "--compile", setting], "", quick=vit.QUICK)
     monkeypatch.setattr(common, "world_size", lambda: processes)
-    monkeypatch.setattr(torch, "compile", lambda module, mode=None: ("compiled", module, mode or "default"))
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None, dynamic=None: ("compiled", module, mode or "default"))
     model = vit.build_model(kind, cfg, 10)
     result = vit.compiled(model, cfg, torch.device(device))
     if expected:
@@ -370,6 +534,17 @@ def test_compile_setting_picks_the_models_and_the_mode(monkeypatch, setting, dev
     (["--depth", "0"], "--depth must be positive"),
     # as 01, 03 and 05; the labelled shares of --train-fraction and --sweep may still be smaller than a batch
     (["--n-train", "200", "--n-test", "10", "--batch-size", "1000"], "--batch-size 1000 is larger than the 200 training images"),
+    (["--pretrain", "byol"], "invalid choice"),
+    (["--pretrain", "mae", "--mask-ratio", "1"], "--mask-ratio must be in \\(0, 1\\)"),
+    (["--pretrain", "mae", "--mask-ratio", "0"], "--mask-ratio must be in \\(0, 1\\)"),
+    (["--pretrain", "mae", "--mask-ratio", "0.99"], "leaves no visible patch of the 16"),
+    (["--pretrain", "dino", "--local-crops", "2", "--image-size", "16"], "too small for local crops"),
+    (["--pretrain", "dino", "--teacher-temp", "0"], "--teacher-temp must be > 0"),
+    (["--pretrain", "dino", "--student-temp", "-1"], "--student-temp must be > 0"),
+    (["--pretrain", "dino", "--ema", "1.5"], "--ema must be in \\[0, 1\\]"),
+    (["--pretrain", "dino", "--center-momentum", "nan"], "--center-momentum must be a finite number"),
+    (["--dataset", "captions"], "has images but no labels: pre-train"),
+    (["--pretrain", "dino", "--dataset", "captions", "--data-dir", "nowhere"], "is not a folder"),
 ])
 def test_bad_input_is_a_user_error(tmp_path, argv, message):
     out = tmp_path / "run"
@@ -378,6 +553,11 @@ def test_bad_input_is_a_user_error(tmp_path, argv, message):
     # options are checked before the folder is made; what needs the device (--compile on) or the data (--batch-size)
     # is checked after set-up, which has written config.json alone
     assert not out.exists() or {p.name for p in out.iterdir()} == {"config.json"}
+
+
+def test_a_teacher_that_cannot_sharpen_is_a_warning(capsys):
+    vit.validate(common.parse_config(vit.Config, ["--pretrain", "dino", "--teacher-temp", "0.2"], ""))
+    assert capsys.readouterr().out.count("warning: --teacher-temp 0.2 >= --student-temp 0.1 cannot sharpen") == 1
 
 
 def test_script_exits_with_one_line_error(tmp_path):
@@ -405,4 +585,4 @@ def test_init_from_a_diverged_checkpoint_is_refused(tmp_path):
     torch.save({"kind": "vit", "model": state, "config": {}, "arch": encoder.arch}, tmp_path / "nan.pt")
     with pytest.raises(common.UserError, match="holds NaN or infinite weights"):
         vit.main(["--quick", "--device", "cpu", "--out", str(tmp_path / "run"), "--init", str(tmp_path / "nan.pt")])
-    assert {p.name for p in (tmp_path / "run").iterdir()} <= {"config.json"}
+    assert not (tmp_path / "run").exists() or {p.name for p in (tmp_path / "run").iterdir()} <= {"config.json"}

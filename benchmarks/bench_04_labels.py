@@ -1,0 +1,189 @@
+"""The data-efficiency answer and the inductive-bias answer of issue 17, in one command: with 1%, 10% and 100% of
+Fashion-MNIST's labels, a ViT from scratch, the CNN from scratch, and the ViT after each self-supervised
+pre-training (04's --pretrain mae | dino | simclr, on all training images, no labels), each pre-trained ViT read
+by a linear probe and a kNN classifier on its frozen class token and fine-tuned. Every supervised run takes the same
+number of steps (--epochs passes' worth over the full training set, as 04 does for fewer labels); the time column
+counts the pre-training too. Also the cost of MAE's step at --mask-ratio 0.75 against a step over all patches.
+The defaults are those of 04's 91.4% Fashion-MNIST run (28 px, patch 4, batch 1024, crop 0.3, 80 epochs), so the
+ViT's 100% point is that run.
+
+Run: python benchmarks/bench_04_labels.py --data-dir data            (the whole programme: about 20 minutes on one H200)
+     python benchmarks/bench_04_labels.py --fractions 0.01 --methods dino --epochs 20 --pretrain-epochs dino=6
+Writes metrics.json (one row per model, share of labels and read-out), labels.png (test top-1 against the number of
+labels, log scale) and table.md into --out. --val-split N scores on the last N training images instead of the test
+set, for tuning."""
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
+vit_script = common.import_script("04_vit")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--out", default=str(common.ROOT / "runs" / "bench_04_labels"))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--fractions", default="0.01,0.1,1", help="shares of the training labels, comma-separated")
+    parser.add_argument("--methods", default="mae,dino,simclr", help="pre-trainings to compare ('' = none)")
+    parser.add_argument("--baselines", default="vit,cnn", help="models trained from scratch ('' = none)")
+    parser.add_argument("--epochs", type=int, default=80, help="fine-tuning and from-scratch steps, in passes' worth")
+    parser.add_argument("--pretrain-epochs", default="", help="per method, e.g. mae=60,dino=12 (default: 04's)")
+    parser.add_argument("--n-train", type=int, default=0, help="training images to load (0 = all)")
+    parser.add_argument("--val-split", type=int, default=0, help="score on the last N training images, not the test set")
+    parser.add_argument("--timing-steps", type=int, default=50, help="steps of each timed MAE step (0 = skip)")
+    parser.add_argument("--set", nargs="*", default=[], help="other 04 options, e.g. lr=1e-3 dino_dim=4096")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def base_config(args):
+    options = dict(dataset=args.dataset, data_dir=args.data_dir, device=args.device, seed=args.seed, n_train=args.n_train,
+                   val_split=args.val_split, epochs=args.epochs, image_size=28, patch_size=4, batch_size=1024, crop=0.3)
+    fields = vit_script.Config.__dataclass_fields__
+    for item in args.set:
+        key, _, value = item.partition("=")
+        common.check(key in fields, f"--set {item}: 04 has no option {key}")
+        options[key] = type(fields[key].default)(value) if not isinstance(fields[key].default, bool) else value == "True"
+    return vit_script.Config(**options)
+
+
+def pretrain_epochs(text):
+    epochs = {}
+    for part in filter(None, text.split(",")):
+        method, _, value = part.partition("=")
+        common.check(method in vit_script.PRETRAINERS and value.isdigit(), f"--pretrain-epochs takes method=N, got {part!r}")
+        epochs[method] = int(value)
+    return epochs
+
+
+def time_mae_steps(cfg, data, stats, device, steps):
+    """Seconds per MAE training step (forward, backward, AdamW) at cfg.mask_ratio against one over all N patches
+    (every patch visible to the encoder, the loss on all of them), after a warm-up that holds any compiling."""
+    result = {}
+    for name, ratio in (("masked", cfg.mask_ratio), ("all_patches", 0.0)):
+        torch.manual_seed(cfg.seed)
+        mae = vit_script.MAE(vit_script.build_model("vit", cfg, 0), cfg.decoder_dim, cfg.decoder_depth).to(device)
+        forward = vit_script.compiled(mae, cfg, device)
+        optimizer = torch.optim.AdamW(mae.parameters(), lr=1e-4, fused=device.type == "cuda")
+        x = vit_script.normalise(data.x_train[:cfg.batch_size], stats)
+        keep, restore, mask = vit_script.random_masking(len(x), mae.encoder.num_patches, ratio, device)
+        mask = mask if ratio > 0 else torch.ones_like(mask)
+
+        def step():
+            with common.autocast(device):
+                prediction = forward(x, keep, restore)
+            loss = vit_script.mae_loss(prediction.float(), x, mask, cfg.patch_size)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        for _ in range(10):
+            step()
+        watch = common.Stopwatch(device)
+        for _ in range(steps):
+            step()
+        result[f"{name}_step_seconds"] = watch.seconds() / steps
+    result["ratio"] = result["masked_step_seconds"] / result["all_patches_step_seconds"]
+    print(f"MAE step at mask ratio {cfg.mask_ratio}: {1e3 * result['masked_step_seconds']:.2f} ms, over all patches "
+          f"{1e3 * result['all_patches_step_seconds']:.2f} ms (ratio {result['ratio']:.2f})")
+    return result
+
+
+def supervised(kind, cfg, data, stats, pool, device, desc, init=None):
+    """Test top-1 and seconds of a classifier trained on the labelled pool, from scratch or from init's weights."""
+    torch.manual_seed(cfg.seed)
+    model = vit_script.build_model(kind, cfg, len(data.classes)).to(device)
+    if init is not None:
+        model.load_state_dict({**model.state_dict(), **init.state_dict()})         # a fresh head on the encoder
+    history = vit_script.train_classifier(model, data, stats, pool, cfg, device, desc)
+    return history[-1]["test_top1"], history[-1]["seconds"]
+
+
+def run(args):
+    cfg = base_config(args)
+    vit_script.validate(cfg)
+    device = common.pick_device(cfg.device)
+    common.seed_everything(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    fractions = sorted(float(f) for f in args.fractions.split(",") if f)
+    methods, epochs = [m for m in args.methods.split(",") if m], pretrain_epochs(args.pretrain_epochs)
+    common.check(all(m in vit_script.PRETRAINERS for m in methods), f"--methods: choose from {list(vit_script.PRETRAINERS)}")
+    data = vit_script.load_data(cfg, device)
+    stats = vit_script.channel_stats(data.x_train)
+    pools = {f: vit_script.subset(len(data.x_train), f, cfg.seed, device) for f in fractions}
+    rows, metrics = [], {"config": vars(args), "torch": torch.__version__,
+                         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+    if args.timing_steps and "mae" in methods:
+        metrics["mae_timing"] = time_mae_steps(cfg, data, stats, device, args.timing_steps)
+
+    def add(model, mode, fraction, top1, seconds, pretrain_seconds=0.0):
+        rows.append({"model": model, "mode": mode, "fraction": fraction, "labels": len(pools[fraction]),
+                     "test_top1": top1, "seconds": seconds + pretrain_seconds, "pretrain_seconds": pretrain_seconds})
+        print(f"{model:8s} {mode:9s} {len(pools[fraction]):6d} labels: test top-1 {top1:.4f} ({seconds + pretrain_seconds:.1f} s)")
+
+    for kind in filter(None, args.baselines.split(",")):
+        for f in fractions:
+            add(kind, "scratch", f, *supervised(kind, cfg, data, stats, pools[f], device, f"{kind} on {len(pools[f])} labels"))
+    metrics["pixels_knn"] = {f: vit_script.probe_features(None, data, stats, pools[f], cfg, knn=True) for f in fractions}
+    for method in methods:
+        settings = replace(cfg, pretrain=method, pretrain_epochs=epochs.get(method, 0))
+        torch.manual_seed(cfg.seed)
+        encoder = vit_script.build_model("vit", settings, num_classes=0).to(device)
+        history, _ = vit_script.PRETRAINERS[method](encoder, data, stats, settings, device)
+        seconds = history[-1]["seconds"]
+        metrics[f"{method}_pretrain"] = {"loss": [r["loss"] for r in history], "seconds": seconds,
+                                         **{k: [r[k] for r in history] for k in history[-1] if "entropy" in k}}
+        for f in fractions:
+            for mode, knn in (("probe", False), ("knn", True)):
+                add(method, mode, f, vit_script.probe_features(encoder, data, stats, pools[f], settings, knn), 0.0, seconds)
+            add(method, "finetune", f, *supervised("vit", settings, data, stats, pools[f], device,
+                                                    f"{method} fine-tuned on {len(pools[f])} labels", encoder), seconds)
+    metrics["rows"] = rows
+    return metrics
+
+
+def plot(metrics, path):
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for model, mode in dict.fromkeys((r["model"], r["mode"]) for r in metrics["rows"]):
+        chosen = [r for r in metrics["rows"] if (r["model"], r["mode"]) == (model, mode)]
+        ax.plot([r["labels"] for r in chosen], [100 * r["test_top1"] for r in chosen],
+                "o-" if mode in ("scratch", "finetune") else "s--", label=f"{model} {mode}")
+    ax.set(xscale="log", xlabel="labelled training images", ylabel="test top-1 (%)",
+           title="what labels buy: from scratch, probed and fine-tuned after pre-training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    common.save_figure(fig, path)
+
+
+def table(metrics):
+    lines = ["| model | read-out | labels | test top-1 | seconds (pre-training included) |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {r['mode']} | {r['labels']} | {100 * r['test_top1']:.1f} | {r['seconds']:.0f} |"
+              for r in metrics["rows"]]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    metrics = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    common.save_json(out / "metrics.json", metrics)
+    common.save_text(out / "table.md", table(metrics) + "\n")
+    if metrics["rows"]:
+        plot(metrics, out / "labels.png")
+    print(table(metrics))
+    return metrics
+
+
+if __name__ == "__main__":
+    common.run(main)
