@@ -2,17 +2,20 @@
 
 An autoencoder squeezes each image x through a code z of a few numbers and asks a decoder to rebuild x from z
 alone, so the code must keep what explains the image and drop the rest ("compact and explanatory"). This
-script writes three of them from tensor operations, shares one interface between them (--model), and asks
+script writes four of them from tensor operations, shares one interface between them (--model), and asks
 what the code is worth:
   - ae:  the bottleneck autoencoder, trained on squared error;
   - dae: the denoising autoencoder, which sees a corrupted image (Gaussian noise and masked pixels) and must
          rebuild the clean one, so it has to learn what images look like rather than copy pixels;
   - vae: the variational autoencoder, whose encoder gives a Gaussian over codes; trained on the ELBO with a
-         closed-form KL to N(0, I) (--beta > 1 is the beta-VAE), so codes drawn from N(0, I) decode to images.
-Every run also trains a *linear* autoencoder and computes PCA with the same width: with no nonlinearity and
-squared error the two reach the same error (Baldi and Hornik), and the nonlinear model is measured against both.
-Then the frozen code is probed (evaluation.py): a linear classifier and a kNN classifier on the code, against the
-same on PCA's code and on raw pixels; on the embedded set, also how linearly the code gives colour, size and position.
+         closed-form KL to N(0, I) (--beta > 1 is the beta-VAE), so codes drawn from N(0, I) decode to images;
+  - sae: the sparse autoencoder, a wide code (--latent-dim 1024) with few units on per image (--sparsity topk or
+         l1) and a dictionary of atoms as its decoder; --features fits it to another network's frozen features.
+Every run also trains a *linear* autoencoder and computes PCA with the same width (for sae: as many numbers as
+are on per image, and a dense autoencoder too): with no nonlinearity and squared error the two reach the same
+error (Baldi and Hornik), and the model is measured against both. Then the frozen code is probed (evaluation.py):
+linear and kNN classifiers on the code, against the same on PCA's code and on raw pixels; on the embedded set,
+also how linearly the code gives colour, size and position, and the MIG of the code against the set's factors.
 
 Papers:
   Baldi, Hornik 1989, "Neural networks and principal component analysis: learning from examples without local
@@ -24,9 +27,14 @@ Papers:
       trick, Eq. 10 the estimator with the Gaussian KL in closed form (Appendix B), Appendix C the decoders.
   Higgins et al. 2017, "beta-VAE": Eq. 4, the KL term weighted by beta.
   Burda, Grosse, Salakhutdinov 2016, "Importance Weighted Autoencoders": active units, Var_x(E_q[z_j]) > 0.01.
+  Olshausen, Field 1996, "Emergence of simple-cell receptive field properties by learning a sparse code";
+      Makhzani, Frey 2014, "k-Sparse Autoencoders"; Gao et al. 2024, "Scaling and evaluating sparse autoencoders".
+  Chen et al. 2018, "Isolating Sources of Disentanglement in VAEs": the mutual information gap (MIG);
+      Locatello et al. 2019, "Challenging Common Assumptions in the Unsupervised Learning of Disentangled Representations".
 
 Run:  python 01_autoencoder.py                   (the embedded shapes set, --model ae)
       python 01_autoencoder.py --model vae --beta 4    --dataset fashion-mnist
+      python 01_autoencoder.py --model sae --latent-dim 1024 --k 32 --dataset fashion-mnist
 Measured on one H200 (torch 2.11, bf16 autocast), seed 0; every measurement with its command is in RESULTS.md:
   default run (shapes, ae, L=32): 31 s for the whole process; test squared error per pixel 0.00787 against
       PCA-32's 0.00855 (-7.9%); the linear autoencoder ends 1.1% above PCA; the mean image 0.0208.
@@ -36,9 +44,12 @@ Measured on one H200 (torch 2.11, bf16 autocast), seed 0; every measurement with
 Shapes legend: B batch, C channels, H x W image, P pixels (C*H*W), L latent (code) width, N images, K classes.
 """
 import math
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -49,7 +60,8 @@ import evaluation
 
 @dataclass
 class Config(common.RunConfig):
-    model: str = common.arg("ae", "ae (bottleneck) | dae (denoising) | vae (variational)", choices=["ae", "dae", "vae"])
+    model: str = common.arg("ae", "ae (bottleneck) | dae (denoising) | vae (variational) | sae (sparse)",
+                            choices=["ae", "dae", "vae", "sae"])
     latent_dim: int = common.arg(32, "L: width of the code, and PCA's number of components")
     hidden: int = common.arg(512, "width of the encoder's first hidden layer; the second has half; the decoder mirrors them")
     epochs: int = common.arg(20, "passes over the training images, for the model and for the linear autoencoder")
@@ -63,6 +75,12 @@ class Config(common.RunConfig):
                                  choices=["bernoulli", "gaussian"])
     decoder_std: float = common.arg(0.1, "vae --likelihood gaussian: the fixed std sigma of each pixel (smaller weighs "
                                          "reconstruction more against the KL)")
+    sparsity: str = common.arg("", "sae: topk (keep the --k largest units per image) | l1 (an --l1 penalty on ReLU "
+                                   "units); empty means topk for sae", choices=["", "topk", "l1"])
+    k: int = common.arg(32, "sae --sparsity topk: units kept per image, 1 to --latent-dim - 1 (e.g. 32 of 1024)")
+    l1: float = common.arg(1.0, "sae --sparsity l1: weight of ||z||_1 against the squared error per image, >= 0")
+    features: str = common.arg("", "sae: an .npz of frozen features (arrays features (N, D) float32, images (N, C, H, W) "
+                                   "uint8, labels (N,) optional) to fit instead of --dataset's images")
     train_size: int = common.arg(0, "training images to load (0 = all of the dataset's)")
     test_size: int = common.arg(0, "test images to load (0 = all of the dataset's)")
     probe_steps: int = common.arg(1000, "Adam steps of each linear probe (at least)")
@@ -236,8 +254,65 @@ class VariationalAutoencoder(Autoencoder):
         return loss, {"-log p(x|z) per image": -reconstruction.mean(), "KL per image": kl.mean()}
 
 
+# ---- 4. The sparse autoencoder: a wide code of which only a few units are on for any one image ----
+# Instead of a narrow code, an overcomplete one (L = 1024 units for 784 pixels) kept sparse, decoded by one linear
+# map: x_hat = mean + D z, D (P, L). Each column of D is an atom of a dictionary (a stroke, a part), and an image
+# is the mean plus a few atoms (Olshausen and Field 1996's sparse coding, with an encoder that finds z in one pass).
+
+def top_k(z, k):
+    """Makhzani and Frey 2014, k-sparse autoencoders: keep the k largest entries of each row of z (B, L), zero the
+    rest. The gradient reaches the kept units only: scatter passes it to the places it wrote, topk to those it chose."""
+    values, indices = z.topk(k, dim=1)                                   # (B, k), (B, k)
+    return torch.zeros_like(z).scatter(1, indices, values)
+
+
+def unit_columns(weight):
+    """The dictionary D (P, L): the decoder's weight with every column divided by its norm. With unit atoms an L1
+    penalty cannot be dodged by shrinking z and growing the atoms to match; the gradient only turns the atoms."""
+    return weight / weight.norm(dim=0, keepdim=True)
+
+
+class SparseAutoencoder(Autoencoder):
+    """One linear map each way, as in Makhzani and Frey: a wide code kept sparse in one of two ways, and a decoder
+    of unit-norm atoms:
+      topk: z = top_k(f(x), k), exactly k units on per image, trained on squared error alone;
+      l1:   z = relu(f(x)), trained on the sparse-coding energy ||x - x_hat||^2 + l1 * ||z||_1 (Olshausen and
+            Field's energy with an L1 cost), which turns most units off."""
+
+    def __init__(self, image_shape, latent_dim, sparsity="topk", k=32, l1=1.0):
+        super().__init__(image_shape, latent_dim, hidden=())
+        self.decoder = nn.Linear(latent_dim, math.prod(image_shape), bias=False)   # weight (P, L): the atoms
+        self.sparsity, self.k, self.l1 = sparsity, k, l1
+        # NOTE: the encoder starts as the decoder's transpose, each unit matched to its atom (Gao et al. 2024).
+        # From independent random starts, most units never win a top-k place and stay dead for good.
+        with torch.no_grad():
+            self.encoder[0].weight.copy_(self.dictionary().T)
+            self.encoder[0].bias.zero_()
+
+    def encode(self, x):
+        pre = self.encoder(self.centred(x))                              # (B, P) -> (B, L)
+        # EXERCISE: a third --sparsity: ReLU then top-k (Gao et al. 2024), or a k that shrinks during training
+        return top_k(pre, self.k) if self.sparsity == "topk" else F.relu(pre)
+
+    def dictionary(self):
+        return unit_columns(self.decoder.weight)                         # (P, L)
+
+    def decode(self, z):
+        return F.linear(z, self.dictionary()).view(-1, *self.image_shape) + self.mean_image   # (B, L) @ (L, P)
+
+    def objective(self, x):
+        z = self.encode(x).to(x.dtype)                                   # (B, L)
+        error = squared_error(self.decode(z).to(x.dtype), x)             # (B,)
+        parts = {"squared error per pixel": error.mean() / x[0].numel()}
+        if self.sparsity == "l1":
+            parts["L1 term per pixel"] = self.l1 * z.abs().sum(1).mean() / x[0].numel()   # the code is >= 0
+        return sum(parts.values()), parts
+
+
 def build_model(cfg, image_shape):
     hidden = (cfg.hidden, cfg.hidden // 2)
+    if cfg.model == "sae":
+        return SparseAutoencoder(image_shape, cfg.latent_dim, cfg.sparsity, cfg.k, cfg.l1)
     if cfg.model == "dae":
         return DenoisingAutoencoder(image_shape, cfg.latent_dim, hidden, cfg.noise_std, cfg.mask_prob)
     if cfg.model == "vae":
@@ -245,7 +320,7 @@ def build_model(cfg, image_shape):
     return Autoencoder(image_shape, cfg.latent_dim, hidden)
 
 
-# ---- 4. The linear baseline: PCA, the best code any linear encoder-decoder of width L can find ----
+# ---- 5. The linear baseline: PCA, the best code any linear encoder-decoder of width L can find ----
 
 class PCA:
     """PCA as an autoencoder with the same interface: encode projects onto the k directions of largest variance,
@@ -273,7 +348,7 @@ def pca(x, k):
     return PCA(mean, vh[:k], x.shape[1:])
 
 
-# ---- 5. Options and data: images stay on the device as uint8, become floats in [0, 1] one batch at a time ----
+# ---- 6. Options and data: images stay on the device as uint8, become floats in [0, 1] one batch at a time ----
 
 def validate(cfg):
     """Every option checked before any work is done, so a mistake costs nothing."""
@@ -289,24 +364,69 @@ def validate(cfg):
     common.check(0 <= cfg.mask_prob < 1, f"--mask-prob must be in [0, 1), got {cfg.mask_prob}")
     common.check(0 <= cfg.beta < math.inf, f"--beta must be finite and >= 0, got {cfg.beta}")
     common.check(0 < cfg.decoder_std < math.inf, f"--decoder-std must be positive and finite, got {cfg.decoder_std}")
+    common.check(0 <= cfg.l1 < math.inf, f"--l1 must be finite and >= 0, got {cfg.l1}")
+    common.check(cfg.model == "sae" or not cfg.sparsity, f"--sparsity is an option of --model sae, not {cfg.model}")
+    common.check(cfg.model == "sae" or not cfg.features, f"--features fits the sparse autoencoder: add --model sae")
+    if cfg.model == "sae":
+        cfg.sparsity = cfg.sparsity or "topk"                            # resolved here, so config.json says which
+        common.check(cfg.sparsity != "topk" or 0 < cfg.k < cfg.latent_dim,
+                     f"--k must be between 1 and --latent-dim - 1 = {cfg.latent_dim - 1} (top-k keeps k of the code's "
+                     f"units; an overcomplete code is e.g. --latent-dim 1024), got {cfg.k}")
 
 
-def load_data(cfg, device):
-    """The chosen dataset at its own size and channels (a grayscale 28 x 28 set stays 784 pixels)."""
-    return common.load_images(cfg.dataset, cfg.data_dir, device, n_train=cfg.train_size or None,
-                              n_test=cfg.test_size or None, seed=cfg.seed)
+def read_features(path):
+    """The arrays of a --features file (03_contrastive.py --save-features writes one), checked before any work."""
+    need = "an .npz of features (N, D) floats, images (N, C, H, W) uint8 and, optionally, labels (N,) integers"
+    common.check(Path(path).is_file(), f"--features {path}: no such file")
+    try:
+        archive = np.load(path, allow_pickle=False)
+        common.check(isinstance(archive, np.lib.npyio.NpzFile), f"--features {path} is one array, not {need}")
+        with archive:
+            arrays = {name: archive[name] for name in ("features", "images", "labels") if name in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise common.UserError(f"--features {path} is not a readable .npz ({error}); it should be {need}") from None
+    shapes = {name: f"{array.dtype} {array.shape}" for name, array in arrays.items()}
+    wrong = f"--features {path} has {shapes or 'no arrays'}; it should be {need}"
+    features, images, labels = arrays.get("features"), arrays.get("images"), arrays.get("labels")
+    common.check(features is not None and features.ndim == 2 and features.dtype.kind == "f" and len(features) >= 10
+                 and np.isfinite(features).all(), wrong + ", with N >= 10 rows of finite features")
+    common.check(images is not None and images.ndim == 4 and images.dtype == np.uint8 and len(images) == len(features),
+                 wrong)
+    common.check(labels is None or (labels.shape == (len(features),) and labels.dtype.kind in "iu" and labels.min() >= 0),
+                 wrong)
+    return arrays
+
+
+def load_data(cfg, device, arrays=None):
+    """The chosen dataset at its own size and channels (a grayscale 28 x 28 set stays 784 pixels), or the arrays of
+    a --features file split at random 4:1 into training and test rows. Returns the data and the test images to
+    show (for features: the image each row was computed from)."""
+    if arrays is None:
+        data = common.load_images(cfg.dataset, cfg.data_dir, device, n_train=cfg.train_size or None,
+                                  n_test=cfg.test_size or None, seed=cfg.seed)
+        return data, data.x_test
+    n = len(arrays["features"])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+    train, test = order[n // 5:], order[:n // 5]
+    features = torch.from_numpy(arrays["features"]).float()
+    labels = torch.from_numpy(arrays["labels"]).long() if "labels" in arrays else torch.zeros(n, dtype=torch.long)
+    classes = [f"class {c}" for c in range(int(labels.max()) + 1)] if "labels" in arrays else ["unlabelled"]
+    data = common.ImageData("features", *(t.to(device) for t in (features[train], labels[train], features[test],
+                                                                 labels[test])), classes)
+    return data, torch.from_numpy(arrays["images"][test.numpy()]).to(device)
 
 
 def validate_sizes(cfg, data):
     """The checks that need the data's sizes, made right after loading it."""
     n_train, pixels = len(data.x_train), math.prod(data.shape)
     common.check(cfg.batch_size <= n_train, f"--batch-size {cfg.batch_size} is larger than the {n_train} training images")
-    common.check(cfg.latent_dim <= min(n_train, pixels),
-                 f"--latent-dim {cfg.latent_dim} is larger than the data allows (PCA has at most "
+    width, name = (cfg.k, "--k") if cfg.model == "sae" else (cfg.latent_dim, "--latent-dim")   # PCA's width
+    common.check(cfg.sparsity == "l1" or width <= min(n_train, pixels),
+                 f"{name} {width} is larger than the data allows (PCA has at most "
                  f"min({n_train} images, {pixels} pixels) components)")
 
 
-# ---- 6. Training: minibatches drawn on the device, bf16 autocast, one synchronisation per 100 steps (the bar) ----
+# ---- 7. Training: minibatches drawn on the device, bf16 autocast, one synchronisation per 100 steps (the bar) ----
 
 def check_finite_loss(desc, loss, step, lr):
     """A non-finite loss means Adam's steps overshot: the weights are NaN now and every number after would be too."""
@@ -322,6 +442,7 @@ def train(model, images, epochs, batch_size, lr, device, warmup=0.05, desc="trai
     total = epochs * steps_per_epoch
     warmup_steps = round(warmup * total)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type == "cuda")
+    scaler = common.grad_scaler(device)                  # fp16 GPUs only; with bf16 or float32 it does nothing
     records = []                                         # per step, on the device: reading them would synchronise
     bar = common.progress(total * batch_size, desc)
     clock = common.Stopwatch(device)
@@ -334,10 +455,11 @@ def train(model, images, epochs, batch_size, lr, device, warmup=0.05, desc="trai
             with common.autocast(device):
                 loss, terms = model.objective(x)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             for group in optimizer.param_groups:
                 group["lr"] = lr * common.warmup_cosine(step, total, warmup_steps)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             records.append(torch.stack([loss.detach(), *(value.detach() for value in terms.values())]))
             bar.update(batch_size)
             if step % 100 == 0:
@@ -358,7 +480,7 @@ def train(model, images, epochs, batch_size, lr, device, warmup=0.05, desc="trai
             "images": total * batch_size, "seconds": seconds}
 
 
-# ---- 7. Evaluation: how good is a frozen code? (the probes are evaluation.py's, the protocol of every script) ----
+# ---- 8. Evaluation: how good is a frozen code? (the probes are evaluation.py's, the protocol of every script) ----
 
 @torch.no_grad()
 def encode_all(model, images, batch_size=4096):
@@ -414,6 +536,58 @@ def active_units(model, images, threshold=ACTIVE_VARIANCE):
     return int((variance > threshold).sum()), variance
 
 
+def unit_activity(codes):
+    """A sparse code's use of its units on the test codes (N, L): the mean number of non-zero units per image, the
+    share of dead units (zero for every image), and how often each unit is on, (L,)."""
+    on = codes != 0                                                                  # (N, L)
+    frequency = on.float().mean(0)                                                   # (L,)
+    return on.sum(1).float().mean().item(), (frequency == 0).float().mean().item(), frequency
+
+
+# Disentanglement, measured: the mutual information gap (MIG, Chen et al. 2018, Sec. 4). For each factor v_k,
+# the code coordinate j(k) that tells most about it should tell much more than the runner-up:
+#     MIG = (1/K) sum_k (I(z_j(k); v_k) - max_{j != j(k)} I(z_j; v_k)) / H(v_k),   in [0, 1].
+# Chen et al. estimate I from q(z | x); for codes of any kind we discretise each coordinate into 20 equal-width
+# bins over its range on the test set, as Locatello et al. 2019's disentanglement_lib does, and count.
+MIG_FACTORS = ("shape", "colour", "scale", "x", "y", "rotation", "texture", "background")   # as _shape_factors draws
+MIG_BINS = 20
+
+
+def discretise(values, bins=MIG_BINS):
+    """Each column of values (N, L) cut into `bins` equal-width bins over its own range: integers in [0, bins)."""
+    low, high = values.min(0).values, values.max(0).values                           # (L,), (L,)
+    return ((values - low) / (high - low).clamp_min(1e-12) * bins).long().clamp(max=bins - 1)
+
+
+def mutual_information(a, b):
+    """I(a_j; b) = sum_{u, v} p(u, v) log(p(u, v) / (p(u) p(v))) in nats, from counts, for every column of the
+    integer array a (N, L) against the integer vector b (N,); (L,). I(b; b) is the entropy H(b)."""
+    n, width = a.shape
+    values_a, values_b = int(a.max()) + 1, int(b.max()) + 1
+    cell = (torch.arange(width, device=a.device) * values_a + a) * values_b + b[:, None]   # (N, L): (j, u, v)
+    joint = torch.bincount(cell.flatten(), minlength=width * values_a * values_b).double() / n
+    joint = joint.view(width, values_a, values_b)                                    # p(u, v) per column (L, U, V)
+    independent = joint.sum(2, keepdim=True) * joint.sum(1, keepdim=True)            # p(u) p(v), (L, U, V)
+    return torch.where(joint > 0, joint * (joint / independent).log(), 0).sum((1, 2))
+
+
+def mig_factors(factors):
+    """The shapes set's factors as integers (N,) each: the categorical ones (the shape is the class label) as they
+    are, the continuous ones (scale, position, rotation, background) binned as the code is."""
+    values = {name: factors["label" if name == "shape" else name] for name in MIG_FACTORS}
+    return {name: discretise(v[:, None])[:, 0] if v.is_floating_point() else v for name, v in values.items()}
+
+
+def mig(codes, factors, bins=MIG_BINS):
+    """The MIG of codes (N, L), L >= 2, against integer factors {name: (N,)}: (the mean, {name: its gap / H})."""
+    z = discretise(codes.float(), bins)                                               # (N, L)
+    gaps = {}
+    for name, v in factors.items():
+        best, runner_up = mutual_information(z, v).topk(2).values
+        gaps[name] = ((best - runner_up) / mutual_information(v[:, None], v)[0]).item()
+    return sum(gaps.values()) / len(gaps), gaps
+
+
 def probe_all(features, data, cfg, factor_features=("code", "pca")):
     """Linear probe and kNN top-1 of the class from features {"name": (train (N, D), test (M, D))}; on the
     embedded set also the linear probe of colour, size and place from the codes named in factor_features.
@@ -433,7 +607,7 @@ def probe_all(features, data, cfg, factor_features=("code", "pca")):
     return result
 
 
-# ---- 8. Figures ----
+# ---- 9. Figures ----
 
 def as_picture(image):
     """(C, H, W) in [0, 1] -> (H, W, 3) on the CPU, grey repeated to three channels, for imshow."""
@@ -463,12 +637,29 @@ def image_rows(rows, path, title=None, scale=0.8, gap=2):
 
 
 @torch.no_grad()
-def plot_reconstructions(model, linear, principal, images, cfg, path):
+def plot_reconstructions(models, images, path, title):
+    """Test images above their reconstructions by each of models = [(label, model), ...]."""
     x = common.to_float(images)
-    L = cfg.latent_dim
-    image_rows([("input", x), (f"{cfg.model}, L={L}", model.reconstruct(x)), (f"PCA-{L}", principal.reconstruct(x)),
-                (f"linear AE, L={L}", linear.reconstruct(x))], path,
-               title=f"test images and their reconstructions from a {L}-number code")
+    image_rows([("input", x), *((label, model.reconstruct(x)) for label, model in models)], path, title=title)
+
+
+@torch.no_grad()
+def plot_dictionary(model, frequency, path, count=64):
+    """The sparse autoencoder's atoms (columns of D) of its most used units, each scaled so that 0 is mid-grey."""
+    order = frequency.argsort(descending=True)[:count]
+    atoms = model.dictionary().T[order].float()                                      # (count, P)
+    atoms = (0.5 + 0.5 * atoms / atoms.abs().amax(1, keepdim=True)).view(-1, *model.image_shape)
+    image_rows([("", atoms[i:i + 16]) for i in range(0, len(atoms), 16)], path,
+               title=f"the dictionary: atoms of the {len(atoms)} most used units, most used first (grey is 0)")
+
+
+def plot_top_activations(codes, frequency, pictures, path, units=8, per_unit=10):
+    """For units spread from the most used to the least used alive one, the test images that turn them on most."""
+    alive = frequency.argsort(descending=True)[:int((frequency > 0).sum())]
+    chosen = alive[torch.linspace(0, len(alive) - 1, min(units, len(alive))).round().long()]
+    rows = [(f"unit {j}, on for {frequency[j]:.1%}", common.to_float(pictures[codes[:, j].topk(per_unit).indices]))
+            for j in chosen.tolist()]
+    image_rows(rows, path, title="the test images that activate each unit most", scale=0.9)
 
 
 @torch.no_grad()
@@ -513,8 +704,8 @@ def plot_training(history, linear_history, pca_train_error, model_name, path):
     smooth = lambda v: v.unfold(0, min(len(v), 25), 1).mean(1) if len(v) > 1 else v   # running mean over 25 steps
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for name, values in {"loss": history["loss"], **history["parts"]}.items():
-        if name == "loss" and model_name != "vae":
-            continue                                                     # the AE's loss is its one part
+        if name == "loss" and len(history["parts"]) == 1:
+            continue                                                     # the loss is its one part
         left.plot(smooth(values), label=name)
     left.set_yscale("log")
     left.set_xlabel("step")
@@ -561,45 +752,54 @@ def plot_traversal(model, image, variance, correlation, path, rows=8, span=3.0, 
     image_rows(lines, path, title=f"latent traversal: each row moves one coordinate from -{span:g} to +{span:g}")
 
 
-# ---- 9. Main ----
+# ---- 10. Main ----
 
 def main(argv=None):
     cfg = common.parse_config(Config, argv, __doc__, quick=QUICK)
     validate(cfg)
+    arrays = read_features(cfg.features) if cfg.features else None
     device, out = common.setup(cfg, __file__)
     wall = common.Stopwatch(device)
-    data = load_data(cfg, device)
+    data, pictures = load_data(cfg, device, arrays)
     validate_sizes(cfg, data)
     seconds = {"data": wall.seconds()}                                   # where the wall-clock time goes
-    pixels = math.prod(data.shape)
-    print(f"{cfg.dataset}: {len(data.x_train)} training and {len(data.x_test)} test images of {data.shape}; "
-          f"code width L={cfg.latent_dim} ({pixels / cfg.latent_dim:.0f}x fewer numbers than pixels)")
+    pixels, sparse = math.prod(data.shape), cfg.model == "sae"
+    print(f"{data.name}: {len(data.x_train)} training and {len(data.x_test)} test inputs of {data.shape}; "
+          f"code width L={cfg.latent_dim} for {pixels} numbers per input")
 
     model = build_model(cfg, data.shape).to(device).set_mean_image(data.x_train)
     history = train(model, data.x_train, cfg.epochs, cfg.batch_size, cfg.lr, device, cfg.warmup, desc=cfg.model)
     common.save_checkpoint(out / "model.pt", model, cfg, kind=f"autoencoder-{cfg.model}", image_shape=list(data.shape))
+    codes = {"code": (encode_all(model, data.x_train), encode_all(model, data.x_test))}
+    width = cfg.latent_dim          # of the baselines: as many numbers per image as the code has, or uses if sparse
+    if sparse:
+        active, dead, frequency = unit_activity(codes["code"][1])
+        width = cfg.k if cfg.sparsity == "topk" else max(1, min(round(active), len(data.x_train), pixels))
 
-    # Section 4's comparison: a linear autoencoder trained by the same loop, and PCA in closed form
-    linear = Autoencoder(data.shape, cfg.latent_dim, hidden=()).to(device).set_mean_image(data.x_train)
+    # Section 5's comparison: a linear autoencoder trained by the same loop, and PCA in closed form
+    linear = Autoencoder(data.shape, width, hidden=()).to(device).set_mean_image(data.x_train)
     linear_history = train(linear, data.x_train, cfg.epochs, cfg.batch_size, cfg.lr, device, cfg.warmup,
                            desc="linear AE")
-    principal = pca(common.to_float(data.x_train), cfg.latent_dim)
-    seconds["linear_ae_and_pca"] = wall.seconds() - sum(seconds.values()) - history["seconds"]
-
+    principal = pca(common.to_float(data.x_train), width)
     average = PCA(principal.mean, principal.components[:0], data.shape)  # zero components: every image -> the mean
-    errors = {name: reconstruction_error(m, data.x_test) for name, m in
-              (("model", model), ("pca", principal), ("linear_ae", linear), ("mean_image", average))}
-    codes = {name: (encode_all(m, data.x_train), encode_all(m, data.x_test)) for name, m in
-             (("code", model), ("pca", principal))}
-    codes["pixels"] = (common.to_float(data.x_train).flatten(1), common.to_float(data.x_test).flatten(1))
-    probes = probe_all(codes, data, cfg)
-    seconds["evaluation"] = wall.seconds() - sum(seconds.values()) - history["seconds"]
+    baselines = {"pca": principal, "linear_ae": linear, "mean_image": average}
+    if sparse:                      # and the dense bottleneck autoencoder with a code of that width
+        baselines["dense_ae"] = Autoencoder(data.shape, width, (cfg.hidden, cfg.hidden // 2)).to(device)
+        train(baselines["dense_ae"].set_mean_image(data.x_train), data.x_train, cfg.epochs, cfg.batch_size, cfg.lr,
+              device, cfg.warmup, desc="dense AE")
+    seconds["baselines"] = wall.seconds() - sum(seconds.values()) - history["seconds"]
 
+    errors = {name: reconstruction_error(m, data.x_test) for name, m in (("model", model), *baselines.items())}
+    codes["pca"] = (encode_all(principal, data.x_train), encode_all(principal, data.x_test))
+    raw = "pixels" if arrays is None else "features"                     # the input itself, the baseline of baselines
+    codes[raw] = (common.to_float(data.x_train).flatten(1), common.to_float(data.x_test).flatten(1))
+    probes = probe_all(codes, data, cfg) if arrays is None or "labels" in arrays else {}
+    seconds["evaluation"] = wall.seconds() - sum(seconds.values()) - history["seconds"]
     loss = history["loss"]
     tenth = max(1, len(loss) // 10)
     metrics = {
-        "dataset": cfg.dataset, "model": cfg.model, "latent_dim": cfg.latent_dim, "epochs": cfg.epochs,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "dataset": data.name, "model": cfg.model, "latent_dim": cfg.latent_dim, "epochs": cfg.epochs,
+        "parameters": sum(p.numel() for p in model.parameters()), "baseline_width": width,
         "loss_first": loss[:tenth].mean().item(), "loss_last": loss[-tenth:].mean().item(),
         "test_mse": errors["model"], "pca_test_mse": errors["pca"], "linear_ae_test_mse": errors["linear_ae"],
         "mean_image_test_mse": errors["mean_image"],
@@ -607,10 +807,14 @@ def main(argv=None):
         "probe": probes, "train_seconds": history["seconds"],
         "train_images_per_second": history["images"] / history["seconds"],
     }
+    mappable = min(cfg.latent_dim, len(data.x_test)) >= 2   # a plane, or a runner-up, needs two coordinates and points
     correlation = None
     if data.factors_test is not None:
         correlation = factor_correlation(codes["code"][1], data.factors_test)          # (F, L)
         metrics["factor_correlation"] = {name: correlation[i].max().item() for i, name in enumerate(CONTINUOUS_FACTORS)}
+        if mappable:
+            value, gaps = mig(codes["code"][1], mig_factors(data.factors_test))
+            metrics["mig"] = {"mig": value, "per_factor": gaps, "bins": MIG_BINS}
     if cfg.model == "dae":
         metrics["denoising"] = denoising_error(model, data.x_test)
     if cfg.model == "vae":
@@ -620,15 +824,24 @@ def main(argv=None):
             _, parts = model.objective(x)
         metrics["vae"] = {"active_units": count, "beta": cfg.beta, "likelihood": cfg.likelihood,
                           **{name: value.item() for name, value in parts.items()}}
+    if sparse:
+        metrics["sae"] = {"sparsity": cfg.sparsity, "k": cfg.k, "l1": cfg.l1, "active_per_image": active,
+                          "dead_share": dead, "dense_ae_test_mse": errors["dense_ae"],
+                          "mse_vs_dense_ae": errors["model"] / errors["dense_ae"] - 1}
 
-    show = data.x_test[:12]
-    plot_reconstructions(model, linear, principal, show, cfg, out / "reconstructions.png")
-    plot_interpolation(model, data.x_test[(data.y_test[:, None] == torch.tensor([0, 1, 2, 3], device=device)).float()
-                                          .argmax(0)], out / "interpolation.png")
-    figures = ["reconstructions.png", "interpolation.png"]
-    if min(cfg.latent_dim, len(data.x_test)) >= 2:       # a plane needs two coordinates and two points to fit it
+    figures = []
+    if arrays is None:              # the figures that draw the inputs, which --features are not
+        models = [(f"{cfg.model}, L={cfg.latent_dim}" + (f", {active:.0f} on" if sparse else ""), model),
+                  (f"PCA-{width}", principal), (f"linear AE, L={width}", linear)]
+        models += [(f"dense AE, L={width}", baselines["dense_ae"])] if sparse else []
+        plot_reconstructions(models, pictures[:12], out / "reconstructions.png",
+                             f"test images and their reconstructions from a {width}-number code")
+        plot_interpolation(model, data.x_test[(data.y_test[:, None] == torch.tensor([0, 1, 2, 3], device=device))
+                                              .float().argmax(0)], out / "interpolation.png")
+        figures += ["reconstructions.png", "interpolation.png"]
+    if mappable:
         plot_latent_map(codes["code"][1][:5000], data.y_test[:5000], data.classes, out / "latent_map.png",
-                        f"{cfg.model} codes of test images (L={cfg.latent_dim}), first two principal components")
+                        f"{cfg.model} codes of test inputs (L={cfg.latent_dim}), first two principal components")
         figures.append("latent_map.png")
     else:
         print(f"latent_map.png skipped: a 2-D map of the codes needs --latent-dim and --test-size of at least 2, "
@@ -637,23 +850,33 @@ def main(argv=None):
                   out / "training_curve.png")
     figures.append("training_curve.png")
     if cfg.model == "dae":
-        plot_denoising(model, show, out / "denoising.png")
+        plot_denoising(model, pictures[:12], out / "denoising.png")
         figures.append("denoising.png")
     if cfg.model == "vae":
         plot_samples(model, out / "samples.png", seed=cfg.seed)
         plot_traversal(model, data.x_test[0], variance, correlation, out / "traversal.png")
         figures += ["samples.png", "traversal.png"]
+    if sparse:
+        if arrays is None:
+            plot_dictionary(model, frequency, out / "dictionary.png")
+            figures.append("dictionary.png")
+        plot_top_activations(codes["code"][1], frequency, pictures, out / "top_activations.png")
+        figures.append("top_activations.png")
     seconds["figures_and_rest"] = wall.seconds() - sum(seconds.values()) - history["seconds"]
     metrics.update(figures=figures, wall_seconds=wall.seconds(), seconds={"train": history["seconds"], **seconds})
     common.save_json(out / "metrics.json", metrics)
+    out = common.finish_run(out)
 
     p = probes
-    print(f"{cfg.model} on {cfg.dataset}, L={cfg.latent_dim}: test MSE/pixel {errors['model']:.5f} vs PCA-{cfg.latent_dim} "
+    print(f"{cfg.model} on {data.name}, L={cfg.latent_dim}: test MSE/pixel {errors['model']:.5f} vs PCA-{width} "
           f"{errors['pca']:.5f} ({metrics['mse_vs_pca']:+.1%}), linear AE {errors['linear_ae']:.5f} "
-          f"({metrics['linear_ae_vs_pca']:+.1%} vs PCA) | probe top-1: code {p['code']['linear_top1']:.3f}, "
-          f"PCA {p['pca']['linear_top1']:.3f}, pixels {p['pixels']['linear_top1']:.3f}; kNN code "
-          f"{p['code']['knn_top1']:.3f} | {history['images'] / 1e6:.2f}M images in {history['seconds']:.1f} s "
-          f"({metrics['train_images_per_second'] / 1e3:.0f}k img/s), wall {metrics['wall_seconds']:.1f} s")
+          f"({metrics['linear_ae_vs_pca']:+.1%} vs PCA)"
+          + (f", dense AE {errors['dense_ae']:.5f} | {active:.1f} units on, {dead:.1%} dead" if sparse else "")
+          + (f" | probe top-1: code {p['code']['linear_top1']:.3f}, PCA {p['pca']['linear_top1']:.3f}, {raw} "
+             f"{p[raw]['linear_top1']:.3f}; kNN code {p['code']['knn_top1']:.3f}" if p else "")
+          + (f" | MIG {metrics['mig']['mig']:.3f}" if "mig" in metrics else "")
+          + f" | {history['images'] / 1e6:.2f}M images in {history['seconds']:.1f} s "
+            f"({metrics['train_images_per_second'] / 1e3:.0f}k img/s), wall {metrics['wall_seconds']:.1f} s")
     return model, metrics
 
 

@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -170,6 +171,96 @@ def test_training_runs_the_objective_the_lecture_shows(model, piece, part, monke
     assert not torch.allclose(doubled["loss"], reference["loss"])
 
 
+# ---- the sparse autoencoder's pieces against loops and formulas ----
+
+@pytest.mark.parametrize("batch, latent, k", [(1, 1, 1), (3, 5, 2), (16, 32, 7)])
+def test_top_k_keeps_exactly_k_units_per_row_and_passes_gradient_only_to_them(batch, latent, k):
+    z = leaf(batch, latent, seed=30)
+
+    def loop(z):            # keep z[i, j] when fewer than k entries of row i are larger
+        mask = torch.zeros_like(z)
+        for i in range(batch):
+            for j in range(latent):
+                mask[i, j] = float((z[i] > z[i, j]).sum() < k)
+        return z * mask
+
+    assert_same_values_and_gradients(lambda t: ae.top_k(t, k), loop, (z,))
+    assert ((ae.top_k(z, k) != 0).sum(1) == k).all()
+    grad, = torch.autograd.grad(ae.top_k(z, k).sum(), z)
+    assert ((grad != 0).sum(1) == k).all()
+
+
+def test_unit_columns_and_the_l1_objective_match_their_formulas():
+    weight = leaf(6, 4, seed=31)
+    loop = lambda w: torch.stack([w[:, j] / w[:, j].square().sum().sqrt() for j in range(w.shape[1])], 1)
+    assert_same_values_and_gradients(ae.unit_columns, loop, (weight,))
+    torch.manual_seed(0)
+    model = ae.SparseAutoencoder((2, 3), 8, sparsity="l1", l1=0.7).double()
+    x = torch.rand(5, 2, 3, generator=generator(32), dtype=torch.float64)
+    model.set_mean_image(x)
+    loss, parts = model.objective(x)
+    flat = (x - model.mean_image).flatten(1)                                             # (B, P)
+    z = torch.relu(flat @ model.encoder[0].weight.T + model.encoder[0].bias)             # (B, L)
+    atoms = model.decoder.weight / model.decoder.weight.norm(dim=0)                      # (P, L)
+    error = (x.flatten(1) - model.mean_image.flatten() - z @ atoms.T).square().sum(1)
+    torch.testing.assert_close(loss, (error + 0.7 * z.abs().sum(1)).mean() / 6)
+    torch.testing.assert_close(parts["L1 term per pixel"], 0.7 * z.sum(1).mean() / 6)
+    with torch.no_grad():                            # longer atoms change nothing: the penalty cannot be dodged
+        model.decoder.weight.mul_(10)
+    torch.testing.assert_close(model.objective(x)[0], loss)
+
+
+def test_unit_activity_matches_a_loop():
+    codes = torch.randn(40, 9, generator=generator(33)) * (torch.rand(40, 9, generator=generator(34)) < 0.2)
+    codes[:, [2, 5]] = 0                                                                 # two dead units
+    active, dead, frequency = ae.unit_activity(codes)
+    on = [[float(codes[i, j] != 0) for j in range(9)] for i in range(40)]
+    assert active == pytest.approx(sum(map(sum, on)) / 40)
+    assert dead == pytest.approx(sum(all(row[j] == 0 for row in on) for j in range(9)) / 9)
+    torch.testing.assert_close(frequency, torch.tensor([sum(row[j] for row in on) / 40 for j in range(9)]))
+
+
+# ---- the mutual information gap against the formula ----
+
+def test_mutual_information_and_mig_match_a_loop_over_the_formula():
+    g = generator(35)
+    bins = 3
+    code = torch.randint(0, bins, (60, 4), generator=g)                                  # already in bins 0..2
+    code[0], code[1] = 0, bins - 1                                                       # each column spans the range
+    factors = {"a": torch.randint(0, 4, (60,), generator=g), "b": code[:, 1].clone()}
+    factors["b"][::7] = 2
+
+    def information(u, v):      # sum over values of p(u, v) log(p(u, v) / (p(u) p(v)))
+        total = 0.0
+        for s in set(u.tolist()):
+            for t in set(v.tolist()):
+                p_st = ((u == s) & (v == t)).double().mean().item()
+                if p_st > 0:
+                    total += p_st * math.log(p_st / ((u == s).double().mean() * (v == t).double().mean()).item())
+        return total
+
+    torch.testing.assert_close(ae.discretise(code.double(), bins), code)
+    gaps = {}
+    for name, v in factors.items():
+        mi = sorted((information(code[:, j], v) for j in range(4)), reverse=True)
+        torch.testing.assert_close(ae.mutual_information(code, v),
+                                   torch.tensor([information(code[:, j], v) for j in range(4)], dtype=torch.float64))
+        gaps[name] = (mi[0] - mi[1]) / information(v, v)
+    value, ours = ae.mig(code.double(), factors, bins=bins)
+    assert ours == pytest.approx(gaps) and value == pytest.approx(sum(gaps.values()) / 2)
+
+
+def test_mig_is_near_one_for_a_code_that_copies_each_factor_and_near_zero_for_noise():
+    g = generator(36)
+    factors = {"colour": torch.randint(0, 8, (4000,), generator=g), "size": torch.randint(0, 3, (4000,), generator=g),
+               "x": torch.randint(0, 20, (4000,), generator=g)}
+    copies = torch.stack([factors[name].double() for name in ("x", "size", "colour")], 1)   # one factor per coordinate
+    assert ae.mig(copies, factors)[0] > 0.97
+    assert ae.mig(torch.randn(4000, 6, generator=g), factors)[0] < 0.03
+    mixed = torch.stack([copies[:, 0] + copies[:, 2], copies[:, 0] - copies[:, 2], copies[:, 1]], 1)   # two shared
+    assert ae.mig(mixed, factors)[0] < ae.mig(copies, factors)[0] - 0.3
+
+
 # ---- PCA, and the linear autoencoder that reaches it ----
 
 def test_pca_matches_the_eigendecomposition_of_the_covariance():
@@ -233,6 +324,7 @@ def test_main_learns_and_writes_everything(model, tmp_path):
     assert code["colour_linear_top1"] > 2 / len(common.COLOURS) and code["place_linear_top1"] > 2 / len(common.PLACES)
     assert 0 <= code["linear_top1"] <= 1 and 0 <= code["knn_top1"] <= 1
     assert metrics["pca_test_mse"] < metrics["mean_image_test_mse"] and metrics["linear_ae_test_mse"] >= 0.99 * metrics["pca_test_mse"]
+    assert 0 <= metrics["mig"]["mig"] <= 1 and set(metrics["mig"]["per_factor"]) == set(ae.MIG_FACTORS)
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["model"] == model and saved["test_mse"] == pytest.approx(metrics["test_mse"])
     for figure in metrics["figures"]:
@@ -249,6 +341,64 @@ def test_main_learns_and_writes_everything(model, tmp_path):
         assert 0 < metrics["vae"]["active_units"] <= 32 and metrics["vae"]["KL per image"] > 0
 
 
+def test_the_sparse_autoencoder_learns_and_draws_its_dictionary(tmp_path):
+    trained, metrics = ae.main([*TINY, "--out", str(tmp_path), "--model", "sae", "--latent-dim", "64", "--k", "4",
+                                "--train-size", "200", "--test-size", "100", "--epochs", "10", "--batch-size", "20"])
+    assert metrics["loss_last"] < 0.8 * metrics["loss_first"] and metrics["test_mse"] < 0.75 * metrics["mean_image_test_mse"]
+    sae = metrics["sae"]
+    assert sae["active_per_image"] == 4 and 0 <= sae["dead_share"] < 0.5 and metrics["baseline_width"] == 4
+    assert sae["dense_ae_test_mse"] > 0 and 0 <= metrics["mig"]["mig"] <= 1
+    assert {"dictionary.png", "top_activations.png", "reconstructions.png"} <= set(metrics["figures"])
+    for figure in metrics["figures"]:
+        assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "config.json").read_text())["sparsity"] == "topk"       # the resolved default
+    torch.testing.assert_close(trained.dictionary().norm(dim=0), torch.ones(64))
+
+
+def test_the_l1_sparse_autoencoder_turns_units_off(tmp_path):
+    _, metrics = ae.main([*TINY, "--out", str(tmp_path), "--model", "sae", "--sparsity", "l1", "--latent-dim", "64",
+                          "--l1", "1", "--epochs", "3"])
+    assert 0 < metrics["sae"]["active_per_image"] < 64 and metrics["baseline_width"] == round(metrics["sae"]["active_per_image"])
+
+
+def features_file(path, labels=True, n=120):
+    """A small --features file: features that are a linear image of class-dependent images, as 03 would save."""
+    g = generator(40)
+    y = torch.randint(0, 3, (n,), generator=g)
+    images = (torch.rand(n, 3, 8, 8, generator=g) * 80 + 60 * y[:, None, None, None]).to(torch.uint8)
+    features = images.flatten(1).float() @ torch.randn(192, 16, generator=g) / 100
+    arrays = {"features": features.numpy(), "images": images.numpy(), **({"labels": y.numpy()} if labels else {})}
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("labels", [True, False])
+def test_features_fits_the_sae_to_frozen_features_and_shows_its_units(labels, tmp_path):
+    path = features_file(tmp_path / "features.npz", labels)
+    _, metrics = ae.main([*TINY, "--out", str(tmp_path / "out"), "--model", "sae", "--features", str(path),
+                          "--latent-dim", "32", "--k", "4", "--epochs", "10", "--batch-size", "16"])
+    assert metrics["dataset"] == "features" and metrics["loss_last"] < 0.8 * metrics["loss_first"]
+    assert "top_activations.png" in metrics["figures"] and "dictionary.png" not in metrics["figures"]
+    assert (tmp_path / "out" / "top_activations.png").read_bytes()[:4] == b"\x89PNG"
+    assert set(metrics["probe"]) == ({"code", "pca", "features"} if labels else set())
+
+
+def test_bad_features_files_fail_with_one_line_before_anything_is_written(tmp_path):
+    (tmp_path / "text.npz").write_text("not a zip file")
+    np.save(tmp_path / "one.npy", np.zeros((20, 4), np.float32))
+    np.savez(tmp_path / "no_images.npz", features=np.zeros((20, 4), np.float32))
+    np.savez(tmp_path / "bad_labels.npz", features=np.zeros((20, 4), np.float32), images=np.zeros((20, 1, 2, 2), np.uint8),
+             labels=np.zeros(19, np.int64))
+    for name, message in [("missing.npz", "no such file"), ("text.npz", "is not a readable .npz"),
+                          ("one.npy", "is one array, not an .npz"), ("no_images.npz", "it should be an .npz of features"),
+                          ("bad_labels.npz", "labels")]:
+        out = tmp_path / f"out-{name}"
+        with pytest.raises(common.UserError, match=message):
+            ae.main([*TINY, "--out", str(out), "--model", "sae", "--latent-dim", "8", "--k", "2",
+                     "--features", str(tmp_path / name)])
+        assert not out.exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "gan"], "invalid choice"),
     (["--latent-dim", "0"], "--latent-dim must be positive"),
@@ -261,6 +411,14 @@ def test_main_learns_and_writes_everything(model, tmp_path):
     (["--no-such-option"], "unrecognized arguments"),
     (["--batch-size", "5000"], "larger than the 1000 training images"),
     (["--latent-dim", "2000"], "larger than the data allows"),
+    (["--model", "sae", "--latent-dim", "64", "--k", "0"], "--k must be between 1 and --latent-dim - 1 = 63"),
+    (["--model", "sae", "--latent-dim", "64", "--k", "64"], "--k must be between 1"),
+    (["--model", "sae"], "an overcomplete code is e.g. --latent-dim 1024"),           # k = 32 of a 32-wide code
+    (["--model", "sae", "--sparsity", "l1", "--l1", "-0.5"], "--l1 must be finite and >= 0, got -0.5"),
+    (["--sparsity", "topk"], "--sparsity is an option of --model sae, not ae"),
+    (["--model", "vae", "--sparsity", "l1"], "--sparsity is an option of --model sae, not vae"),
+    (["--features", "f.npz"], "--features fits the sparse autoencoder: add --model sae"),
+    (["--model", "sae", "--latent-dim", "4000", "--k", "2000"], "--k 2000 is larger than the data allows"),
 ])
 def test_bad_options_fail_with_one_line_and_write_no_results(argv, message, tmp_path):
     with pytest.raises(common.UserError, match=message):
@@ -316,7 +474,7 @@ def test_a_corrupt_data_file_fails_cleanly(tmp_path):
     with pytest.raises(common.UserError, match="corrupt"):
         ae.main(["--quick", "--device", "cpu", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "data"),
                  "--out", str(out)])
-    assert sorted(p.name for p in out.iterdir()) == ["config.json"]                     # nothing half-written
+    assert not out.exists() or sorted(p.name for p in out.iterdir()) == ["config.json"]   # nothing half-written
 
 
 def test_an_unwritable_out_fails_cleanly(tmp_path):
