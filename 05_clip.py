@@ -22,6 +22,7 @@ Run
   python 05_clip.py --init-image runs/04_vit/vit_simclr.pt [--freeze-image]
   python 05_clip.py --dataset flickr8k               # downloads Flickr8k once (about 1 GB)
   python 05_clip.py --dataset captions --data-dir DIR    # DIR/captions.csv (image,caption) + the images
+  python 05_clip.py --dataset openclipart            # sudo apt-get install openclipart-png; read once into data/
   torchrun --nproc_per_node=2 05_clip.py             # 2 GPUs, 1024 pairs each: every caption against 2048 images
 
 Result (default run, one H200, torch 2.11: 63 s wall, 21.1k image-caption pairs/s of training; RESULTS.md)
@@ -48,16 +49,23 @@ import common
 import evaluation
 
 vit = common.import_script("04_vit")
+contrastive = common.import_script("03_contrastive")     # augment: the random views of training images
 
 
 @dataclass
 class Config(common.RunConfig):
     dataset: str = common.arg("shapes", "shapes (embedded, captioned, offline) | flickr8k (downloaded once) | "
-                              "captions (a folder: --data-dir DIR with captions.csv)",
-                              choices=["shapes", "flickr8k", "captions"])
+                              "captions (a folder: --data-dir DIR with captions.csv) | openclipart (Debian's "
+                              "openclipart-png, decoded once into DATA_DIR/openclipart)",
+                              choices=["shapes", "flickr8k", "captions", "openclipart"])
     n_train: int = common.arg(50_000, "training images of the embedded set (3 captions each)")
     n_test: int = common.arg(5_000, "test images of the embedded set")
     paired: int = common.arg(0, "train on the first N training images and their captions only (0: all of them)")
+    val_share: float = common.arg(0.1, "share of the training images held out, by image, for validation (0: none)")
+    val_every: int = common.arg(100, "steps between validation measurements; the weights kept are the best one's")
+    augment: str = common.arg("auto", "03's augmentations of the training images, comma-separated (crop,flip,jitter,"
+                                      "grayscale,blur); '' for none; auto: crop,flip on real images, none on shapes")
+    crop: float = common.arg(0.3, "share of the area the random crop may cut away")
     holdout: str = common.arg("red star,orange heart,yellow moon,green square,cyan triangle,blue circle,"
                               "purple cross,white arrow",
                               "colour-shape pairs kept out of training, for the compositional test (shapes only; '' for none)")
@@ -90,18 +98,23 @@ QUICK = dict(n_train=1500, n_test=400, eval_images=200, image_dim=32, image_dept
              probe_steps=200)
 
 
+MAX_CONTEXT = 256     # tokens; CLIP's is 77, and every caption here is shorter
+
+
 def validate(cfg):
     """Every option that can be wrong, checked before any data is made or read."""
-    for name in ("lr", "weight_decay", "warmup"):
+    for name in ("lr", "weight_decay", "warmup", "val_share", "crop"):
         value = getattr(cfg, name)
         common.check(math.isfinite(value), f"--{name.replace('_', '-')} must be a finite number, got {value}")
     common.check(cfg.batch_size >= 2, f"--batch-size must be at least 2 (a pair needs other pairs as negatives), got {cfg.batch_size}")
     common.check(cfg.vocab_size >= 257, f"--vocab-size {cfg.vocab_size} is too small to hold the 256 bytes and "
                                         "the end-of-text token; use at least 257")
-    common.check(cfg.context >= 2, f"--context must be at least 2 (a token and the end-of-text), got {cfg.context}")
+    common.check(2 <= cfg.context <= MAX_CONTEXT, f"--context must be between 2 (a token and the end-of-text) and "
+                                                  f"{MAX_CONTEXT} tokens, got {cfg.context}")
     common.check(cfg.steps >= 1 and 0 <= cfg.warmup < 1, "--steps must be positive and --warmup a share of them in [0, 1)")
     common.check(cfg.lr > 0 and cfg.weight_decay >= 0, "--lr must be positive and --weight-decay not negative")
-    for name in ("n_train", "n_test", "eval_images", "embed_dim", "image_size", "probe_steps", "patch_size", "image_dim",
+    common.check(0 <= cfg.val_share < 1, f"--val-share must be in [0, 1) (1 would leave no training images), got {cfg.val_share}")
+    for name in ("n_train", "n_test", "eval_images", "embed_dim", "image_size", "probe_steps", "patch_size", "image_dim", "val_every",
                  "image_depth", "image_heads", "text_dim", "text_depth", "text_heads"):
         common.check(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     common.check(cfg.paired >= 0, f"--paired must be 0 (all) or a number of images, got {cfg.paired}")
@@ -114,6 +127,11 @@ def validate(cfg):
                      f"--image-size {cfg.image_size} is not divisible by --patch-size {cfg.patch_size}")
     common.check(not cfg.freeze_image or cfg.init_image,
                  "--freeze-image needs --init-image: a frozen random encoder would learn nothing")
+    chosen = set(filter(None, cfg.augment.split(","))) - {"auto"}
+    common.check(chosen <= set(contrastive.AUGMENTATIONS), f"--augment {cfg.augment!r}: choose from "
+                                                           f"{','.join(contrastive.AUGMENTATIONS)}, or auto, or ''")
+    common.check(not (cfg.freeze_image and chosen), "--freeze-image embeds each image once, so it takes no --augment")
+    common.check(0 <= cfg.crop < 1, f"--crop must be in [0, 1) (the share of the area a crop may cut away), got {cfg.crop}")
     parse_holdout(cfg.holdout)
 
 
@@ -180,8 +198,8 @@ class CLIP(nn.Module):
         self.pixel_mean.copy_(mean)
         self.pixel_std.copy_(std)
 
-    def image_features(self, images):                        # (B, 3, S, S) uint8 -> (B, E)
-        return self.visual.features(vit.normalise(images.float() / 255, (self.pixel_mean, self.pixel_std)))
+    def image_features(self, images):                        # (B, 3, S, S) uint8, or floats in [0, 1] -> (B, E)
+        return self.visual.features(vit.normalise(images, (self.pixel_mean, self.pixel_std)))
 
     def embed_image_features(self, features):                # (B, E) -> (B, K) on the unit sphere
         return F.normalize(self.image_projection(features), dim=-1)
@@ -205,8 +223,12 @@ class CLIP(nn.Module):
         return self.embed_image_features(features), self.encode_text(tokens)
 
 
+IMAGE_SHAPE = {"patch_size": "patch_size", "image_dim": "dim", "image_depth": "depth", "image_heads": "heads"}
+
+
 def image_encoder(cfg, device):
-    """04's ViT: random, or from 04's checkpoint (whose saved constructor arguments then set its shape)."""
+    """04's ViT: random, or from 04's checkpoint (whose saved constructor arguments then set its shape: an option
+    of the shape given on the command line must agree with it)."""
     arch = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, dim=cfg.image_dim, depth=cfg.image_depth,
                 heads=cfg.image_heads, num_classes=0)
     if cfg.init_image:
@@ -215,6 +237,12 @@ def image_encoder(cfg, device):
             arch = {**stored["arch"], "num_classes": 0} if stored.get("kind") == "vit" else arch
         except Exception:  # a missing or foreign file: common.load_checkpoint below says what is wrong
             pass
+        for option, key in IMAGE_SHAPE.items():
+            given = getattr(cfg, option)
+            default = (QUICK if cfg.quick else {}).get(option, Config.__dataclass_fields__[option].default)
+            common.check(given in (default, arch[key]), f"--init-image {cfg.init_image} is a ViT of {key.replace('dim', 'width')} "
+                                                        f"{arch[key]}, but --{option.replace('_', '-')} {given} was given: "
+                                                        "leave it out (the checkpoint sets it) or give the same")
     encoder = vit.ViT(**arch)
     if cfg.init_image:
         common.load_checkpoint(cfg.init_image, encoder, kind="vit", device="cpu")
@@ -403,7 +431,9 @@ def is_heldout(factors, holdout):
 
 
 def load_shapes(cfg, device):
-    data = common.load_images("shapes", device=device, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed)
+    # --n-train counts the images left for training once --val-share of them are held out for validation
+    data = common.load_images("shapes", device=device, n_train=round(cfg.n_train / (1 - cfg.val_share)),
+                              n_test=cfg.n_test, seed=cfg.seed)
     keep = ~is_heldout(data.factors_train, parse_holdout(cfg.holdout))        # the held-out pairs are never seen
     train = (data.x_train[keep], data.y_train[keep], {k: v[keep] for k, v in data.factors_train.items()})
     texts, splits = [], []
@@ -416,20 +446,61 @@ def load_shapes(cfg, device):
 
 
 def load_data(cfg, device):
+    """(data, validation pairs): the dataset, with --val-share of its training images moved out of data.train,
+    and data.train then cut to --paired images."""
     if cfg.dataset == "shapes":
         data = load_shapes(cfg, device)
     elif cfg.dataset == "flickr8k":
         data = common.read_flickr8k(cfg.data_dir, cfg.image_size, device)
+    elif cfg.dataset == "openclipart":
+        # the split stays put under --seed, so that 04's pre-training on these training images never saw a test image
+        data = common.read_openclipart(cfg.data_dir, cfg.image_size, device)
     else:
         data = common.read_caption_folder(cfg.data_dir, cfg.image_size, cfg.seed, device)
+    data.train, val = carve_validation(data.train, cfg.val_share, cfg.seed)
     if cfg.paired:
         data.train = data.train.subset(slice(0, cfg.paired))
+    return data, val
+
+
+def carve_validation(pairs, share, seed):
+    """(training pairs, validation pairs): a random share of the images, with all their captions, held out."""
+    n_val = round(share * len(pairs))
+    common.check(share == 0 or 2 <= n_val < len(pairs), f"--val-share {share} leaves {n_val} of the {len(pairs)} "
+                                                        "training images for validation: it needs at least 2, and "
+                                                        "at least 1 must stay for training")
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).to(pairs.images.device)
+    return pairs.subset(order[n_val:]), pairs.subset(order[:n_val])
+
+
+def fit_batch(cfg, n_train):
+    """The config with a batch that fits the n_train training images: --quick, a smoke test, shrinks its batch to a
+    small folder's images; otherwise a batch larger than the training set is an error."""
     processes = common.world_size()
-    common.check(len(data.train) // processes >= cfg.batch_size,
-                 f"{len(data.train)} training images but --batch-size {cfg.batch_size}"
+    if cfg.quick and cfg.batch_size == QUICK["batch_size"]:
+        cfg = dataclasses.replace(cfg, batch_size=max(2, min(cfg.batch_size, n_train // processes)))
+    common.check(n_train // processes >= cfg.batch_size,
+                 f"{n_train} training images" + (f" (after --val-share {cfg.val_share})" if cfg.val_share else "")
+                 + f" but --batch-size {cfg.batch_size}"
                  + (f" for each of {processes} processes (the batch is per process)" if processes > 1 else "")
-                 + ": use a smaller batch")
-    return data
+                 + ": use a smaller batch" + (" or a smaller --val-share" if cfg.val_share else ""))
+    return cfg
+
+
+def augmentation(cfg):
+    """augment()'s strengths for the training views: 03's for the chosen augmentations, 0 for the others. auto is
+    crop,flip on real images and nothing on the embedded set, whose captions name each shape's place and size (a flip
+    makes "in the top left" wrong, a crop makes "small" wrong). No colour changes unless asked for: captions name
+    colours ("a red star", "a dog in a blue collar"), and a hue shift or grayscale would make them wrong."""
+    names = cfg.augment
+    if names == "auto":
+        names = "" if cfg.dataset == "shapes" or cfg.freeze_image else "crop,flip"
+    return contrastive.strengths(contrastive.Config(augmentations=names, crop=cfg.crop))
+
+
+def training_views(images, strength, generator):
+    """uint8 (B, 3, S, S) -> float views (B, 3, S, S) in [0, 1]: row i is a view of image i, so it keeps its captions."""
+    return contrastive.augment(common.to_float(images), **strength, generator=generator)
 
 
 # ---- 5. Training ----
@@ -452,9 +523,11 @@ def pick_captions(pairs, index, generator):
     return pairs.captions[index, (draw * pairs.counts[index]).long()]
 
 
-def train_step(model, optimizer, images, tokens, caption_ids, device, parallel=None):
+def train_step(model, optimizer, images, tokens, caption_ids, device, parallel=None, scaler=None):
     """One optimisation step on B image-caption pairs; returns the loss, still on the device (reading it would make
-    the CPU wait for the GPU). images: (B, 3, S, S) uint8, or with --freeze-image their cached features (B, E).
+    the CPU wait for the GPU). images: (B, 3, S, S) uint8 or views in [0, 1], or with --freeze-image their cached
+    features (B, E). scaler: train()'s common.grad_scaler, which scales the loss under fp16 only and keeps its scale
+    from step to step; a one-off step (a benchmark, a test) gets a fresh one.
     parallel: what runs CLIP.forward, the model itself or under torchrun DDP around it (common.data_parallel)."""
     with common.autocast(device):
         image_embeddings, text_embeddings = (parallel or model)(images, tokens)               # (B, K), (B, K)
@@ -468,8 +541,10 @@ def train_step(model, optimizer, images, tokens, caption_ids, device, parallel=N
     # EXERCISE: pass positives=None (the paper's loss) and see whether "a red star" fighting "a red star" hurts
     loss = clip_loss(logits, same_caption(caption_ids))
     optimizer.zero_grad(set_to_none=True)
-    common.backward_full_batch(loss, replicated=[model.logit_scale])
-    optimizer.step()
+    scaler = scaler or common.grad_scaler(device)
+    common.backward_full_batch(scaler.scale(loss), replicated=[model.logit_scale])
+    scaler.step(optimizer)
+    scaler.update()
     return loss.detach()
 
 
@@ -490,11 +565,13 @@ def embed_all(function, inputs, device, batch_size=1024):
         return torch.cat([function(chunk).float() for chunk in inputs.split(batch_size)])
 
 
-def train(model, data, tokens, cfg, device):
-    """Returns (loss per step, scale per step, pairs per second) as CPU tensors and a float. Under torchrun each
-    rank trains on its own contiguous share of the training pairs; every rank holds all of them, since the
-    tokenizer and the caption ids, learned from all captions, must be the same on every rank."""
+def train(model, data, val, tokens, cfg, device):
+    """Returns (loss per step, scale per step, pairs per second, validation history) as CPU tensors, a float and a
+    list of dicts; the model ends with the weights of the best validation step (best_step). Under torchrun each rank
+    trains on its own contiguous share of the training pairs; every rank holds all of them, since the tokenizer and
+    the caption ids, learned from all captions, must be the same on every rank."""
     pairs = data.train.subset(common.rank_share(len(data.train)))
+    strength = augmentation(cfg)
     if cfg.freeze_image:
         # a fixed encoder and no augmentation: every image has one feature vector, so compute it once (LiT)
         # NOTE: the image projection still trains; LiT locks it too, but 04's features were never aimed at this space
@@ -506,13 +583,16 @@ def train(model, data, tokens, cfg, device):
     # copy into them), and every step uses the same parameters in the same order, so DDP plans once
     parallel = common.data_parallel(model, device, gradient_as_bucket_view=True, static_graph=True)
     optimizer, schedule = make_optimizer(model, cfg)
+    scaler = common.grad_scaler(device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + common.rank())   # each rank its own draws
     losses, scales = torch.zeros(cfg.steps, device=device), torch.zeros(cfg.steps, device=device)
+    history, kept = [], None
     bar = common.progress(cfg.steps * cfg.batch_size, "training CLIP", unit="pair")
     clock = common.Stopwatch(device)
     for step, index in zip(range(cfg.steps), batches(len(pairs), cfg.batch_size, generator, device)):
         caption_ids = pick_captions(pairs, index, generator)                       # (B,)
-        loss = train_step(model, optimizer, inputs[index], tokens[caption_ids], caption_ids, device, parallel)
+        images = inputs[index] if cfg.freeze_image else training_views(inputs[index], strength, generator)
+        loss = train_step(model, optimizer, images, tokens[caption_ids], caption_ids, device, parallel, scaler)
         schedule.step()
         # kept on the device (no sync per step); the full batch's loss, the same on every rank
         losses[step], scales[step] = loss, model.scale().detach()
@@ -521,12 +601,59 @@ def train(model, data, tokens, cfg, device):
             value = loss.item()                      # the bar's read: it also tells whether training has diverged
             check_finite(value, step, bar)
             bar.set_postfix(loss=f"{value:.3f}", scale=f"{model.scale().item():.1f}")
+        if len(val) and ((step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps):
+            history.append(validate_step(model, data.train, val, tokens, cfg, device, step + 1))
+            if best_step(history) == step + 1:       # the weights of the best step so far, copied on the device
+                kept = {name: value.detach().clone() for name, value in model.state_dict().items()}
     seconds = common.mean_over_ranks(clock.seconds())
     bar.close()
     model.requires_grad_(True)
     losses = losses.cpu()
     check_finite(losses[-1].item(), cfg.steps - 1, bar)    # the steps since the bar's last read
-    return losses, scales.cpu(), cfg.steps * cfg.batch_size * common.world_size() / seconds   # all GPUs
+    if kept is not None:
+        model.load_state_dict(kept)
+    return losses, scales.cpu(), cfg.steps * cfg.batch_size * common.world_size() / seconds, history   # all GPUs
+
+
+# Validation: --val-share of the training images (section 4) never reach a training step. Every --val-every steps
+# the loss of section 2 is measured on them and on as many training images, the same way (each image with its first
+# caption, no augmentation, batches of --batch-size): the gap between the two is how much the model memorised. And
+# text->image recall@10 among the validation images picks the step whose weights are kept: on a few thousand images
+# the training loss can fall to 0 while recall on new images has long stopped rising, or falls again.
+
+@torch.no_grad()
+def pairs_loss(model, pairs, tokens, batch_size, device):
+    """Mean contrastive loss over the pairs' full batches, each image with its first caption."""
+    batch_size = min(batch_size, len(pairs))
+    caption_ids = pairs.captions[:, 0]
+    total = []
+    for start in range(0, len(pairs) - batch_size + 1, batch_size):
+        part = slice(start, start + batch_size)
+        with common.autocast(device):
+            image_embeddings, text_embeddings = model(pairs.images[part], tokens[caption_ids[part]])
+        logits = clip_logits(image_embeddings.float(), text_embeddings.float(), model.scale())
+        total.append(clip_loss(logits, same_caption(caption_ids[part])))
+    return torch.stack(total).mean().item()
+
+
+def validate_step(model, train_pairs, val, tokens, cfg, device, step):
+    """One row of the validation history."""
+    pool = val.subset(slice(0, cfg.eval_images))
+    ids = pool.captions.unique()
+    ids = ids[ids >= 0]                                                       # the pool's captions only
+    local = common.Pairs(pool.images, torch.where(pool.captions >= 0, torch.searchsorted(ids, pool.captions), -1),
+                         pool.counts)                                         # caption ids renumbered 0..len(ids)-1
+    recall, _ = retrieval(embed_all(model.encode_image, pool.images, device), local,
+                          embed_all(model.encode_text, tokens[ids], device))
+    row = {"step": step, "val_loss": pairs_loss(model, val, tokens, cfg.batch_size, device),
+           "train_loss": pairs_loss(model, train_pairs.subset(slice(0, len(val))), tokens, cfg.batch_size, device),
+           "val_t2i_r10": recall["t2i_r10"], "val_i2t_r10": recall["i2t_r10"]}
+    return row
+
+
+def best_step(history):
+    """The step of the highest validation text->image recall@10; the earliest of equals."""
+    return max(history, key=lambda row: (row["val_t2i_r10"], -row["step"]))["step"]
 
 
 def check_finite(loss, step, bar):
@@ -548,6 +675,9 @@ TEMPLATES = (["a {}", "a photo of a {}"] + [f"a {size} {{}}" for size in common.
              + [f"a {texture} {{}}" for texture in common.TEXTURES[1:]] + [f"a {colour} {{}}" for colour in common.COLOURS]
              + [f"a large {{}} {place}" for place in common.PLACES])
 PAIR_TEMPLATES = ["a {}"] + [f"a {size} {{}}" for size in common.SIZES]     # {} is a pair like "red star"
+# openclipart's captions end with the top-level category ("banana, fruit, food"), so the class name alone is a
+# prompt in the captions' own form
+PROMPTS = {"shapes": TEMPLATES, "openclipart": ["{}"]}
 
 
 def zero_shot_weights(model, tokenizer, names, templates, context, device):
@@ -582,13 +712,24 @@ def evaluate(model, data, tokens, tokenizer, cfg, device):
     metrics = {"retrieval": metrics, "retrieval_chance": chance}
     if data.classes:
         images = embed_all(model.encode_image, data.test.images, device)          # (N, K)
-        shape_weights = zero_shot_weights(model, tokenizer, data.classes, TEMPLATES, cfg.context, device)
-        single_weights = zero_shot_weights(model, tokenizer, data.classes, TEMPLATES[:1], cfg.context, device)
-        labels = data.test.labels
-        metrics["zero_shot"] = evaluation.topk_accuracy(images @ shape_weights.T, labels)
-        metrics["zero_shot_single_template"] = evaluation.topk_accuracy(images @ single_weights.T, labels)
-        metrics["compositional"] = compositional(model, tokenizer, images, data.test, cfg, device, shape_weights)
+        weights = zero_shot_weights(model, tokenizer, data.classes, PROMPTS[data.name], cfg.context, device)  # (C, K)
+        labelled = data.test.labels >= 0                                          # openclipart's unsorted: no class
+        scores, labels = (images @ weights.T)[labelled], data.test.labels[labelled]
+        metrics["zero_shot"] = {**evaluation.topk_accuracy(scores, labels), **per_class_top1(scores, labels, data.classes)}
+        if data.name == "shapes":
+            single_weights = zero_shot_weights(model, tokenizer, data.classes, TEMPLATES[:1], cfg.context, device)
+            metrics["zero_shot_single_template"] = evaluation.topk_accuracy(images @ single_weights.T, data.test.labels)
+            metrics["compositional"] = compositional(model, tokenizer, images, data.test, cfg, device, weights)
     return metrics
+
+
+def per_class_top1(scores, labels, classes):
+    """Top-1 of each class among the test images, and their mean (balanced top-1): on an imbalanced set (computer icons and
+    shapes, most of them stars, are half of openclipart) plain top-1 mostly measures the largest classes. scores (N, C), labels (N,)."""
+    right = scores.argmax(1) == labels
+    per_class = {name: right[labels == c].float().mean().item() for c, name in enumerate(classes) if (labels == c).any()}
+    return {"balanced_top1": sum(per_class.values()) / len(per_class), "per_class_top1": per_class,
+            "balanced_chance": 1 / len(per_class)}
 
 
 def colour_shape_names():
@@ -622,9 +763,9 @@ def compositional(model, tokenizer, images, test, cfg, device, shape_weights):
 
 def probe_baseline(model, data, cfg, device):
     """What a classifier trained WITH labels gets from the same image features: the linear probe."""
-    train = data.train.subset(slice(0, 10_000))
+    train, test = (pairs.subset(pairs.labels >= 0) for pairs in (data.train.subset(slice(0, 10_000)), data.test))
     features = lambda images: embed_all(model.image_features, images, device)
-    return evaluation.linear_probe(features(train.images), train.labels, features(data.test.images), data.test.labels,
+    return evaluation.linear_probe(features(train.images), train.labels, features(test.images), test.labels,
                                    len(data.classes), min_steps=cfg.probe_steps)
 
 
@@ -635,18 +776,31 @@ def show(ax, image):
     ax.set(xticks=[], yticks=[])                           # not set_axis_off: the retrieval grid labels its x axis
 
 
-def plot_training(losses, scales, path):
+def plot_training(losses, scales, history, path):
+    """The loss of every step with the validation measurements beside it, and validation recall@10."""
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, (ax, right) = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [3, 2]})
     steps = np.arange(1, len(losses) + 1)
-    ax.plot(steps, losses.numpy(), lw=0.8, color="tab:blue")
+    ax.plot(steps, losses.numpy(), lw=0.8, color="tab:blue", label="training batches (augmented)")
+    if history:
+        at = [row["step"] for row in history]
+        ax.plot(at, [row["train_loss"] for row in history], "o-", ms=3, color="navy", label="training images, as validated")
+        ax.plot(at, [row["val_loss"] for row in history], "o-", ms=3, color="tab:orange", label="validation images")
+        ax.axvline(best_step(history), color="gray", ls=":", label="step kept")
+        right.plot(at, [row["val_t2i_r10"] for row in history], "o-", ms=3, label="text -> image")
+        right.plot(at, [row["val_i2t_r10"] for row in history], "o-", ms=3, label="image -> text")
+        right.axvline(best_step(history), color="gray", ls=":")
+        right.legend(fontsize=8)
+    right.set(xlabel="step", ylabel="recall@10", title="Validation retrieval (the kept step: best text -> image)")
     ax.set_xlabel("step")
-    ax.set_ylabel("symmetric contrastive loss", color="tab:blue")
+    ax.set_ylabel("symmetric contrastive loss")
     ax.set_yscale("log")
+    ax.legend(fontsize=8, loc="lower left")
     twin = ax.twinx()
-    twin.plot(steps, 1 / scales.numpy(), color="tab:red")
+    twin.plot(steps, 1 / scales.numpy(), color="tab:red", lw=0.8)
     twin.set_ylabel("learned temperature 1 / scale", color="tab:red")
-    ax.set_title("Training: loss, and the temperature CLIP learns (starts at 0.07, floor 0.01)")
+    ax.set_title("Loss, and the temperature CLIP learns (starts at 0.07, floor 0.01)")
+    fig.tight_layout()
     common.save_figure(fig, path)
 
 
@@ -682,7 +836,7 @@ def plot_predictions(model, data, tokenizer, cfg, device, path, n=6):
     """Test images with the 3 candidate texts nearest to each: colour-shape prompts on the embedded set
     (held-out pairs first), the pool's captions on real data."""
     import matplotlib.pyplot as plt
-    if data.classes:
+    if data.name == "shapes":
         candidates = colour_shape_names()
         weights = zero_shot_weights(model, tokenizer, candidates, PAIR_TEMPLATES, cfg.context, device)
         holdout = parse_holdout(cfg.holdout)
@@ -691,9 +845,9 @@ def plot_predictions(model, data, tokenizer, cfg, device, path, n=6):
         heldout_ids = {c * len(common.SHAPES) + s for c, s in holdout}                 # indices into colour_shape_names()
         candidates = [f"a {c}" + (" (held out)" if i in heldout_ids else "") for i, c in enumerate(candidates)]
     else:
-        candidates = [data.texts[int(i)] for i in data.test.captions[:cfg.eval_images, 0]]      # the retrieval pool's
+        candidates = distinct_captions(data, data.test.subset(slice(0, cfg.eval_images)))       # the retrieval pool's
         weights = embed_all(model.encode_text, tokenizer.encode_batch(candidates, cfg.context)[0].to(device), device)
-        order = torch.arange(min(n, len(candidates)), device=device)
+        order = torch.arange(min(n, len(data.test)), device=device)
     images = data.test.images[order]
     probabilities = (model.scale() * embed_all(model.encode_image, images, device) @ weights.T).softmax(1)  # (n, C)
     top = probabilities.topk(min(3, len(candidates)), dim=1)
@@ -715,14 +869,7 @@ def plot_retrieval(model, data, tokenizer, cfg, device, path, top=6):
     """Text queries and the test images nearest to each."""
     import matplotlib.pyplot as plt
     pool = data.test.subset(slice(0, cfg.eval_images))
-    if data.classes:
-        held = sorted(parse_holdout(cfg.holdout))[:2]
-        queries = [f"a {list(common.COLOURS)[c]} {common.SHAPES[s]}" for c, s in held]
-        titles = [query + "  (a pair held out of training)" for query in queries]
-        queries += ["a large green checked ring on the left", "a small white triangle", "a heart at the top"][:4 - len(queries)]
-        titles += queries[len(titles):]
-    else:
-        queries = titles = [data.texts[int(pool.captions[i, 0])] for i in range(min(4, len(pool)))]
+    queries, titles = retrieval_queries(data, pool, cfg)
     query_embeddings = embed_all(model.encode_text, tokenizer.encode_batch(queries, cfg.context)[0].to(device), device)
     nearest = (query_embeddings @ embed_all(model.encode_image, pool.images, device).T).topk(min(top, len(pool)), dim=1)
     fig, axes = plt.subplots(len(queries), nearest.indices.shape[1], figsize=(1.5 * nearest.indices.shape[1] + 0.5, 1.7 * len(queries)))
@@ -737,18 +884,39 @@ def plot_retrieval(model, data, tokenizer, cfg, device, path, top=6):
     common.save_figure(fig, path)
 
 
+def distinct_captions(data, pool):
+    """The pool's caption strings, each once, in the order of the images' first captions and then the rest."""
+    ids = torch.cat([pool.captions[:, 0], pool.captions[:, 1:].flatten()]).tolist()
+    return list(dict.fromkeys(data.texts[i] for i in ids if i >= 0))
+
+
+def retrieval_queries(data, pool, cfg, n=4):
+    """(queries, row titles) of the retrieval figure: held-out pairs and free phrasings on the embedded set, n
+    distinct captions of the pool on real data (several images may share one: it gets one row)."""
+    if data.name != "shapes":
+        queries = distinct_captions(data, pool)[:n]
+        return queries, queries
+    held = sorted(parse_holdout(cfg.holdout))[:2]
+    queries = [f"a {list(common.COLOURS)[c]} {common.SHAPES[s]}" for c, s in held]
+    titles = [query + "  (a pair held out of training)" for query in queries]
+    queries += ["a large green checked ring on the left", "a small white triangle", "a heart at the top"][:n - len(queries)]
+    return queries, titles + queries[len(titles):]
+
+
 # ---- 8. Putting it together ----
 
 def prepare(cfg, device):
     """The image encoder (first, so that a wrong --init-image fails before any data is made), the data, the
     tokenizer learned from the training captions, the tokens of every caption (M, L) with the number cut at
-    --context, and the model. The config comes back too: with --init-image its image_size is the encoder's."""
+    --context, and the model. The config comes back too: with --init-image its image shape is the encoder's; under --quick the batch may
+    shrink to a small training set (fit_batch). val: the validation pairs, held out of data.train."""
     encoder = image_encoder(cfg, device)
-    if cfg.dataset != "shapes" or cfg.init_image:
-        cfg = dataclasses.replace(cfg, image_size=encoder.arch["image_size"])
+    # the shape actually built, which --init-image's checkpoint sets, is what config.json and clip.pt record
+    cfg = dataclasses.replace(cfg, image_size=encoder.arch["image_size"], **{option: encoder.arch[key] for option, key in IMAGE_SHAPE.items()})
     common.check(cfg.dataset != "shapes" or encoder.arch["image_size"] == 32,
                  f"the embedded set is 32x32, but the image encoder takes {encoder.arch['image_size']}x{encoder.arch['image_size']}")
-    data = load_data(cfg, device)
+    data, val = load_data(cfg, device)
+    cfg = fit_batch(cfg, len(data.train))
     train_texts = [data.texts[i] for i in data.train.captions[data.train.captions >= 0].unique().tolist()]
     tokenizer = BPETokenizer.train(train_texts, cfg.vocab_size)
     tokens, cut = tokenizer.encode_batch(data.texts, cfg.context)                  # (M, L)
@@ -759,7 +927,7 @@ def prepare(cfg, device):
     text_encoder = TextTransformer(cfg.vocab_size, cfg.context, cfg.text_dim, cfg.text_depth, cfg.text_heads)
     model = CLIP(encoder, text_encoder, cfg.embed_dim).to(device)
     model.set_pixel_stats(data.train.images)
-    return cfg, data, tokenizer, tokens.to(device), cut, model
+    return cfg, data, val, tokenizer, tokens.to(device), cut, model
 
 
 def tokens_per_caption(tokens, tokenizer):
@@ -772,21 +940,29 @@ def main(argv=None):
     validate(cfg)
     device, out = common.setup(cfg, __file__)
     clock = common.Stopwatch(device)
-    cfg, data, tokenizer, tokens, cut, model = prepare(cfg, device)
+    cfg, data, val, tokenizer, tokens, cut, model = prepare(cfg, device)
+    if common.is_main():
+        common.save_json(out / "config.json", dataclasses.asdict(cfg))          # as prepare resolved it
     before = evaluate(model, data, tokens, tokenizer, cfg, device)
-    losses, scales, pairs_per_second = train(model, data, tokens, cfg, device)
+    losses, scales, pairs_per_second, history = train(model, data, val, tokens, cfg, device)
     metrics = evaluate(model, data, tokens, tokenizer, cfg, device)
     metrics.update(dataset=data.name, train_images=len(data.train), train_captions=int(data.train.counts.sum()),
-                   test_images=len(data.test), merges=len(tokenizer.merges), tokens_per_caption=tokens_per_caption(tokens, tokenizer),
-                   captions_cut=cut, loss_first=losses[:10].mean().item(), loss_last=losses[-10:].mean().item(),
+                   val_images=len(val), test_images=len(data.test), merges=len(tokenizer.merges),
+                   tokens_per_caption=tokens_per_caption(tokens, tokenizer), captions_cut=cut,
+                   loss_first=losses[:10].mean().item(), loss_last=losses[-10:].mean().item(),
                    temperature_last=1 / scales[-1].item(), pairs_per_second=pairs_per_second, before_training=before,
+                   augment=[name for name, strength in augmentation(cfg).items() if strength > 0], batch_size=cfg.batch_size,
                    skipped=data.skipped or {}, processes=common.world_size())
+    if history:
+        kept = next(row for row in history if row["step"] == best_step(history))
+        metrics["validation"] = {"kept_step": kept["step"], "kept": kept, "history": history,
+                                 "loss_gap_at_kept": kept["val_loss"] - kept["train_loss"]}
     if data.classes:
         metrics["linear_probe"] = probe_baseline(model, data, cfg, device)
     # every rank holds all the data and the same weights, so it computed the same numbers; rank 0 writes them
     if not common.is_main():
         return model, metrics
-    plot_training(losses, scales, out / "training.png")
+    plot_training(losses, scales, history, out / "training.png")
     plot_similarity(model, data, tokenizer, cfg, device, out / "similarity.png")
     plot_predictions(model, data, tokenizer, cfg, device, out / "predictions.png")
     plot_retrieval(model, data, tokenizer, cfg, device, out / "retrieval.png")
@@ -794,6 +970,7 @@ def main(argv=None):
                            image_arch=model.visual.arch)
     metrics["seconds"] = clock.seconds()
     common.save_json(out / "metrics.json", metrics)
+    common.finish_run(out)
     print(summary(metrics))
     return model, metrics
 
@@ -805,11 +982,16 @@ def summary(m):
             f"t2i {r['t2i_r1']:.3f}/{r['t2i_r5']:.3f}/{r['t2i_r10']:.3f} (chance t2i@1 {c['t2i_r1']:.3f})")
     if "zero_shot" in m:
         z, b, k = m["zero_shot"], m["before_training"]["zero_shot"], m.get("compositional", {})
-        line += (f" | zero-shot top1 {z['top1']:.3f} (1 template {m['zero_shot_single_template']['top1']:.3f}, "
+        single = f"1 template {m['zero_shot_single_template']['top1']:.3f}, " if "zero_shot_single_template" in m else ""
+        line += (f" | zero-shot top1 {z['top1']:.3f}, balanced {z['balanced_top1']:.3f} ({single}"
                  f"untrained {b['top1']:.3f}, probe with labels {m['linear_probe']['top1']:.3f})")
         if k:
             line += (f" | held-out pairs: shape {k['heldout_shape_top1']:.3f} (seen {k['seen_shape_top1']:.3f}), "
                      f"colour+shape {k['heldout_pair_top1']:.3f} (seen {k['seen_pair_top1']:.3f}, chance {k['pair_chance']:.3f})")
+    if "validation" in m:
+        v = m["validation"]
+        line += (f" | kept step {v['kept_step']} (val t2i R@10 {v['kept']['val_t2i_r10']:.3f}, "
+                 f"loss val {v['kept']['val_loss']:.2f} vs train {v['kept']['train_loss']:.2f})")
     return line + f" | {m['pairs_per_second'] / 1e3:.1f}k pairs/s, {m['seconds']:.0f} s"
 
 

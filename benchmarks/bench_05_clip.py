@@ -43,7 +43,7 @@ def throughput(device, argv):
     forward and backward timed alone on the wall clock, and the GPU's kernel time in each."""
     cfg = common.parse_config(clip.Config, argv, clip.__doc__, quick=clip.QUICK)
     clip.validate(cfg)
-    cfg, data, tokenizer, tokens, _, model = clip.prepare(cfg, device)
+    cfg, data, _, tokenizer, tokens, _, model = clip.prepare(cfg, device)
     optimizer, _ = clip.make_optimizer(model, cfg)
     generator = torch.Generator(device=device).manual_seed(0)
     index = torch.randperm(len(data.train), generator=generator, device=device)[:cfg.batch_size]

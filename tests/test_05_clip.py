@@ -4,12 +4,14 @@ import csv
 import hashlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
 
 import matplotlib.image
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
@@ -118,10 +120,14 @@ def tiny_pairs(n=12, vocab_size=300):
     return common.CaptionData("tiny", pairs, pairs, [str(i) for i in range(n)]), tokens
 
 
+def no_pairs(data):
+    return data.train.subset(slice(0, 0))
+
+
 def test_training_runs_clip_forward_and_clip_loss(monkeypatch):
     data, tokens = tiny_pairs()
     cfg, cpu = clip.Config(steps=4, batch_size=6, warmup=0.25, lr=1e-2), torch.device("cpu")
-    losses, _, _ = clip.train(tiny_clip(), data, tokens, cfg, cpu)
+    losses, _, _, _ = clip.train(tiny_clip(), data, no_pairs(data), tokens, cfg, cpu)
     calls, loss, forward = [], clip.clip_loss, clip.CLIP.forward
 
     def shifted_loss(logits, positives=None):           # the same gradient, so training takes the same path
@@ -134,7 +140,7 @@ def test_training_runs_clip_forward_and_clip_loss(monkeypatch):
 
     monkeypatch.setattr(clip, "clip_loss", shifted_loss)
     monkeypatch.setattr(clip.CLIP, "forward", counted_forward)
-    shifted, _, _ = clip.train(tiny_clip(), data, tokens, cfg, cpu)
+    shifted, _, _, _ = clip.train(tiny_clip(), data, no_pairs(data), tokens, cfg, cpu)
     assert calls == ["forward", "clip_loss"] * cfg.steps
     torch.testing.assert_close(shifted, losses + 1.0)
 
@@ -366,7 +372,7 @@ def test_quick_run_learns_to_align_images_and_captions(tmp_path):
     # chance after so few steps, so its number is checked against a recount, template by template
     composition = metrics["compositional"]
     assert composition["seen_pair_top1"] > 4 * composition["pair_chance"] and composition["heldout_images"] > 0
-    cfg, data, tokenizer, _, _, _ = clip.prepare(clip.Config(**clip.QUICK), torch.device("cpu"))
+    cfg, data, _, tokenizer, _, _, _ = clip.prepare(clip.Config(**clip.QUICK), torch.device("cpu"))
     with torch.no_grad():
         images = model.encode_image(data.test.images)
         weights = []
@@ -397,6 +403,9 @@ def test_init_from_04_checkpoint_and_freeze(tmp_path):
     model, metrics = clip.main(["--quick", "--device", "cpu", "--out", str(tmp_path / "run"), "--init-image",
                                 str(tmp_path / "vit.pt"), "--freeze-image", "--steps", "30", "--probe-steps", "20"])
     assert model.visual.arch == encoder.arch                                 # the checkpoint's shape, not --image-dim
+    for saved in (json.loads((tmp_path / "run" / "config.json").read_text()),
+                  torch.load(tmp_path / "run" / "clip.pt", weights_only=True)["config"]):   # both record that shape
+        assert (saved["patch_size"], saved["image_dim"], saved["image_depth"], saved["image_heads"]) == (8, 24, 1, 2)
     for name, value in encoder.state_dict().items():                        # frozen: the loaded weights, unchanged
         torch.testing.assert_close(model.visual.state_dict()[name], value)
     assert metrics["loss_last"] < metrics["loss_first"]
@@ -422,6 +431,12 @@ def test_init_from_04_checkpoint_and_freeze(tmp_path):
     (["--image-dim", "30", "--image-heads", "4"], "--image-dim 30 is not divisible by --image-heads 4"),
     (["--image-size", "30"], "--image-size 30 is not divisible by --patch-size 4"),
     (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--context", "100000"], "--context must be between 2 .* and 256 tokens, got 100000"),
+    (["--val-share", "1"], r"--val-share must be in \[0, 1\) \(1 would leave no training images\)"),
+    (["--augment", "crop,rotate"], "--augment 'crop,rotate': choose from crop,flip,jitter,grayscale,blur"),
+    (["--n-train", "20", "--val-share", "0.02"], r"--val-share 0.02 leaves 0 of the \d+ training images for validation"),
+    (["--n-train", "70", "--val-share", "0.2", "--batch-size", "100"],
+     r"\d+ training images \(after --val-share 0.2\) but --batch-size 100: use a smaller batch or a smaller --val-share"),
 ])
 def test_bad_options_fail_with_one_line(tmp_path, argv, message):
     out = tmp_path / "run"
@@ -435,8 +450,8 @@ def test_bad_options_fail_with_one_line(tmp_path, argv, message):
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     common.save_checkpoint(tmp_path / "other.pt", torch.nn.Linear(2, 2), clip.Config(), kind="cnn-classifier")
     with pytest.raises(common.UserError, match="holds a 'cnn-classifier' model, not a 'vit'"):
-        clip.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--init-image", str(tmp_path / "other.pt")])
-    result = subprocess.run([sys.executable, "05_clip.py", "--quick", "--device", "cpu", "--out", str(tmp_path),
+        clip.main(["--quick", "--device", "cpu", "--out", str(tmp_path / "run"), "--init-image", str(tmp_path / "other.pt")])
+    result = subprocess.run([sys.executable, "05_clip.py", "--quick", "--device", "cpu", "--out", str(tmp_path / "run"),
                              "--init-image", str(tmp_path / "other.pt")], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and "'vit'" in result.stderr
@@ -463,27 +478,29 @@ def make_caption_folder(folder, rng, n=30):
 
 
 def test_caption_folder_trains_end_to_end_and_counts_skips(tmp_path):
-    make_caption_folder(tmp_path / "pics", np.random.default_rng(0))
+    make_caption_folder(tmp_path / "pics", np.random.default_rng(0), n=60)
     model, metrics = clip.main(["--quick", "--device", "cpu", "--out", str(tmp_path / "run"), "--dataset", "captions",
-                                "--data-dir", str(tmp_path / "pics"), "--batch-size", "8", "--steps", "15"])
+                                "--data-dir", str(tmp_path / "pics"), "--steps", "15"])
     assert metrics["skipped"] == {"missing image": 1, "empty caption": 1}
-    assert metrics["train_images"] + metrics["test_images"] == 30 and metrics["test_images"] == 3
+    assert (metrics["train_images"], metrics["val_images"], metrics["test_images"]) == (49, 5, 6)
+    assert metrics["batch_size"] == 49                        # --quick's batch of 64 shrinks to a small folder
+    assert metrics["augment"] == ["crop", "flip"] and metrics["validation"]["kept_step"] in (15, )
     assert metrics["train_captions"] == 2 * metrics["train_images"]
     assert "zero_shot" not in metrics and (tmp_path / "run" / "retrieval.png").is_file()
 
 
 def test_caption_folder_splits_by_image_or_by_subfolder(tmp_path):
     make_caption_folder(tmp_path / "pics", np.random.default_rng(0))
-    cfg = clip.Config(dataset="captions", data_dir=str(tmp_path / "pics"), batch_size=2)
-    data = clip.load_data(cfg, torch.device("cpu"))
+    cfg = clip.Config(dataset="captions", data_dir=str(tmp_path / "pics"), batch_size=2, val_share=0)
+    data, _ = clip.load_data(cfg, torch.device("cpu"))
     number = lambda pairs: {data.texts[int(i)].rsplit(" ", 1)[1] for i in pairs.captions.flatten() if i >= 0}
     assert not number(data.train) & number(data.test)                       # both captions of an image on one side
     assert data.train.images.shape[1:] == (3, 32, 32) and data.train.images.dtype == torch.uint8
     (tmp_path / "split").mkdir()
     make_caption_folder(tmp_path / "split" / "train", np.random.default_rng(1), n=5)
     make_caption_folder(tmp_path / "split" / "test", np.random.default_rng(2), n=4)
-    cfg = clip.Config(dataset="captions", data_dir=str(tmp_path / "split"), batch_size=2)
-    data = clip.load_data(cfg, torch.device("cpu"))
+    cfg = clip.Config(dataset="captions", data_dir=str(tmp_path / "split"), batch_size=2, val_share=0)
+    data, _ = clip.load_data(cfg, torch.device("cpu"))
     assert (len(data.train), len(data.test)) == (5, 4) and data.skipped == {"missing image": 2, "empty caption": 2}
 
 
@@ -538,8 +555,8 @@ def flickr_server(monkeypatch):
 
 def test_flickr8k_downloads_verifies_caches_and_reads(tmp_path, flickr_server):
     server, names = flickr_server
-    cfg = clip.Config(dataset="flickr8k", data_dir=str(tmp_path), batch_size=2, image_size=16)
-    data = clip.load_data(cfg, torch.device("cpu"))
+    cfg = clip.Config(dataset="flickr8k", data_dir=str(tmp_path), batch_size=2, image_size=16, val_share=0)
+    data, _ = clip.load_data(cfg, torch.device("cpu"))
     assert sorted(server.requests) == ["Flickr8k_Dataset.zip", "Flickr8k_text.zip"]
     assert (len(data.train), len(data.test)) == (6, 3) and data.train.images.shape[1:] == (3, 16, 16)
     assert data.train.counts.tolist() == [5] * 6 and data.skipped == {"image missing from the zip": 1}
@@ -547,7 +564,7 @@ def test_flickr8k_downloads_verifies_caches_and_reads(tmp_path, flickr_server):
     assert (tmp_path / "flickr8k" / "images-16.npz").is_file() and not list(tmp_path.rglob("*.part"))
     first = data.train.images.clone()
     # second time: the text archive is checked on disk, the images come from the cache: nothing is fetched
-    again = clip.load_data(cfg, torch.device("cpu"))
+    again, _ = clip.load_data(cfg, torch.device("cpu"))
     assert len(server.requests) == 2 and torch.equal(again.train.images, first)
 
 
@@ -578,7 +595,7 @@ def test_a_non_finite_loss_stops_training(monkeypatch, bad_from):
     monkeypatch.setattr(clip, "clip_loss", diverging_loss)
     step = 1 if bad_from == 0 else cfg.steps
     with pytest.raises(common.UserError, match=rf"training diverged \(the loss is nan at step {step}\); lower --lr"):
-        clip.train(tiny_clip(), data, tokens, cfg, torch.device("cpu"))
+        clip.train(tiny_clip(), data, no_pairs(data), tokens, cfg, torch.device("cpu"))
 
 
 def test_init_image_from_a_diverged_checkpoint_is_refused(tmp_path):
@@ -588,4 +605,123 @@ def test_init_image_from_a_diverged_checkpoint_is_refused(tmp_path):
     torch.save({"kind": "vit", "model": state, "config": {}, "arch": encoder.arch}, tmp_path / "nan.pt")
     with pytest.raises(common.UserError, match="holds NaN or infinite weights"):
         clip.main(["--quick", "--device", "cpu", "--out", str(tmp_path / "run"), "--init-image", str(tmp_path / "nan.pt")])
-    assert {p.name for p in (tmp_path / "run").iterdir()} <= {"config.json"}   # refused before any data is made
+    assert not (tmp_path / "run").exists()                                   # refused before any output is published
+
+
+# ---- issue 18: augmentation, the validation split, the kept step, openclipart, the retrieval figure ----
+
+def test_augmentation_keeps_each_image_with_its_captions():
+    g = torch.Generator().manual_seed(7)
+    strength = clip.augmentation(clip.Config(dataset="openclipart"))
+    assert strength["crop"] > 0 and strength["flip"] > 0 and strength["jitter"] == strength["grayscale"] == 0
+    assert not any(clip.augmentation(clip.Config()).values())             # the embedded set's captions name places
+    # a flat image is its own view whatever the crop and flip, so row i can only have stayed image i
+    flat = (15 * torch.arange(16, dtype=torch.uint8))[:, None, None, None].expand(16, 3, 8, 8)
+    torch.testing.assert_close(clip.training_views(flat, strength, g), common.to_float(flat))
+    patterned = torch.randint(0, 256, (16, 3, 8, 8), generator=g, dtype=torch.uint8)
+    views = clip.training_views(patterned, strength, g)
+    assert views.shape == (16, 3, 8, 8) and not torch.allclose(views, common.to_float(patterned))
+
+
+def test_validation_split_shares_no_image_with_training_or_test(tmp_path):
+    make_caption_folder(tmp_path / "pics", np.random.default_rng(0))
+    cfg = clip.Config(dataset="captions", data_dir=str(tmp_path / "pics"), batch_size=2, val_share=0.2)
+    data, val = clip.load_data(cfg, torch.device("cpu"))
+    number = lambda pairs: {data.texts[int(i)].rsplit(" ", 1)[1] for i in pairs.captions.flatten() if i >= 0}
+    train, held, test = number(data.train), number(val), number(data.test)
+    assert (len(train), len(held), len(test)) == (22, 5, 3) and len(train | held | test) == 30
+    assert not (train & held or train & test or held & test)
+
+
+def test_kept_step_is_the_best_validation_step():
+    g = torch.Generator().manual_seed(8)
+    history = [{"step": 10 * (k + 1), "val_t2i_r10": round(torch.rand(1, generator=g).item(), 1)} for k in range(12)]
+    best, score = None, -1.0
+    for row in history:                                   # the first of the highest scores
+        if row["val_t2i_r10"] > score:
+            best, score = row["step"], row["val_t2i_r10"]
+    assert clip.best_step(history) == best
+
+
+def test_training_ends_with_the_weights_of_the_best_validation_step(monkeypatch):
+    data, tokens = tiny_pairs()
+    cfg = clip.Config(steps=4, batch_size=4, warmup=0.25, lr=1e-2, val_every=1)
+    scores, seen = iter([0.2, 0.6, 0.4, 0.6]), {}
+
+    def scripted(model, train_pairs, val, tokens, cfg, device, step):
+        seen[step] = {name: value.clone() for name, value in model.state_dict().items()}
+        return {"step": step, "val_t2i_r10": next(scores), "val_loss": 1.0, "train_loss": 1.0}
+
+    monkeypatch.setattr(clip, "validate_step", scripted)
+    model = tiny_clip()
+    _, _, _, history = clip.train(model, data, data.train.subset(slice(0, 4)), tokens, cfg, torch.device("cpu"))
+    assert [row["step"] for row in history] == [1, 2, 3, 4] and clip.best_step(history) == 2
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, seen[2][name])
+    assert not torch.equal(seen[2]["logit_scale"], seen[4]["logit_scale"])
+
+
+def save_png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PIL.Image.fromarray(array).save(path)
+
+
+def fake_openclipart(tree):
+    """A small tree as openclipart-png lays it out: nested categories, author-tagged and numbered names, a link filing
+    one drawing under a second category, and files to skip. Returns the captions each image should get."""
+    drawing = np.zeros((40, 30, 4), np.uint8)
+    drawing[10:30, 5:25] = (200, 30, 30, 255)                                # a red square on a transparent ground
+    save_png(tree / "animals/birds/eagle_nicu_buculei_01.png", drawing)
+    save_png(tree / "animals/birds/penguin/penguin_02.png", drawing[::-1].copy())
+    save_png(tree / "food/fruit/banana_mateya_01.png", np.full((300, 1200, 3), (240, 200, 20), np.uint8))   # large
+    save_png(tree / "signs_and_symbols/flags/asia/kuwait.png", np.full((20, 40, 3), (0, 120, 60), np.uint8))
+    (tree / "food/kuwait_flag_benji_pa_01.png").symlink_to("../signs_and_symbols/flags/asia/kuwait.png")
+    save_png(tree / "unsorted/stones_01.png", drawing[:, ::-1].copy())
+    save_png(tree / "shapes/stars/star_93pt13step.png", drawing)
+    save_png(tree / "shapes/dot.png", np.zeros((1, 1, 4), np.uint8))       # 1x1: too small
+    save_png(tree / "special/blank_01.png", np.full((20, 20, 3), 255, np.uint8))
+    (tree / "food/broken_01.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tree / "animals/README.txt").write_text("not a picture")
+    return {"eagle, birds, animals": 1, "penguin, birds, animals": 1, "banana, fruit, food": 1, "stones": 1,
+            "star, shapes": 1, "kuwait, asia, flags, signs and symbols|kuwait flag, food": 1}
+
+
+def test_openclipart_reader_on_a_small_fake_tree(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "OPENCLIPART_TREE", tmp_path / "nowhere")
+    expected = fake_openclipart(tmp_path / "openclipart" / "png")
+    data = common.read_openclipart(tmp_path, 16, "cpu")
+    assert data.skipped == {"not a PNG file": 1, "unreadable PNG": 1, "smaller than 8 pixels": 1,
+                            "blank (white or transparent)": 1}
+    assert data.classes == ["animals", "food", "shapes", "signs and symbols"]        # unsorted is no class
+    splits = (data.train, data.test)
+    captions = ["|".join(data.texts[i] for i in row if i >= 0) for pairs in splits for row in pairs.captions.tolist()]
+    assert sorted(captions) == sorted(expected) and (len(data.train), len(data.test)) == (5, 1)
+    labels, images = torch.cat([pairs.labels for pairs in splits]), torch.cat([pairs.images for pairs in splits])
+    label = dict(zip(captions, labels.tolist()))
+    assert label["stones"] == -1 and data.classes[label["banana, fruit, food"]] == "food"
+    banana = images[captions.index("banana, fruit, food")]                     # 1200 x 300, padded to a square
+    near = lambda pixel, colour: (pixel.int() - torch.tensor(colour)).abs().max().item() <= 4   # resampling rings a little
+    assert banana.shape == (3, 16, 16) and near(banana[:, 8, 8], (240, 200, 20)) and near(banana[:, 0, 8], (255, 255, 255))
+    eagle = images[captions.index("eagle, birds, animals")]                    # cut to the drawing: red edge to edge
+    assert near(eagle[:, 8, 0], (200, 30, 30)) and near(eagle[:, 8, 15], (200, 30, 30))
+    # the cache holds all of it: without the tree the same data comes back
+    shutil.rmtree(tmp_path / "openclipart" / "png")
+    again = common.read_openclipart(tmp_path, 16, "cpu")
+    assert again.texts == data.texts and torch.equal(again.train.images, data.train.images) and again.skipped == data.skipped
+
+
+def test_openclipart_missing_is_one_line_with_the_apt_get_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "OPENCLIPART_TREE", tmp_path / "nowhere")
+    with pytest.raises(common.UserError, match="sudo apt-get install openclipart-png"):
+        clip.main(["--quick", "--device", "cpu", "--dataset", "openclipart", "--data-dir", str(tmp_path),
+                   "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_retrieval_queries_are_distinct_captions():
+    images = torch.zeros(6, 3, 2, 2, dtype=torch.uint8)
+    captions = torch.tensor([[0, -1], [0, 1], [2, -1], [0, 3], [2, 4], [5, -1]])   # several images share caption 0
+    pool = common.Pairs(images, captions, (captions >= 0).sum(1))
+    data = common.CaptionData("captions", pool, pool, ["a dog", "a red dog", "a cat", "two dogs", "a cat asleep", "a bird"])
+    queries, titles = clip.retrieval_queries(data, pool, clip.Config())
+    assert queries == titles == ["a dog", "a cat", "a bird", "a red dog"]
