@@ -318,6 +318,7 @@ def pair_loss(cfg, queue=None):
     """The chosen method's loss of (one view's prediction, the other view's target), (B, P) each, and temperature.
     --ablate takes away what keeps it from collapsing (for BYOL the predictor and for SimSiam the stop-gradient:
     build_model and pretrain)."""
+    # EXERCISE: add a method: its loss as a function of (prediction, target) above, a branch here, a name in METHODS
     if cfg.method in ("simclr", "moco") and cfg.ablate:
         return positives_only
     if cfg.method == "simclr":
@@ -335,7 +336,7 @@ def pair_loss(cfg, queue=None):
 
 
 def ema_rate(step, total, base):
-    """BYOL's schedule of the target's rate (Section 3.1): tau = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2, from
+    """BYOL's schedule of the target's rate (Sections 3.1, 3.2; MoCo v3 uses it too): tau = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2, from
     tau_base at step k = 0 to 1 at the last step K: the target moves less and less as training settles."""
     return 1 - (1 - base) * (math.cos(math.pi * step / total) + 1) / 2
 
@@ -541,8 +542,8 @@ def contrastive_step(model, optimizer, view1, view2, temperature, loss_fn, devic
         z = z.detach()                                              # SimSiam's stop-gradient (Eq. 3)
     # torchrun: every rank's rows, (W, 2, B, P): rank, view, image; so batch statistics are the global batch's
     by_view = lambda x: common.gather_with_grad(x).unflatten(0, (-1, 2, len(view1))).transpose(0, 1).flatten(1, 2)
-    p1, p2 = by_view(p)                                             # (W*B, P) each; row i of both is one image
-    z1, z2 = by_view(z)
+    z1, z2 = by_view(z)                                             # (W*B, P) each; row i of both is one image
+    p1, p2 = (z1, z2) if p is z else by_view(p)                     # no predictor: p is z, gathered once
     loss = (loss_fn(p1, z2, temperature) + loss_fn(p2, z1, temperature)) / 2
     optimizer.zero_grad(set_to_none=True)
     common.backward_full_batch(scaler.scale(loss))

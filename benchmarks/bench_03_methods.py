@@ -135,6 +135,8 @@ def table(rows, columns):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60, help="pre-training seconds of every run")
+    parser.add_argument("--ablation-seconds", type=float, default=0, help="of the +ablate runs (0: --seconds); a "
+                        "collapse shows in seconds")
     parser.add_argument("--datasets", default="fashion-mnist,shapes")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--runs", nargs="*", default=METHOD_RUNS + ABLATION_RUNS, help="method[+ablate][:k=v,...]")
@@ -154,7 +156,8 @@ def main():
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     for spec in args.runs:
         parse_run(spec)                                         # a typo fails now, not after an hour
-    results, report = {}, [f"# bench_03_methods: {args.seconds:g} s of pre-training per run, "
+    results, report = {}, [f"# bench_03_methods: {args.seconds:g} s of pre-training per run"
+                           f"{f' ({args.ablation_seconds:g} s per ablation)' if args.ablation_seconds else ''}, "
                            f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else device}, torch "
                            f"{torch.__version__}, {'validation ' + str(args.validation) if args.validation else 'test set'}"]
     for dataset in args.datasets.split(","):
@@ -162,7 +165,9 @@ def main():
                                   n_test=args.n_test or None, seed=args.seed)
         if args.validation:
             data = contrastive.hold_out(data, args.validation)
-        rows = {spec: timed_run(config(dataset, spec, args), data, device, args.seconds) for spec in args.runs}
+        rows = {spec: timed_run(config(dataset, spec, args), data, device,
+                                args.ablation_seconds if "+ablate" in spec and args.ablation_seconds else args.seconds)
+                for spec in args.runs}
         for spec, row in rows.items():
             print(f"{dataset} {spec}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                    for k, v in row.items() if k != "z_spectrum"), flush=True)
