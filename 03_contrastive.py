@@ -988,6 +988,7 @@ def main(argv=None):
     cfg = common.parse_config(Config, argv, __doc__, quick=QUICK)
     validate(cfg)
     device, out = common.setup(cfg, __file__)
+    common.cpu_notice(cfg, device, cfg.epochs * (cfg.n_train or 50_000) / 90)
     torch.backends.cudnn.benchmark = True           # fixed shapes: let cuDNN time its kernels once and keep the fastest
     watch = common.Stopwatch(device)
     data = common.load_images(cfg.dataset, cfg.data_dir, device, n_train=cfg.n_train or None,
