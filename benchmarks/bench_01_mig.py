@@ -80,6 +80,7 @@ def plot(rows, names, path):
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_title("spread across seeds (dots) beside the change across beta (bars: means)", fontsize=10)
+    axes[1].set_title("what the KL weight costs in reconstruction", fontsize=10)
     common.save_figure(fig, path)
 
 
