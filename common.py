@@ -207,7 +207,8 @@ def finish_run(out):
     return run.given
 
 
-# The CPU that the scripts' estimates for cpu_notice were measured on: two cores, this speed of float32 matmul
+# The float32 matmul speed of the CPU that the scripts' estimates for cpu_notice are given for (about two cores);
+# they were measured on a busy 2-core machine and rescaled to it by cpu_gflops measured alongside
 REFERENCE_CPU_GFLOPS = 60.0
 
 
@@ -479,7 +480,7 @@ def load_checkpoint(path, model, kind, device="cpu"):
     unreadable, of another kind of model, of other shapes, or holds non-finite weights (the model is then left
     as it was). Returns the whole checkpoint dict."""
     path = Path(path)
-    check(path.is_file(), f"checkpoint {str(path)!r} does not exist")
+    check_file(path, "checkpoint")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:
@@ -809,6 +810,7 @@ def fetch(name, data_dir, spec=None):
     A file is looked for in data_dir/name/, then data_dir/ (e.g. a folder of Debian's copies).
     spec: a RemoteDataset that a script declares itself (05's Flickr8k); DATASETS[name] by default."""
     check(spec is not None or name in DATASETS, f"unknown dataset {name!r}; choose shapes, {', '.join(DATASETS)}")
+    check(not Path(data_dir).is_file(), f"--data-dir {str(data_dir)!r} is a file, not a folder")
     spec, folder = spec or DATASETS[name], Path(data_dir) / name
     paths = []
     for remote in spec.files:

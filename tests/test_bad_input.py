@@ -63,6 +63,14 @@ def test_an_out_that_is_a_file_or_another_folder_is_refused(tmp_path, script):
     assert snapshot(tmp_path) == {"file": b"mine"}
 
 
+@pytest.mark.parametrize("script", IMAGE_SCRIPTS)
+def test_a_data_dir_that_is_a_file_is_called_a_file(tmp_path, script):
+    (tmp_path / "file").write_text("x")
+    run_in_process(script, ["--dataset", "mnist", "--data-dir", str(tmp_path / "file")], tmp_path / "run",
+                   r"^--data-dir '.*file' is a file, not a folder$")
+    assert snapshot(tmp_path) == {"file": b"x"}
+
+
 def test_an_out_that_holds_something_else_is_never_replaced(tmp_path):
     (tmp_path / "thesis").mkdir()
     (tmp_path / "thesis" / "chapter1.tex").write_text("months of work")

@@ -549,6 +549,8 @@ def test_checkpoints_round_trip_and_refuse_other_models(tmp_path):
         common.load_checkpoint(tmp_path / "junk.pt", fresh, kind="toy")
     with pytest.raises(common.UserError, match="does not exist"):
         common.load_checkpoint(tmp_path / "none.pt", fresh, kind="toy")
+    with pytest.raises(common.UserError, match=r"^checkpoint '.*' is a folder, not a file$"):
+        common.load_checkpoint(tmp_path, fresh, kind="toy")
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
