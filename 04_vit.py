@@ -393,7 +393,7 @@ class MAE(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.decoder = MAEDecoder(encoder.num_patches, encoder.dim, encoder.in_channels * encoder.patch_size**2,
-                                  decoder_dim, decoder_depth, heads=max(1, decoder_dim // 32))
+                                  decoder_dim, decoder_depth, heads=math.gcd(decoder_dim, 4))
 
     def forward(self, images, keep, restore):
         return self.decoder(self.encoder.tokens(images, keep), restore)  # the encoder never sees a hidden patch
@@ -473,7 +473,7 @@ def load_data(cfg, device):
     if cfg.dataset in UNLABELLED:
         reader = {"captions": lambda: common.read_caption_folder(cfg.data_dir, cfg.image_size, cfg.seed, device),
                   "flickr8k": lambda: common.read_flickr8k(cfg.data_dir, cfg.image_size, device),
-                  "openclipart": lambda: common.read_openclipart(cfg.data_dir, cfg.image_size, device)}[cfg.dataset]
+                  "openclipart": lambda: common.read_openclipart(cfg.data_dir, cfg.image_size, device, cfg.seed)}[cfg.dataset]
         pairs = reader()
         data = common.ImageData(cfg.dataset, pairs.train.images[:cfg.n_train or None], None,
                                 pairs.test.images[:cfg.n_test or None], None, [])
@@ -880,25 +880,37 @@ def show_image(ax, image):
     ax.set_axis_off()
 
 
-def plot_attention(vit, images, stats, class_names, labels, path):
-    """For a few test images: the class token's attention over the patches in the last block, per head,
-    and the attention rolled out over all blocks, each over the image."""
-    maps = attention_maps(vit, normalise(images, stats))
-    side = math.isqrt(vit.num_patches)
-    last = maps[-1][:, :, 0, 1:].reshape(len(images), -1, side, side)            # (n, H, side, side)
-    rolled = attention_rollout(maps).reshape(len(images), side, side)            # (n, side, side)
-    heads = last.shape[1]
-    fig, axes = plt.subplots(len(images), heads + 2, figsize=(1.6 * (heads + 2), 1.6 * len(images)), squeeze=False)
-    size = images.shape[-1]
-    for i, image in enumerate(images):
-        show_image(axes[i, 0], image)
-        axes[i, 0].set_title(class_names[int(labels[i])], fontsize=8)
-        for j, heat in enumerate([*last[i], rolled[i]]):
+def plot_heatmaps(images, heatmaps, path, row_titles=None):
+    """images (n, C, H, W) in column 0, then one column per entry of heatmaps {title: (n, side, side)}, each over
+    its image."""
+    n, size = len(images), images.shape[-1]
+    fig, axes = plt.subplots(n, len(heatmaps) + 1, figsize=(1.6 * (len(heatmaps) + 1), 1.6 * n), squeeze=False)
+    for j, (title, heat) in enumerate(heatmaps.items()):
+        axes[0, j + 1].set_title(title, fontsize=8)
+        for i, image in enumerate(images):
+            show_image(axes[i, 0], image)
             show_image(axes[i, j + 1], image)
-            axes[i, j + 1].imshow(heat.cpu().numpy(), cmap="inferno", alpha=0.65, extent=(-0.5, size - 0.5, size - 0.5, -0.5))
-            if i == 0:
-                axes[i, j + 1].set_title(f"last block, head {j + 1}" if j < heads else "rollout", fontsize=8)
+            axes[i, j + 1].imshow(heat[i].float().cpu().numpy(), cmap="inferno", alpha=0.65,
+                                  extent=(-0.5, size - 0.5, size - 0.5, -0.5))
+    for i, title in enumerate(row_titles or []):
+        axes[i, 0].set_title(title, fontsize=8)
     common.save_figure(fig, path)
+
+
+def last_block_attention(vit, images, stats):
+    """The class token's attention over the patches in the last block, per head: (n, H, side, side)."""
+    side = math.isqrt(vit.num_patches)
+    return attention_maps(vit, normalise(images, stats))[-1][:, :, 0, 1:].reshape(len(images), -1, side, side)
+
+
+def plot_attention(vit, images, stats, class_names, labels, path):
+    """For a few test images: the class token's attention in the last block, per head, and the attention rolled
+    out over all blocks, each over the image."""
+    side = math.isqrt(vit.num_patches)
+    heads = last_block_attention(vit, images, stats)
+    rolled = attention_rollout(attention_maps(vit, normalise(images, stats))).reshape(len(images), side, side)
+    plot_heatmaps(images, {**{f"last block, head {h + 1}": heads[:, h] for h in range(heads.shape[1])}, "rollout": rolled},
+                  path, [class_names[int(y)] for y in labels])
 
 
 def plot_positions(vit, path):
@@ -947,19 +959,7 @@ def plot_reconstruction(mae, images, stats, mask_ratio, path):
 def plot_attention_compare(models, images, stats, path):
     """The last block's class-token attention (mean over heads) of each ViT in models {name: ViT}, on the same
     test images: DINO's Fig. 1 in small, against a supervised and a random ViT."""
-    side = math.isqrt(next(iter(models.values())).num_patches)
-    fig, axes = plt.subplots(len(images), len(models) + 1, figsize=(1.6 * (len(models) + 1), 1.6 * len(images)),
-                             squeeze=False)
-    size = images.shape[-1]
-    for j, (name, vit) in enumerate(models.items()):
-        heat = attention_maps(vit, normalise(images, stats))[-1][:, :, 0, 1:].mean(1).reshape(len(images), side, side)
-        for i, image in enumerate(images):
-            show_image(axes[i, 0], image)
-            show_image(axes[i, j + 1], image)
-            axes[i, j + 1].imshow(heat[i].float().cpu().numpy(), cmap="inferno", alpha=0.65,
-                                  extent=(-0.5, size - 0.5, size - 0.5, -0.5))
-        axes[0, j + 1].set_title(name, fontsize=8)
-    common.save_figure(fig, path)
+    plot_heatmaps(images, {name: last_block_attention(vit, images, stats).mean(1) for name, vit in models.items()}, path)
 
 
 # ---- 7. Main ----
@@ -1026,7 +1026,7 @@ def pretrain_encoder(cfg, data, stats, device, out):
     random_encoder = copy.deepcopy(encoder)
     history, helper = PRETRAINERS[cfg.pretrain](encoder, data, stats, cfg, device)
     report = {"method": cfg.pretrain, "epochs": history[-1]["epoch"], "loss": [r["loss"] for r in history],
-              "seconds": history[-1]["seconds"], "checkpoint": str(out / f"vit_{cfg.pretrain}.pt")}
+              "seconds": history[-1]["seconds"], "checkpoint": f"vit_{cfg.pretrain}.pt"}     # in the run's folder
     if cfg.pretrain == "dino":             # the collapse checks, against ln K (the uniform output's entropy)
         report.update(ln_K=math.log(cfg.dino_dim), **{k: [r[k] for r in history] for k in
                                                      ("teacher_entropy_of_mean", "teacher_mean_entropy")})
@@ -1058,13 +1058,14 @@ def main(argv=None):
         encoder, random_encoder, metrics["pretrain"] = pretrain_encoder(cfg, data, stats, device, out)
         compared = {f"{cfg.pretrain.upper()} ViT": encoder, "random ViT": random_encoder}
     if data.y_train is None:
-        print(f"{cfg.dataset} has no labels, so the labelled evaluation (probes, fine-tuning, training from scratch) "
-              f"is skipped; the encoder is in {metrics['pretrain']['checkpoint']}")
         metrics["wall_seconds"] = wall.seconds()
         if common.is_main():
             plot_attention_compare(compared, data.x_test[:6], stats, out / "attention_compare.png")
             common.save_json(out / "metrics.json", metrics)
-            out = common.finish_run(out)
+        out = common.finish_run(out)
+        if common.is_main():
+            print(f"{cfg.dataset} has no labels, so the labelled evaluation (probes, fine-tuning, training from "
+                  f"scratch) is skipped; the pre-trained encoder is {out / metrics['pretrain']['checkpoint']}")
             print(summary(cfg, metrics))
         return encoder, metrics
     classes = len(data.classes)
@@ -1112,7 +1113,8 @@ def main(argv=None):
     metrics["wall_seconds"] = wall.seconds()
     if common.is_main():
         common.save_json(out / "metrics.json", metrics)
-        out = common.finish_run(out)
+    out = common.finish_run(out)
+    if common.is_main():
         print(summary(cfg, metrics))
     return model, metrics
 

@@ -35,6 +35,8 @@ def parse_args(argv=None):
     parser.add_argument("--fractions", default="0.01,0.1,1", help="shares of the training labels, comma-separated")
     parser.add_argument("--methods", default="mae,dino,simclr", help="pre-trainings to compare ('' = none)")
     parser.add_argument("--baselines", default="vit,cnn", help="models trained from scratch ('' = none)")
+    parser.add_argument("--finetune-fractions", default=None, help="the shares at which to train and fine-tune "
+                        "(default: all of --fractions; the probe and kNN rows are made at every share)")
     parser.add_argument("--epochs", type=int, default=80, help="fine-tuning and from-scratch steps, in passes' worth")
     parser.add_argument("--pretrain-epochs", default="", help="per method, e.g. mae=60,dino=12 (default: 04's)")
     parser.add_argument("--n-train", type=int, default=0, help="training images to load (0 = all)")
@@ -121,6 +123,8 @@ def run(args):
     data = vit_script.load_data(cfg, device)
     stats = vit_script.channel_stats(data.x_train)
     pools = {f: vit_script.subset(len(data.x_train), f, cfg.seed, device) for f in fractions}
+    trained = fractions if args.finetune_fractions is None else [float(f) for f in args.finetune_fractions.split(",") if f]
+    common.check(set(trained) <= set(fractions), "--finetune-fractions must be among --fractions")
     rows, metrics = [], {"config": vars(args), "torch": torch.__version__,
                          "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     if args.timing_steps and "mae" in methods:
@@ -132,7 +136,7 @@ def run(args):
         print(f"{model:8s} {mode:9s} {len(pools[fraction]):6d} labels: test top-1 {top1:.4f} ({seconds + pretrain_seconds:.1f} s)")
 
     for kind in filter(None, args.baselines.split(",")):
-        for f in fractions:
+        for f in trained:
             add(kind, "scratch", f, *supervised(kind, cfg, data, stats, pools[f], device, f"{kind} on {len(pools[f])} labels"))
     metrics["pixels_knn"] = {f: vit_script.probe_features(None, data, stats, pools[f], cfg, knn=True) for f in fractions}
     for method in methods:
@@ -146,8 +150,9 @@ def run(args):
         for f in fractions:
             for mode, knn in (("probe", False), ("knn", True)):
                 add(method, mode, f, vit_script.probe_features(encoder, data, stats, pools[f], settings, knn), 0.0, seconds)
-            add(method, "finetune", f, *supervised("vit", settings, data, stats, pools[f], device,
-                                                    f"{method} fine-tuned on {len(pools[f])} labels", encoder), seconds)
+            if f in trained:
+                add(method, "finetune", f, *supervised("vit", settings, data, stats, pools[f], device,
+                                                        f"{method} fine-tuned on {len(pools[f])} labels", encoder), seconds)
     metrics["rows"] = rows
     return metrics
 
