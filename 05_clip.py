@@ -98,43 +98,6 @@ QUICK = dict(n_train=1500, n_test=400, eval_images=200, image_dim=32, image_dept
              probe_steps=200)
 
 
-MAX_CONTEXT = 256     # tokens; CLIP's is 77, and every caption here is shorter
-
-
-def validate(cfg):
-    """Every option that can be wrong, checked before any data is made or read."""
-    for name in ("lr", "weight_decay", "warmup", "val_share", "crop"):
-        value = getattr(cfg, name)
-        common.check(math.isfinite(value), f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    common.check(cfg.batch_size >= 2, f"--batch-size must be at least 2 (a pair needs other pairs as negatives), got {cfg.batch_size}")
-    common.check(cfg.vocab_size >= 257, f"--vocab-size {cfg.vocab_size} is too small to hold the 256 bytes and "
-                                        "the end-of-text token; use at least 257")
-    common.check(2 <= cfg.context <= MAX_CONTEXT, f"--context must be between 2 (a token and the end-of-text) and "
-                                                  f"{MAX_CONTEXT} tokens, got {cfg.context}")
-    common.check(cfg.steps >= 1 and 0 <= cfg.warmup < 1, "--steps must be positive and --warmup a share of them in [0, 1)")
-    common.check(cfg.lr > 0 and cfg.weight_decay >= 0, "--lr must be positive and --weight-decay not negative")
-    common.check(0 <= cfg.val_share < 1, f"--val-share must be in [0, 1) (1 would leave no training images), got {cfg.val_share}")
-    for name in ("n_train", "n_test", "eval_images", "embed_dim", "image_size", "probe_steps", "patch_size", "image_dim", "val_every",
-                 "image_depth", "image_heads", "text_dim", "text_depth", "text_heads"):
-        common.check(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    common.check(cfg.paired >= 0, f"--paired must be 0 (all) or a number of images, got {cfg.paired}")
-    common.check(cfg.text_dim % cfg.text_heads == 0,
-                 f"--text-dim {cfg.text_dim} is not divisible by --text-heads {cfg.text_heads}")
-    if not cfg.init_image:         # (with it, the checkpoint sets the image encoder's shape)
-        common.check(cfg.image_dim % cfg.image_heads == 0,
-                     f"--image-dim {cfg.image_dim} is not divisible by --image-heads {cfg.image_heads}")
-        common.check(cfg.image_size % cfg.patch_size == 0,
-                     f"--image-size {cfg.image_size} is not divisible by --patch-size {cfg.patch_size}")
-    common.check(not cfg.freeze_image or cfg.init_image,
-                 "--freeze-image needs --init-image: a frozen random encoder would learn nothing")
-    chosen = set(filter(None, cfg.augment.split(","))) - {"auto"}
-    common.check(chosen <= set(contrastive.AUGMENTATIONS), f"--augment {cfg.augment!r}: choose from "
-                                                           f"{','.join(contrastive.AUGMENTATIONS)}, or auto, or ''")
-    common.check(not (cfg.freeze_image and chosen), "--freeze-image embeds each image once, so it takes no --augment")
-    common.check(0 <= cfg.crop < 1, f"--crop must be in [0, 1) (the share of the area a crop may cut away), got {cfg.crop}")
-    parse_holdout(cfg.holdout)
-
-
 # ---- 1. Model: two encoders into one space ----
 
 def causal_mask(length, device=None):
@@ -602,7 +565,7 @@ def train(model, data, val, tokens, cfg, device):
             check_finite(value, step, bar)
             bar.set_postfix(loss=f"{value:.3f}", scale=f"{model.scale().item():.1f}")
         if len(val) and ((step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps):
-            history.append(validate_step(model, data.train, val, tokens, cfg, device, step + 1))
+            history.append(measure_validation(model, data.train, val, tokens, cfg, device, step + 1))
             if best_step(history) == step + 1:       # the weights of the best step so far, copied on the device
                 kept = {name: value.detach().clone() for name, value in model.state_dict().items()}
     seconds = common.mean_over_ranks(clock.seconds())
@@ -636,7 +599,7 @@ def pairs_loss(model, pairs, tokens, batch_size, device):
     return torch.stack(total).mean().item()
 
 
-def validate_step(model, train_pairs, val, tokens, cfg, device, step):
+def measure_validation(model, train_pairs, val, tokens, cfg, device, step):
     """One row of the validation history."""
     pool = val.subset(slice(0, cfg.eval_images))
     ids = pool.captions.unique()
@@ -904,6 +867,43 @@ def retrieval_queries(data, pool, cfg, n=4):
 
 
 # ---- 8. Putting it together ----
+
+MAX_CONTEXT = 256     # tokens; CLIP's is 77, and every caption here is shorter
+
+
+def validate(cfg):
+    """Every option that can be wrong, checked before any data is made or read."""
+    for name in ("lr", "weight_decay", "warmup", "val_share", "crop"):
+        value = getattr(cfg, name)
+        common.check(math.isfinite(value), f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    common.check(cfg.batch_size >= 2, f"--batch-size must be at least 2 (a pair needs other pairs as negatives), got {cfg.batch_size}")
+    common.check(cfg.vocab_size >= 257, f"--vocab-size {cfg.vocab_size} is too small to hold the 256 bytes and "
+                                        "the end-of-text token; use at least 257")
+    common.check(2 <= cfg.context <= MAX_CONTEXT, f"--context must be between 2 (a token and the end-of-text) and "
+                                                  f"{MAX_CONTEXT} tokens, got {cfg.context}")
+    common.check(cfg.steps >= 1 and 0 <= cfg.warmup < 1, "--steps must be positive and --warmup a share of them in [0, 1)")
+    common.check(cfg.lr > 0 and cfg.weight_decay >= 0, "--lr must be positive and --weight-decay not negative")
+    common.check(0 <= cfg.val_share < 1, f"--val-share must be in [0, 1) (1 would leave no training images), got {cfg.val_share}")
+    for name in ("n_train", "n_test", "eval_images", "embed_dim", "image_size", "probe_steps", "patch_size", "image_dim", "val_every",
+                 "image_depth", "image_heads", "text_dim", "text_depth", "text_heads"):
+        common.check(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    common.check(cfg.paired >= 0, f"--paired must be 0 (all) or a number of images, got {cfg.paired}")
+    common.check(cfg.text_dim % cfg.text_heads == 0,
+                 f"--text-dim {cfg.text_dim} is not divisible by --text-heads {cfg.text_heads}")
+    if not cfg.init_image:         # (with it, the checkpoint sets the image encoder's shape)
+        common.check(cfg.image_dim % cfg.image_heads == 0,
+                     f"--image-dim {cfg.image_dim} is not divisible by --image-heads {cfg.image_heads}")
+        common.check(cfg.image_size % cfg.patch_size == 0,
+                     f"--image-size {cfg.image_size} is not divisible by --patch-size {cfg.patch_size}")
+    common.check(not cfg.freeze_image or cfg.init_image,
+                 "--freeze-image needs --init-image: a frozen random encoder would learn nothing")
+    chosen = set(filter(None, cfg.augment.split(","))) - {"auto"}
+    common.check(chosen <= set(contrastive.AUGMENTATIONS), f"--augment {cfg.augment!r}: choose from "
+                                                           f"{','.join(contrastive.AUGMENTATIONS)}, or auto, or ''")
+    common.check(not (cfg.freeze_image and chosen), "--freeze-image embeds each image once, so it takes no --augment")
+    common.check(0 <= cfg.crop < 1, f"--crop must be in [0, 1) (the share of the area a crop may cut away), got {cfg.crop}")
+    parse_holdout(cfg.holdout)
+
 
 def prepare(cfg, device):
     """The image encoder (first, so that a wrong --init-image fails before any data is made), the data, the

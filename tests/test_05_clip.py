@@ -652,7 +652,7 @@ def test_training_ends_with_the_weights_of_the_best_validation_step(monkeypatch)
         seen[step] = {name: value.clone() for name, value in model.state_dict().items()}
         return {"step": step, "val_t2i_r10": next(scores), "val_loss": 1.0, "train_loss": 1.0}
 
-    monkeypatch.setattr(clip, "validate_step", scripted)
+    monkeypatch.setattr(clip, "measure_validation", scripted)
     model = tiny_clip()
     _, _, _, history = clip.train(model, data, data.train.subset(slice(0, 4)), tokens, cfg, torch.device("cpu"))
     assert [row["step"] for row in history] == [1, 2, 3, 4] and clip.best_step(history) == 2
