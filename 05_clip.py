@@ -972,7 +972,7 @@ def main(argv=None):
                            image_arch=model.visual.arch)
     metrics["seconds"] = clock.seconds()
     common.save_json(out / "metrics.json", metrics)
-    common.finish_run(out)
+    out = common.finish_run(out)
     print(summary(metrics))
     return model, metrics
 
