@@ -90,6 +90,14 @@ def timed_run(cfg, data, device, seconds):
     return row
 
 
+def run_or_divergence(cfg, data, device, seconds):
+    """timed_run, or the one-line reason where the run diverged (the other runs go on)."""
+    try:
+        return timed_run(cfg, data, device, seconds)
+    except common.UserError as error:
+        return {"diverged": str(error)}
+
+
 def baselines(cfg, data, device):
     """A random encoder's h and the raw pixels, probed as the runs are."""
     torch.manual_seed(cfg.seed)
@@ -110,6 +118,8 @@ def plot_spectra(path, dataset, rows, projection):
     fig, ax = plt.subplots(figsize=(8, 5.5))
     colours = dict(zip(contrastive.METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for spec, row in rows.items():
+        if "z_spectrum" not in row:
+            continue
         method, ablate, overrides = parse_run(spec)
         values = np.sqrt(np.clip(row["z_spectrum"], 1e-30, None))
         ax.plot(np.arange(1, len(values) + 1), values / values[0], "--" if ablate else ":" if overrides else "-",
@@ -165,18 +175,21 @@ def main():
                                   n_test=args.n_test or None, seed=args.seed)
         if args.validation:
             data = contrastive.hold_out(data, args.validation)
-        rows = {spec: timed_run(config(dataset, spec, args), data, device,
-                                args.ablation_seconds if "+ablate" in spec and args.ablation_seconds else args.seconds)
-                for spec in args.runs}
-        for spec, row in rows.items():
-            print(f"{dataset} {spec}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                                   for k, v in row.items() if k != "z_spectrum"), flush=True)
-        sizes = {f"{method} B={size}": timed_run(config(dataset, method, args, batch_size=size), data, device,
-                                                 args.seconds) for method in ("simclr", "moco") for size in batch_sizes}
-        base = baselines(config(dataset, "simclr", args), data, device)
-        results[dataset] = {"runs": rows, "batch_sizes": sizes, "baselines": base}
+        rows, sizes = {}, {}
+        results[dataset] = {"runs": rows, "batch_sizes": sizes}
+        jobs = [(rows, spec, config(dataset, spec, args),
+                 args.ablation_seconds if "+ablate" in spec and args.ablation_seconds else args.seconds)
+                for spec in args.runs]
+        jobs += [(sizes, f"{method} B={size}", config(dataset, method, args, batch_size=size), args.seconds)
+                 for method in ("simclr", "moco") for size in batch_sizes]
+        for where, name, cfg, seconds in jobs:             # saved after every run: a cut-off programme keeps its rows
+            where[name] = run_or_divergence(cfg, data, device, seconds)
+            print(f"{dataset} {name}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                    for k, v in where[name].items() if k != "z_spectrum"), flush=True)
+            common.save_json(out / "results.json", {"args": vars(args), **results})
+        base = results[dataset]["baselines"] = baselines(config(dataset, "simclr", args), data, device)
         columns = ["epochs", "ms_per_step", "linear_top1", "knn_top1", "z_effective_rank", "z_std_sqrt_dim",
-                   "h_effective_rank", "violating_triplets"]
+                   "h_effective_rank", "violating_triplets", "diverged"]
         report += [f"\n## {dataset}\n", table({**rows, **base}, columns)]
         if sizes:
             report += ["\n### batch size\n", table(sizes, ["epochs", "ms_per_step", "linear_top1", "knn_top1"])]
