@@ -1121,9 +1121,12 @@ def main(argv=None):
 
 def summary(cfg, metrics):
     """The one line a run ends with."""
-    parts = [f"04_vit: {cfg.model} ({metrics['parameters'] / 1e6:.2f}M) on {cfg.dataset}, {metrics['labelled_images']} labels: "
-             f"test top-1 {metrics['top1']:.3f} after {cfg.epochs} epochs ({metrics['train_seconds']:.1f} s training, "
-             f"{metrics['train_images_per_second'] / 1e3:.1f}k img/s{', compiled' if metrics['compile'] else ''})"] if "top1" in metrics else []
+    if "top1" not in metrics:
+        parts = [f"04_vit: a ViT pre-trained on {cfg.dataset}'s images, no labels"]
+    else:
+        parts = [f"04_vit: {cfg.model} ({metrics['parameters'] / 1e6:.2f}M) on {cfg.dataset}, {metrics['labelled_images']} "
+                 f"labels: test top-1 {metrics['top1']:.3f} after {cfg.epochs} epochs ({metrics['train_seconds']:.1f} s "
+                 f"training, {metrics['train_images_per_second'] / 1e3:.1f}k img/s{', compiled' if metrics['compile'] else ''})"]
     if "depth_probe" in metrics:
         probe = metrics["depth_probe"]["class_token"]
         parts.append(f"class-token probe by block {' '.join(f'{a:.2f}' for a in probe)} (pixels {metrics['depth_probe']['pixels']:.2f})")
@@ -1141,7 +1144,7 @@ def summary(cfg, metrics):
             parts.append(f"probe {p['probe_top1']:.3f} (random encoder {p['random_encoder_probe_top1']:.3f}), kNN "
                          f"{p['knn_top1']:.3f} (pixels {p['pixels_knn_top1']:.3f}), fine-tuned {p['finetune_test_top1']:.3f} "
                          f"vs scratch {p['scratch_test_top1']:.3f}")
-    return f"04_vit {cfg.dataset}: " * ("top1" not in metrics) + "; ".join(parts) + f"; {metrics['wall_seconds']:.0f} s"
+    return "; ".join(parts) + f"; {metrics['wall_seconds']:.0f} s"
 
 
 if __name__ == "__main__":
