@@ -232,8 +232,9 @@ def cpu_notice(cfg, device, reference_seconds):
     seconds = reference_seconds * REFERENCE_CPU_GFLOPS / cpu_gflops()
     if seconds < 60:
         return
-    took = f"{seconds / 60:.0f} minutes" if seconds < 5400 else f"{seconds / 3600:.1f} hours"
-    print(f"note: this run is sized for a GPU (about a minute there); on this CPU it takes roughly {took}. "
+    minutes = round(seconds / 60)
+    took = f"{minutes} minute{'s' * (minutes > 1)}" if seconds < 5400 else f"{seconds / 3600:.1f} hours"
+    print(f"note: this run is sized for a GPU; on this CPU it takes roughly {took}. "
           "Add --quick for a CPU-sized run of seconds (smaller data and model, the same steps and outputs).")
 
 

@@ -439,6 +439,8 @@ def test_cpu_notice_says_how_long_and_what_to_run_instead(monkeypatch, capsys):
     assert line.count("\n") == 1 and "sized for a GPU" in line and "roughly 20 minutes" in line and "--quick" in line
     common.cpu_notice(ToyConfig(), cpu, 3 * 3600)
     assert "roughly 6.0 hours" in capsys.readouterr().out
+    common.cpu_notice(ToyConfig(), cpu, 35)
+    assert "roughly 1 minute. " in capsys.readouterr().out
     for cfg, device, seconds in ((ToyConfig(quick=True), cpu, 600), (ToyConfig(), cuda, 600), (ToyConfig(), cpu, 29)):
         common.cpu_notice(cfg, device, seconds)
     assert capsys.readouterr().out == ""
