@@ -464,6 +464,25 @@ def test_each_pretraining_lowers_its_loss(method, options):
             assert 0 <= record["teacher_mean_entropy"] <= record["teacher_entropy_of_mean"] + 1e-4   # concavity
 
 
+@pytest.mark.parametrize("method,objective", [("mae", "mae_loss"), ("dino", "dino_loss")])
+def test_pretraining_runs_the_objective_the_lecture_shows(monkeypatch, method, objective):
+    images, _, _ = common.make_shapes(32, seed=1)
+    data = SimpleNamespace(x_train=images, x_test=images[:8])
+    cfg = common.parse_config(vit.Config, ["--quick", "--batch-size", "16", "--pretrain", method, "--pretrain-epochs", "2"],
+                              "", quick=vit.QUICK)
+
+    def losses():
+        torch.manual_seed(0)
+        encoder = vit.build_model("vit", cfg, num_classes=0)
+        history, _ = vit.PRETRAINERS[method](encoder, data, vit.channel_stats(data.x_train), cfg, torch.device("cpu"))
+        return [record["loss"] for record in history]
+
+    plain, original = losses(), getattr(vit, objective)
+    # the same gradients, so the same steps: the recorded loss must be the objective's plus exactly 1
+    monkeypatch.setattr(vit, objective, lambda *args: original(*args) + 1.0)
+    assert losses() == pytest.approx([loss + 1 for loss in plain], abs=1e-5)
+
+
 def make_caption_folder(folder, n=24):
     """n small PNG images of the embedded set, one caption each: a captions folder as a user would have it."""
     folder.mkdir()
