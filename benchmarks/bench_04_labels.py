@@ -8,7 +8,7 @@ The defaults are those of 04's 91.4% Fashion-MNIST run (28 px, patch 4, batch 10
 ViT's 100% point is that run.
 
 Run: python benchmarks/bench_04_labels.py --data-dir data            (the whole programme: about 20 minutes on one H200)
-     python benchmarks/bench_04_labels.py --fractions 0.01 --methods dino --epochs 20 --pretrain-epochs dino=6
+     python benchmarks/bench_04_labels.py --fractions 0.01 --methods dino --epochs 20 --pretrain-seconds 30
 Writes metrics.json (one row per model, share of labels and read-out), labels.png (test top-1 against the number of
 labels, log scale) and table.md into --out. --val-split N scores on the last N training images instead of the test
 set, for tuning."""
@@ -39,6 +39,8 @@ def parse_args(argv=None):
                         "(default: all of --fractions; the probe and kNN rows are made at every share)")
     parser.add_argument("--epochs", type=int, default=80, help="fine-tuning and from-scratch steps, in passes' worth")
     parser.add_argument("--pretrain-epochs", default="", help="per method, e.g. mae=60,dino=12 (default: 04's)")
+    parser.add_argument("--pretrain-seconds", type=float, default=0, help="instead: the epochs of each pre-training "
+                        "that take about this long, from the speed of a short run (0 = use the epochs)")
     parser.add_argument("--n-train", type=int, default=0, help="training images to load (0 = all)")
     parser.add_argument("--val-split", type=int, default=0, help="score on the last N training images, not the test set")
     parser.add_argument("--timing-steps", type=int, default=50, help="steps of each timed MAE step (0 = skip)")
@@ -65,6 +67,16 @@ def pretrain_epochs(text):
         common.check(method in vit_script.PRETRAINERS and value.isdigit(), f"--pretrain-epochs takes method=N, got {part!r}")
         epochs[method] = int(value)
     return epochs
+
+
+def epochs_for(seconds, settings, data, stats, device):
+    """Pre-training epochs that take about `seconds` over all of data, from the speed of the second of two epochs
+    over 20 batches (the first one holds any compiling)."""
+    sample = common.ImageData(data.name, data.x_train[:20 * settings.batch_size], None, data.x_test, None, [])
+    encoder = vit_script.build_model("vit", settings, num_classes=0).to(device)
+    history, _ = vit_script.PRETRAINERS[settings.pretrain](encoder, sample, stats, replace(settings, pretrain_epochs=2), device)
+    per_image = (history[1]["seconds"] - history[0]["seconds"]) / (history[1]["images"] - history[0]["images"])
+    return max(1, round(seconds / (per_image * len(data.x_train))))
 
 
 def time_mae_steps(cfg, data, stats, device, steps):
@@ -141,11 +153,14 @@ def run(args):
     metrics["pixels_knn"] = {f: vit_script.probe_features(None, data, stats, pools[f], cfg, knn=True) for f in fractions}
     for method in methods:
         settings = replace(cfg, pretrain=method, pretrain_epochs=epochs.get(method, 0))
+        if args.pretrain_seconds:
+            settings = replace(settings, pretrain_epochs=epochs_for(args.pretrain_seconds, settings, data, stats, device))
         torch.manual_seed(cfg.seed)
         encoder = vit_script.build_model("vit", settings, num_classes=0).to(device)
         history, _ = vit_script.PRETRAINERS[method](encoder, data, stats, settings, device)
         seconds = history[-1]["seconds"]
-        metrics[f"{method}_pretrain"] = {"loss": [r["loss"] for r in history], "seconds": seconds,
+        metrics[f"{method}_pretrain"] = {"epochs": settings.pretrain_epochs or vit_script.PRETRAIN_EPOCHS[method],
+                                         "loss": [r["loss"] for r in history], "seconds": seconds,
                                          **{k: [r[k] for r in history] for k in history[-1] if "entropy" in k}}
         for f in fractions:
             for mode, knn in (("probe", False), ("knn", True)):
