@@ -966,11 +966,10 @@ def plot_attention_compare(models, images, stats, path):
 
 def validate(cfg):
     """Every option checked before any work is done, so a mistake costs nothing."""
-    if cfg.dataset in UNLABELLED:
-        common.check(cfg.pretrain, f"--dataset {cfg.dataset} has images but no labels: pre-train a ViT on them with "
-                                   "--pretrain mae|dino|simclr")
-    else:
-        common.check_dataset(cfg.dataset)
+    common.check(cfg.dataset in ("shapes", *common.DATASETS, *UNLABELLED), f"unknown dataset {cfg.dataset!r}; choose "
+                 f"shapes, {', '.join(common.DATASETS)}, or with --pretrain the images of {', '.join(UNLABELLED)}")
+    common.check(cfg.pretrain or cfg.dataset not in UNLABELLED, f"--dataset {cfg.dataset} has images but no labels: "
+                                                                "pre-train a ViT on them with --pretrain mae|dino|simclr")
     for name in ("image_size", "patch_size", "dim", "heads", "depth", "mlp_ratio", "epochs", "batch_size",
                  "probe_samples", "probe_steps", "decoder_dim", "decoder_depth", "dino_dim"):
         common.check(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
