@@ -3,7 +3,7 @@ reached, linear probe and weighted kNN of the frozen h, effective rank and std x
 linear probe against batch size for SimCLR and MoCo; hard against semi-hard triplets with the share of triplets that
 still violate the margin. One process, data loaded once per dataset; every run is timed from 03's own pretrain().
 
-Each run gets the same --seconds of pre-training: a short calibration (20 steps, run twice so that cuDNN's kernel
+Each run gets the same --seconds of pre-training: a short calibration (40 steps, run twice so that cuDNN's kernel
 search is not timed) measures its ms per step, and the run gets the whole epochs that fit. A run is
 `method[+ablate][:option=value,...]` over 03's Config (e.g. `byol:ema=0.9`, `triplet:mining=hard`).
 Tune with --validation N (the last N training images become the evaluation set), never on the test set.
@@ -13,9 +13,12 @@ Run on one GPU:
   python benchmarks/bench_03_methods.py --seconds 10 --datasets fashion-mnist --validation 10000 \\
       --runs byol byol:ema=0.9 --batch-sizes "" --out runs/tune                          # tuning, on validation
 Writes results.json, results.md (the tables) and spectra_<dataset>.png (the z spectra of methods and ablations).
+Programmes run in parts merge, on any machine, without training:
+  python benchmarks/bench_03_methods.py --merge runs/part1 runs/part2 --out runs/bench_03_methods
 """
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -32,8 +35,9 @@ METHOD_RUNS = list(contrastive.METHODS) + ["triplet:mining=hard"]
 ABLATION_RUNS = [f"{method}+ablate" for method in contrastive.ABLATION]
 # the settings shared by every method on each dataset: the README's Fashion-MNIST command, 03's defaults on shapes
 DATASET_SETTINGS = {"fashion-mnist": dict(width=64, crop=0.5, jitter=1.5, temperature=0.05), "shapes": {}}
-# per-method settings, chosen on a validation split (RESULTS.md says how)
-METHOD_SETTINGS = {}
+# per-method settings, chosen on a validation split of Fashion-MNIST (RESULTS.md says how): MoCo v2's own temperature
+# beat the 0.05 tuned for SimCLR; SimSiam preferred a lower learning rate
+METHOD_SETTINGS = {"moco": dict(temperature=0.2), "simsiam": dict(lr=5e-4)}
 
 
 def parse_run(spec):
@@ -66,7 +70,7 @@ def config(dataset, spec, args, **extra):
 
 def timed_run(cfg, data, device, seconds):
     """Pre-train cfg for the whole epochs that fit in `seconds`, then evaluate h and z on data's test split."""
-    steps = 20
+    steps = 40                                                  # the geometry read every 2nd step costs a sync
     few = dataclasses.replace(data, x_train=data.x_train[: steps * cfg.batch_size])
     short = dataclasses.replace(cfg, epochs=1)
     for _ in range(2):                                          # the first call also times cuDNN's kernel search
@@ -142,6 +146,40 @@ def table(rows, columns):
     return "\n".join(lines)
 
 
+def write_report(out, results, header, projection):
+    """results.md and a spectra figure per dataset from {dataset: {runs, batch_sizes, baselines}}."""
+    report = [header]
+    columns = ["epochs", "ms_per_step", "seconds", "linear_top1", "knn_top1", "z_effective_rank", "z_std_sqrt_dim",
+               "h_effective_rank", "violating_triplets", "diverged"]
+    for dataset, result in results.items():
+        report += [f"\n## {dataset}\n", table({**result["runs"], **result.get("baselines", {})}, columns)]
+        if result["batch_sizes"]:
+            report += ["\n### batch size\n", table(result["batch_sizes"], ["epochs", "ms_per_step", "linear_top1",
+                                                                            "knn_top1"])]
+        if result["runs"]:
+            plot_spectra(out / f"spectra_{dataset}.png", dataset, result["runs"], projection)
+    common.save_text(out / "results.md", "\n".join(report) + "\n")
+    return report
+
+
+def merge(args):
+    """The runs of several earlier outputs as one report: rows of the same dataset side by side, later folders
+    winning where a run repeats."""
+    results, headers = {}, []
+    for folder in args.merge:
+        saved = json.loads((Path(folder) / "results.json").read_text())
+        headers.append(f"{folder}: {saved.pop('args', 'merged')}")
+        for dataset, result in saved.items():
+            merged = results.setdefault(dataset, {"runs": {}, "batch_sizes": {}, "baselines": {}})
+            for part in merged:
+                merged[part].update(result.get(part, {}))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    common.save_json(out / "results.json", results)
+    print("\n".join(write_report(out, results, "# bench_03_methods, merged from\n" + "\n".join(
+        f"- {h}" for h in headers), contrastive.Config.projection)))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60, help="pre-training seconds of every run")
@@ -156,8 +194,12 @@ def main():
     parser.add_argument("--n-test", type=int, default=0, help="test images (0: all)")
     parser.add_argument("--set", default="", help="Config options for every run, e.g. probe_steps=500,width=32")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--merge", nargs="*", default=[], help="folders of earlier runs: merge their results.json, "
+                        "train nothing")
     parser.add_argument("--out", default="runs/bench_03_methods")
     args = parser.parse_args()
+    if args.merge:
+        return merge(args)
     device = common.pick_device("auto")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
@@ -166,10 +208,11 @@ def main():
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     for spec in args.runs:
         parse_run(spec)                                         # a typo fails now, not after an hour
-    results, report = {}, [f"# bench_03_methods: {args.seconds:g} s of pre-training per run"
-                           f"{f' ({args.ablation_seconds:g} s per ablation)' if args.ablation_seconds else ''}, "
-                           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else device}, torch "
-                           f"{torch.__version__}, {'validation ' + str(args.validation) if args.validation else 'test set'}"]
+    header = (f"# bench_03_methods: {args.seconds:g} s of pre-training per run"
+              f"{f' ({args.ablation_seconds:g} s per ablation)' if args.ablation_seconds else ''}, "
+              f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else device}, torch {torch.__version__}, "
+              f"{'validation ' + str(args.validation) if args.validation else 'test set'}")
+    results = {}
     for dataset in args.datasets.split(","):
         data = common.load_images(dataset, args.data_dir, device, n_train=args.n_train or None,
                                   n_test=args.n_test or None, seed=args.seed)
@@ -187,18 +230,9 @@ def main():
             print(f"{dataset} {name}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                     for k, v in where[name].items() if k != "z_spectrum"), flush=True)
             common.save_json(out / "results.json", {"args": vars(args), **results})
-        base = results[dataset]["baselines"] = baselines(config(dataset, "simclr", args), data, device)
-        columns = ["epochs", "ms_per_step", "linear_top1", "knn_top1", "z_effective_rank", "z_std_sqrt_dim",
-                   "h_effective_rank", "violating_triplets", "diverged"]
-        report += [f"\n## {dataset}\n", table({**rows, **base}, columns)]
-        if sizes:
-            report += ["\n### batch size\n", table(sizes, ["epochs", "ms_per_step", "linear_top1", "knn_top1"])]
-        if rows:
-            plot_spectra(out / f"spectra_{dataset}.png", dataset, rows, config(dataset, "simclr", args).projection)
+        results[dataset]["baselines"] = baselines(config(dataset, "simclr", args), data, device)
         common.save_json(out / "results.json", {"args": vars(args), **results})
-        common.save_text(out / "results.md", "\n".join(report) + "\n")
-    print("\n".join(report))
-
+    print("\n".join(write_report(out, results, header, config(args.datasets.split(",")[0], "simclr", args).projection)))
 
 if __name__ == "__main__":
     main()
