@@ -912,11 +912,12 @@ def validate(cfg):
 def prepare(cfg, device):
     """The image encoder (first, so that a wrong --init-image fails before any data is made), the data, the
     tokenizer learned from the training captions, the tokens of every caption (M, L) with the number cut at
-    --context, and the model. The config comes back too: with --init-image its image shape is the encoder's; under --quick the batch may
-    shrink to a small training set (fit_batch). val: the validation pairs, held out of data.train."""
+    --context, and the model. The config comes back too: with --init-image its image shape is the encoder's; under
+    --quick the batch may shrink to a small training set (fit_batch). val: the validation pairs, out of data.train."""
     encoder = image_encoder(cfg, device)
     # the shape actually built, which --init-image's checkpoint sets, is what config.json and clip.pt record
-    cfg = dataclasses.replace(cfg, image_size=encoder.arch["image_size"], **{option: encoder.arch[key] for option, key in IMAGE_SHAPE.items()})
+    cfg = dataclasses.replace(cfg, image_size=encoder.arch["image_size"],
+                              **{option: encoder.arch[key] for option, key in IMAGE_SHAPE.items()})
     common.check(cfg.dataset != "shapes" or encoder.arch["image_size"] == 32,
                  f"the embedded set is 32x32, but the image encoder takes {encoder.arch['image_size']}x{encoder.arch['image_size']}")
     data, val = load_data(cfg, device)
@@ -926,7 +927,7 @@ def prepare(cfg, device):
     tokens, cut = tokenizer.encode_batch(data.texts, cfg.context)                  # (M, L)
     if common.is_main():
         print(f"{data.name}: {len(data.train)} training images with {int(data.train.counts.sum())} captions, "
-              f"{len(data.test)} test images; BPE: {len(tokenizer.merges)} merges, {tokens_per_caption(tokens, tokenizer):.1f} "
+              f"{len(val)} validation and {len(data.test)} test images; BPE: {len(tokenizer.merges)} merges, {tokens_per_caption(tokens, tokenizer):.1f} "
               "tokens per caption" + (f", {cut} captions cut at --context {cfg.context}" if cut else ""))
     text_encoder = TextTransformer(cfg.vocab_size, cfg.context, cfg.text_dim, cfg.text_depth, cfg.text_heads)
     model = CLIP(encoder, text_encoder, cfg.embed_dim).to(device)
