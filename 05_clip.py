@@ -612,10 +612,9 @@ def measure_validation(model, train_pairs, val, tokens, cfg, device, step):
                          pool.counts)                                         # caption ids renumbered 0..len(ids)-1
     recall, _ = retrieval(embed_all(model.encode_image, pool.images, device), local,
                           embed_all(model.encode_text, tokens[ids], device))
-    row = {"step": step, "val_loss": pairs_loss(model, val, tokens, cfg.batch_size, device),
-           "train_loss": pairs_loss(model, train_pairs.subset(slice(0, len(val))), tokens, cfg.batch_size, device),
-           "val_t2i_r10": recall["t2i_r10"], "val_i2t_r10": recall["i2t_r10"]}
-    return row
+    return {"step": step, "val_loss": pairs_loss(model, val, tokens, cfg.batch_size, device),
+            "train_loss": pairs_loss(model, train_pairs.subset(slice(0, len(val))), tokens, cfg.batch_size, device),
+            "val_t2i_r10": recall["t2i_r10"], "val_i2t_r10": recall["i2t_r10"]}
 
 
 def best_step(history):
