@@ -364,9 +364,10 @@ class BPETokenizer:
 # ---- 4. Data: images paired with captions, resident on the device ----
 #
 # common.CaptionData holds a table of unique caption strings and, per image, the ids of its captions, so one string
-# is one id; common.py also reads captioned photos (a captions.csv folder, Flickr8k). The embedded set has three
-# phrasings of every image, from its factors. Identical strings recur across images ("a red star" fits ~1 image
-# in 80), which the loss must handle: same_caption (section 2) compares the ids.
+# is one id; common.py also reads captioned photos (a captions.csv folder, Flickr8k) and clip art (openclipart,
+# captioned from its category path and file titles). The embedded set has three phrasings of every image, from its
+# factors. Identical strings recur across images ("a red star" fits ~1 image in 80; openclipart's "star, shapes"
+# 1,378), which the loss must handle: same_caption (section 2) compares the ids.
 
 def parse_holdout(text):
     """'red star,blue circle' -> {(colour index, shape index), ...}."""
