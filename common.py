@@ -1097,8 +1097,8 @@ def read_captions_csv(folder, size):
     that names its line; a row with an empty caption or a missing image is skipped and counted.
     Returns (images (N, 3, S, S) uint8, captions per image, skipped counts)."""
     path = Path(folder) / "captions.csv"
-    check(path.is_file(), f"{path} does not exist; --dataset captions needs DIR/captions.csv "
-                          "(or DIR/train/captions.csv and DIR/test/captions.csv)")
+    check_file(path, "captions file", "; --dataset captions needs DIR/captions.csv "
+                                      "(or DIR/train/captions.csv and DIR/test/captions.csv)")
     captions, skipped = defaultdict(list), Counter()
     line = 1                                                          # the line the next row starts on
     try:

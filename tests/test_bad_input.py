@@ -135,6 +135,13 @@ def test_a_malformed_captions_csv_names_its_line_and_leaves_out_as_it_was(tmp_pa
     assert_left_as_before(tmp_path / "runs" / "run", before)
 
 
+def test_a_captions_csv_that_is_a_folder_is_called_a_folder(tmp_path):
+    (tmp_path / "pics" / "captions.csv").mkdir(parents=True)
+    run_in_process("05_clip", ["--dataset", "captions", "--data-dir", str(tmp_path / "pics")], tmp_path / "run",
+                   r"^captions file '.*captions.csv' is a folder, not a file; --dataset captions needs DIR/captions.csv")
+    assert not (tmp_path / "run").exists()
+
+
 # ---- runs that stop part-way, as processes: Ctrl-C, SIGTERM, a traceback, main() called in-process ----
 
 def quick_w2v(out, *extra):
