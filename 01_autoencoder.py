@@ -40,6 +40,8 @@ Measured on one H200 (torch 2.11, bf16 autocast), seed 0; every measurement with
       PCA-32's 0.00855 (-7.9%); the linear autoencoder ends 1.1% above PCA; the mean image 0.0208.
   --dataset fashion-mnist: 0.00893 against PCA-32's 0.01514 (-41.1%); probe top-1 on the code 81.8% (PCA 80.5%,
       raw pixels 84.6%), kNN 87.0% (pixels 84.6%); 22 s.
+  --model sae --latent-dim 1024 --k 32 --dataset fashion-mnist: 0.00647 with 32 of 1024 units on, against the dense
+      AE's 0.00887 with 32 numbers (same run) and PCA-32's 0.01514; 2.5% dead units; probe top-1 87.2%; 46 s.
 
 Shapes legend: B batch, C channels, H x W image, P pixels (C*H*W), L latent (code) width, N images, K classes.
 """
@@ -399,7 +401,8 @@ def read_features(path):
 
 def load_data(cfg, device, arrays=None):
     """The chosen dataset at its own size and channels (a grayscale 28 x 28 set stays 784 pixels), or the arrays of
-    a --features file split at random 4:1 into training and test rows. Returns the data and the test images to
+    a --features file split at random 4:1 into training and test rows, scaled by one number so that the training rows'
+    centred entries have unit standard deviation. Returns the data and the test images to
     show (for features: the image each row was computed from)."""
     if arrays is None:
         data = common.load_images(cfg.dataset, cfg.data_dir, device, n_train=cfg.train_size or None,
@@ -409,6 +412,7 @@ def load_data(cfg, device, arrays=None):
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
     train, test = order[n // 5:], order[:n // 5]
     features = torch.from_numpy(arrays["features"]).float()
+    features /= (features[train] - features[train].mean(0)).std()   # learned features come at any scale; Adam's steps don't
     labels = torch.from_numpy(arrays["labels"]).long() if "labels" in arrays else torch.zeros(n, dtype=torch.long)
     classes = [f"class {c}" for c in range(int(labels.max()) + 1)] if "labels" in arrays else ["unlabelled"]
     data = common.ImageData("features", *(t.to(device) for t in (features[train], labels[train], features[test],
@@ -657,8 +661,10 @@ def plot_top_activations(codes, frequency, pictures, path, units=8, per_unit=10)
     """For units spread from the most used to the least used alive one, the test images that turn them on most."""
     alive = frequency.argsort(descending=True)[:int((frequency > 0).sum())]
     chosen = alive[torch.linspace(0, len(alive) - 1, min(units, len(alive))).round().long()]
-    rows = [(f"unit {j}, on for {frequency[j]:.1%}", common.to_float(pictures[codes[:, j].topk(per_unit).indices]))
-            for j in chosen.tolist()]
+    rows = []
+    for j in chosen.tolist():
+        value, top = codes[:, j].topk(min(per_unit, len(codes)))                     # (n,), (n,)
+        rows.append((f"unit {j}, on for {frequency[j]:.2%}", common.to_float(pictures[top[value != 0]])))
     image_rows(rows, path, title="the test images that activate each unit most", scale=0.9)
 
 
