@@ -487,6 +487,14 @@ def test_bad_options_fail_cleanly(tmp_path, argv, message):
         w2v.main(["--quick", "--device", "cpu", "--out", str(tmp_path), *argv])
 
 
+def test_a_diverged_run_stops_with_one_line_and_writes_nothing(tmp_path):
+    with pytest.raises(common.UserError, match=r"^training diverged \(the loss is nan\); lower --lr"):
+        w2v.main(["--device", "cpu", "--out", str(tmp_path / "run"), "--sentences", "2000", "--epochs", "2",
+                  "--batch-size", "1024", "--lr", "1e6", "--step-cap", "1e12", "--eval-vocab", "200"])
+    common.discard_unfinished_runs()                                      # what common.run does as the script ends
+    assert list(tmp_path.iterdir()) == []                                 # no model, no config.json, no staging
+
+
 @pytest.mark.parametrize("content, message", [(b"", "empty"), (b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary", "not UTF-8"),
                                               (b"ab\x00cd\n", "NUL")])
 def test_bad_corpus_files_fail_cleanly(tmp_path, content, message):
