@@ -483,6 +483,24 @@ def test_pretraining_runs_the_objective_the_lecture_shows(monkeypatch, method, o
     assert losses() == pytest.approx([loss + 1 for loss in plain], abs=1e-5)
 
 
+def test_dino_ablations_collapse_and_the_checks_say_how():
+    """The lecture's sentence, by the numbers: without centring one dimension wins (the teacher's mean output has
+    little entropy); without sharpening the output is uniform (per-image entropy and loss at ln K)."""
+    images, _, _ = common.make_shapes(64, seed=1)
+    data = SimpleNamespace(x_train=images, x_test=images[:8])
+    last = {}
+    for ablation in ("--no-centering", "--no-sharpening"):
+        cfg = common.parse_config(vit.Config, ["--quick", "--batch-size", "32", "--pretrain", "dino", "--pretrain-epochs",
+                                               "10", "--ema", "0.98", "--pretrain-lr", "1e-3", ablation], "", quick=vit.QUICK)
+        torch.manual_seed(0)
+        encoder = vit.build_model("vit", cfg, num_classes=0)
+        last[ablation] = vit.pretrain_dino(encoder, data, vit.channel_stats(data.x_train), cfg, torch.device("cpu"))[0][-1]
+    ln_k = math.log(vit.QUICK["dino_dim"])
+    assert last["--no-centering"]["teacher_entropy_of_mean"] < 0.3 * ln_k
+    assert last["--no-sharpening"]["teacher_mean_entropy"] > 0.98 * ln_k
+    assert last["--no-sharpening"]["loss"] == pytest.approx(ln_k, abs=0.05)
+
+
 def make_caption_folder(folder, n=24):
     """n small PNG images of the embedded set, one caption each: a captions folder as a user would have it."""
     folder.mkdir()
