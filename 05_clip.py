@@ -944,6 +944,7 @@ def main(argv=None):
     cfg = common.parse_config(Config, argv, __doc__, quick=QUICK)
     validate(cfg)
     device, out = common.setup(cfg, __file__)
+    common.cpu_notice(cfg, device, cfg.steps * cfg.batch_size / 60)
     clock = common.Stopwatch(device)
     cfg, data, val, tokenizer, tokens, cut, model = prepare(cfg, device)
     if common.is_main():
