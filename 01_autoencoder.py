@@ -401,8 +401,8 @@ def read_features(path):
 
 def load_data(cfg, device, arrays=None):
     """The chosen dataset at its own size and channels (a grayscale 28 x 28 set stays 784 pixels), or the arrays of
-    a --features file split at random 4:1 into training and test rows, scaled by one number so that the training rows'
-    centred entries have unit standard deviation. Returns the data and the test images to
+    a --features file split at random 4:1 into training and test rows, centred on the training rows' mean and scaled
+    by one number to unit standard deviation. Returns the data and the test images to
     show (for features: the image each row was computed from)."""
     if arrays is None:
         data = common.load_images(cfg.dataset, cfg.data_dir, device, n_train=cfg.train_size or None,
@@ -412,7 +412,8 @@ def load_data(cfg, device, arrays=None):
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
     train, test = order[n // 5:], order[:n // 5]
     features = torch.from_numpy(arrays["features"]).float()
-    features /= (features[train] - features[train].mean(0)).std()   # learned features come at any scale; Adam's steps don't
+    # learned features come at any scale and offset, Adam's steps in one (and the decoders' biases start at 0)
+    features = (features - features[train].mean(0)) / (features[train] - features[train].mean(0)).std()
     labels = torch.from_numpy(arrays["labels"]).long() if "labels" in arrays else torch.zeros(n, dtype=torch.long)
     classes = [f"class {c}" for c in range(int(labels.max()) + 1)] if "labels" in arrays else ["unlabelled"]
     data = common.ImageData("features", *(t.to(device) for t in (features[train], labels[train], features[test],
