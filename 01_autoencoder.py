@@ -64,7 +64,8 @@ import evaluation
 class Config(common.RunConfig):
     model: str = common.arg("ae", "ae (bottleneck) | dae (denoising) | vae (variational) | sae (sparse)",
                             choices=["ae", "dae", "vae", "sae"])
-    latent_dim: int = common.arg(32, "L: width of the code, and PCA's number of components")
+    latent_dim: int = common.arg(0, "L: width of the code, and PCA's number of components; 0 means 32, or an "
+                                    "overcomplete 1024 for sae")
     hidden: int = common.arg(512, "width of the encoder's first hidden layer; the second has half; the decoder mirrors them")
     epochs: int = common.arg(20, "passes over the training images, for the model and for the linear autoencoder")
     batch_size: int = common.arg(512, "images per step")
@@ -355,6 +356,7 @@ def pca(x, k):
 def validate(cfg):
     """Every option checked before any work is done, so a mistake costs nothing."""
     common.check_dataset(cfg.dataset)
+    cfg.latent_dim = cfg.latent_dim or (1024 if cfg.model == "sae" else 32)   # resolved here, so config.json says which
     for name in ("latent_dim", "epochs", "batch_size", "probe_steps"):
         common.check(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     common.check(cfg.hidden >= 2, f"--hidden must be at least 2 (the second layer has half), got {cfg.hidden}")
@@ -766,6 +768,7 @@ def main(argv=None):
     validate(cfg)
     arrays = read_features(cfg.features) if cfg.features else None
     device, out = common.setup(cfg, __file__)
+    common.cpu_notice(cfg, device, cfg.epochs * (cfg.train_size or 50_000) / 800)
     wall = common.Stopwatch(device)
     data, pictures = load_data(cfg, device, arrays)
     validate_sizes(cfg, data)

@@ -1041,6 +1041,7 @@ def main(argv=None):
     cfg = common.parse_config(Config, argv, __doc__, quick=QUICK)
     validate(cfg)
     device, out = common.setup(cfg, __file__)
+    common.cpu_notice(cfg, device, cfg.epochs * (cfg.n_train or 50_000) / 250)
     common.check(cfg.pretrain != "simclr" or common.world_size() == 1,
                  "--pretrain simclr runs in one process; for SimCLR on several GPUs use torchrun 03_contrastive.py")
     wall = common.Stopwatch(device)

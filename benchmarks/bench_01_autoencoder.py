@@ -84,6 +84,7 @@ def main(argv=None):
     print(f"linear_probe on 60 000 x 512 features: {results['linear probe seconds (60k x 512, default steps)']:.2f} s "
           f"on {results['device']}")
     common.save_json(out / "results.json", results)
+    common.finish_run(out)
 
 
 if __name__ == "__main__":

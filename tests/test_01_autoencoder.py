@@ -399,9 +399,15 @@ def test_bad_features_files_fail_with_one_line_before_anything_is_written(tmp_pa
         assert not out.exists()
 
 
+@pytest.mark.parametrize("model, width", [("ae", 32), ("vae", 32), ("sae", 1024)])
+def test_latent_dim_0_means_32_or_an_overcomplete_1024_for_sae(model, width):
+    cfg = ae.Config(model=model)
+    ae.validate(cfg)
+    assert cfg.latent_dim == width and (model != "sae" or cfg.k < cfg.latent_dim)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "gan"], "invalid choice"),
-    (["--latent-dim", "0"], "--latent-dim must be positive"),
     (["--latent-dim", "-4"], "--latent-dim must be positive"),
     (["--epochs", "-1"], "--epochs must be positive"),
     (["--dataset", "imagenet"], "unknown dataset"),
@@ -413,7 +419,7 @@ def test_bad_features_files_fail_with_one_line_before_anything_is_written(tmp_pa
     (["--latent-dim", "2000"], "larger than the data allows"),
     (["--model", "sae", "--latent-dim", "64", "--k", "0"], "--k must be between 1 and --latent-dim - 1 = 63"),
     (["--model", "sae", "--latent-dim", "64", "--k", "64"], "--k must be between 1"),
-    (["--model", "sae"], "an overcomplete code is e.g. --latent-dim 1024"),           # k = 32 of a 32-wide code
+    (["--model", "sae", "--latent-dim", "32"], "an overcomplete code is e.g. --latent-dim 1024"),  # k = 32 of 32
     (["--model", "sae", "--sparsity", "l1", "--l1", "-0.5"], "--l1 must be finite and >= 0, got -0.5"),
     (["--sparsity", "topk"], "--sparsity is an option of --model sae, not ae"),
     (["--model", "vae", "--sparsity", "l1"], "--sparsity is an option of --model sae, not vae"),
@@ -485,7 +491,7 @@ def test_an_unwritable_out_fails_cleanly(tmp_path):
 
 
 def test_the_script_reports_bad_input_in_one_line_and_exits_non_zero(tmp_path):
-    result = subprocess.run([sys.executable, "01_autoencoder.py", "--latent-dim", "0", "--out", str(tmp_path)],
+    result = subprocess.run([sys.executable, "01_autoencoder.py", "--latent-dim", "-1", "--out", str(tmp_path)],
                             capture_output=True, text=True, cwd=common.ROOT)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and "latent-dim" in result.stderr
