@@ -28,7 +28,7 @@ class Config(common.RunConfig):
     epochs: int = common.arg(autoencoder.Config.epochs, "passes over the training images per model (shrink to fit time)")
     train_size: int = common.arg(50_000, "training images of the shapes set")
     test_size: int = common.arg(10_000, "test images the MIG is measured on")
-    latent_dim: int = common.arg(autoencoder.Config.latent_dim, "L: width of every code")
+    latent_dim: int = common.arg(32, "L: width of every code")
 
 
 QUICK = dict(runs="ae,vae:4", seeds="0,1", epochs=2, train_size=600, test_size=300)
