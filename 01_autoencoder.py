@@ -36,12 +36,10 @@ Run:  python 01_autoencoder.py                   (the embedded shapes set, --mod
       python 01_autoencoder.py --model vae --beta 4    --dataset fashion-mnist
       python 01_autoencoder.py --model sae --latent-dim 1024 --k 32 --dataset fashion-mnist
 Measured on one H200 (torch 2.11, bf16 autocast), seed 0; every measurement with its command is in RESULTS.md:
-  default run (shapes, ae, L=32): 31 s for the whole process; test squared error per pixel 0.00787 against
+  default run (shapes, ae, L=32): 32 s for the whole process; test squared error per pixel 0.00787 against
       PCA-32's 0.00855 (-7.9%); the linear autoencoder ends 1.1% above PCA; the mean image 0.0208.
-  --dataset fashion-mnist: 0.00893 against PCA-32's 0.01514 (-41.1%); probe top-1 on the code 81.8% (PCA 80.5%,
-      raw pixels 84.6%), kNN 87.0% (pixels 84.6%); 22 s.
   --model sae --latent-dim 1024 --k 32 --dataset fashion-mnist: 0.00647 with 32 of 1024 units on, against the dense
-      AE's 0.00887 with 32 numbers (same run) and PCA-32's 0.01514; 2.5% dead units; probe top-1 87.2%; 46 s.
+      AE's 0.00887 with 32 numbers (same run) and PCA-32's 0.01514; 2.5% dead units; probe top-1 87.2%; 31 s.
 
 Shapes legend: B batch, C channels, H x W image, P pixels (C*H*W), L latent (code) width, N images, K classes.
 """
