@@ -224,8 +224,7 @@ def image_encoder(cfg, device):
 # Rows ask "which caption is this image's?", columns "which image is this caption's?". The temperature
 # 1/exp(t) sets how peaked the softmax is; it is learned, since a fixed one must be tuned by hand.
 
-def clip_logits(image_embeddings, text_embeddings, scale):
-    """(B, K) and (M, K) unit vectors, a scalar scale -> (B, M) logits."""
+def clip_logits(image_embeddings, text_embeddings, scale):     # unit vectors (B, K), (M, K), a scalar
     return scale * image_embeddings @ text_embeddings.T          # (B, K) @ (K, M) -> (B, M)
 
 
@@ -246,8 +245,7 @@ def clip_loss(logits, positives=None):
     return (loss_images + loss_texts) / 2
 
 
-def same_caption(caption_ids):
-    """(B,) caption ids -> (B, B) bool: pairs whose captions are the same string."""
+def same_caption(caption_ids):                       # (B,) caption ids -> (B, B) bool: the same string
     return caption_ids[:, None] == caption_ids[None, :]
 
 
@@ -339,8 +337,7 @@ class BPETokenizer:
             self._cache[chunk] = ids
         return self._cache[chunk]
 
-    def encode(self, text):
-        """str -> list of token ids (without the end-of-text token)."""
+    def encode(self, text):                              # str -> token ids, without the end-of-text token
         return [i for chunk in CHUNK.findall(text) for i in self._encode_chunk(chunk)]
 
     def decode(self, ids):
@@ -390,8 +387,7 @@ def shape_captions(factors, i):
     return [full, full[:-len(place) - 1], f"a {colour} {shape}"]
 
 
-def is_heldout(factors, holdout):
-    """(N,) bool: images whose colour-shape pair is held out of training."""
+def is_heldout(factors, holdout):                    # -> (N,) bool: the image's colour-shape pair is held out
     held = torch.zeros_like(factors["label"], dtype=torch.bool)
     for colour, shape in holdout:
         held |= (factors["colour"] == colour) & (factors["label"] == shape)
@@ -605,7 +601,6 @@ def pairs_loss(model, pairs, tokens, batch_size, device):
 
 
 def measure_validation(model, train_pairs, val, tokens, cfg, device, step):
-    """One row of the validation history."""
     pool = val.subset(slice(0, cfg.eval_images))
     ids = pool.captions.unique()
     ids = ids[ids >= 0]                                                       # the pool's captions only
@@ -642,16 +637,20 @@ TEMPLATES = (["a {}", "a photo of a {}"] + [f"a {size} {{}}" for size in common.
              + [f"a {texture} {{}}" for texture in common.TEXTURES[1:]] + [f"a {colour} {{}}" for colour in common.COLOURS]
              + [f"a large {{}} {place}" for place in common.PLACES])
 PAIR_TEMPLATES = ["a {}"] + [f"a {size} {{}}" for size in common.SIZES]     # {} is a pair like "red star"
+PAIR_NAMES = [f"{colour} {shape}" for colour in common.COLOURS for shape in common.SHAPES]   # index: colour * 10 + shape
 # openclipart's captions end with the top-level category ("banana, fruit, food"), so the class name alone is a
 # prompt in the captions' own form
 PROMPTS = {"shapes": TEMPLATES, "openclipart": ["{}"]}
 
 
+def embed_texts(model, tokenizer, texts, context, device):     # M strings -> (M, K) unit text embeddings
+    return embed_all(model.encode_text, tokenizer.encode_batch(texts, context)[0].to(device), device)
+
+
 def zero_shot_weights(model, tokenizer, names, templates, context, device):
     """(C, K) class embeddings: each name in every template, embedded, normalised, averaged, normalised again."""
     texts = [template.format(name) for name in names for template in templates]
-    tokens = tokenizer.encode_batch(texts, context)[0].to(device)
-    embeddings = embed_all(model.encode_text, tokens, device).reshape(len(names), len(templates), -1)  # (C, P, K)
+    embeddings = embed_texts(model, tokenizer, texts, context, device).reshape(len(names), len(templates), -1)  # (C, P, K)
     return F.normalize(F.normalize(embeddings, dim=-1).mean(1), dim=-1)                                # (C, K)
 
 
@@ -699,10 +698,6 @@ def per_class_top1(scores, labels, classes):
             "balanced_chance": 1 / len(per_class)}
 
 
-def colour_shape_names():
-    return [f"{colour} {shape}" for colour in common.COLOURS for shape in common.SHAPES]   # index: colour * 10 + shape
-
-
 def compositional(model, tokenizer, images, test, cfg, device, shape_weights):
     """Test images whose colour-shape pair was never seen in training, against those whose pair was:
     shape zero-shot accuracy, 80-way colour-shape accuracy, and precision@10 of text->image retrieval
@@ -712,7 +707,7 @@ def compositional(model, tokenizer, images, test, cfg, device, shape_weights):
         return {}
     held = is_heldout(test.factors, holdout)                                               # (N,)
     pair_label = test.factors["colour"] * len(common.SHAPES) + test.labels                  # (N,)
-    pair_weights = zero_shot_weights(model, tokenizer, colour_shape_names(), PAIR_TEMPLATES, cfg.context, device)  # (80, K)
+    pair_weights = zero_shot_weights(model, tokenizer, PAIR_NAMES, PAIR_TEMPLATES, cfg.context, device)  # (80, K)
     pair_scores = images @ pair_weights.T                                                  # (N, 80)
     shape_right = (images @ shape_weights.T).argmax(1) == test.labels
     pair_right = pair_scores.argmax(1) == pair_label
@@ -726,14 +721,6 @@ def compositional(model, tokenizer, images, test, cfg, device, shape_weights):
             "heldout_pair_top1": share(pair_right, held), "seen_pair_top1": share(pair_right, ~held),
             "heldout_pair_p10": precision[heldout_query].mean().item(), "seen_pair_p10": precision[~heldout_query].mean().item(),
             "pair_chance": 1 / len(pair_weights)}
-
-
-def probe_baseline(model, data, cfg, device):
-    """What a classifier trained WITH labels gets from the same image features: the linear probe."""
-    train, test = (pairs.subset(pairs.labels >= 0) for pairs in (data.train.subset(slice(0, 10_000)), data.test))
-    features = lambda images: embed_all(model.image_features, images, device)
-    return evaluation.linear_probe(features(train.images), train.labels, features(test.images), test.labels,
-                                   len(data.classes), min_steps=cfg.probe_steps)
 
 
 # ---- 7. Figures ----
@@ -778,8 +765,7 @@ def plot_similarity(model, data, tokenizer, cfg, device, path, n=8):
     n = min(n, len(data.test))
     pairs = data.test.subset(slice(0, n))
     texts = [data.texts[int(pairs.captions[i, 0])] for i in range(n)]
-    similarity = (embed_all(model.encode_image, pairs.images, device)
-                  @ embed_all(model.encode_text, tokenizer.encode_batch(texts, cfg.context)[0].to(device), device).T)
+    similarity = embed_all(model.encode_image, pairs.images, device) @ embed_texts(model, tokenizer, texts, cfg.context, device).T
     fig = plt.figure(figsize=(1.1 * n + 4, 1.1 * n + 1.3))
     grid = fig.add_gridspec(n + 1, n + 1, width_ratios=[4] + [1] * n, height_ratios=[1] + [1] * n, wspace=0.05, hspace=0.05)
     for j in range(n):
@@ -804,16 +790,16 @@ def plot_predictions(model, data, tokenizer, cfg, device, path, n=6):
     (held-out pairs first), the pool's captions on real data."""
     import matplotlib.pyplot as plt
     if data.name == "shapes":
-        candidates = colour_shape_names()
+        candidates = PAIR_NAMES
         weights = zero_shot_weights(model, tokenizer, candidates, PAIR_TEMPLATES, cfg.context, device)
         holdout = parse_holdout(cfg.holdout)
         held = is_heldout(data.test.factors, holdout)
         order = torch.cat([held.nonzero().squeeze(1)[: n // 2], (~held).nonzero().squeeze(1)])[:n]
-        heldout_ids = {c * len(common.SHAPES) + s for c, s in holdout}                 # indices into colour_shape_names()
+        heldout_ids = {c * len(common.SHAPES) + s for c, s in holdout}                 # indices into PAIR_NAMES
         candidates = [f"a {c}" + (" (held out)" if i in heldout_ids else "") for i, c in enumerate(candidates)]
     else:
         candidates = distinct_captions(data, data.test.subset(slice(0, cfg.eval_images)))       # the retrieval pool's
-        weights = embed_all(model.encode_text, tokenizer.encode_batch(candidates, cfg.context)[0].to(device), device)
+        weights = embed_texts(model, tokenizer, candidates, cfg.context, device)
         order = torch.arange(min(n, len(data.test)), device=device)
     images = data.test.images[order]
     probabilities = (model.scale() * embed_all(model.encode_image, images, device) @ weights.T).softmax(1)  # (n, C)
@@ -837,7 +823,7 @@ def plot_retrieval(model, data, tokenizer, cfg, device, path, top=6):
     import matplotlib.pyplot as plt
     pool = data.test.subset(slice(0, cfg.eval_images))
     queries, titles = retrieval_queries(data, pool, cfg)
-    query_embeddings = embed_all(model.encode_text, tokenizer.encode_batch(queries, cfg.context)[0].to(device), device)
+    query_embeddings = embed_texts(model, tokenizer, queries, cfg.context, device)
     nearest = (query_embeddings @ embed_all(model.encode_image, pool.images, device).T).topk(min(top, len(pool)), dim=1)
     fig, axes = plt.subplots(len(queries), nearest.indices.shape[1], figsize=(1.5 * nearest.indices.shape[1] + 0.5, 1.7 * len(queries)))
     axes = np.array(axes).reshape(len(queries), -1)
@@ -892,13 +878,11 @@ def validate(cfg):
                  "image_depth", "image_heads", "text_dim", "text_depth", "text_heads"):
         common.check(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     common.check(cfg.paired >= 0, f"--paired must be 0 (all) or a number of images, got {cfg.paired}")
-    common.check(cfg.text_dim % cfg.text_heads == 0,
-                 f"--text-dim {cfg.text_dim} is not divisible by --text-heads {cfg.text_heads}")
-    if not cfg.init_image:         # (with it, the checkpoint sets the image encoder's shape)
-        common.check(cfg.image_dim % cfg.image_heads == 0,
-                     f"--image-dim {cfg.image_dim} is not divisible by --image-heads {cfg.image_heads}")
-        common.check(cfg.image_size % cfg.patch_size == 0,
-                     f"--image-size {cfg.image_size} is not divisible by --patch-size {cfg.patch_size}")
+    divisible = [("text_dim", "text_heads")]      # with --init-image the checkpoint sets the image encoder's shape
+    divisible += [] if cfg.init_image else [("image_dim", "image_heads"), ("image_size", "patch_size")]
+    for name, by in divisible:
+        common.check(getattr(cfg, name) % getattr(cfg, by) == 0, f"--{name.replace('_', '-')} {getattr(cfg, name)} is not "
+                                                                  f"divisible by --{by.replace('_', '-')} {getattr(cfg, by)}")
     common.check(not cfg.freeze_image or cfg.init_image,
                  "--freeze-image needs --init-image: a frozen random encoder would learn nothing")
     chosen = set(filter(None, cfg.augment.split(","))) - {"auto"}
@@ -963,8 +947,11 @@ def main(argv=None):
         kept = next(row for row in history if row["step"] == best_step(history))
         metrics["validation"] = {"kept_step": kept["step"], "kept": kept, "history": history,
                                  "loss_gap_at_kept": kept["val_loss"] - kept["train_loss"]}
-    if data.classes:
-        metrics["linear_probe"] = probe_baseline(model, data, cfg, device)
+    if data.classes:                  # the baseline: what a classifier trained WITH labels gets from the same features
+        seen, unseen = (pairs.subset(pairs.labels >= 0) for pairs in (data.train.subset(slice(0, 10_000)), data.test))
+        features = lambda images: embed_all(model.image_features, images, device)
+        metrics["linear_probe"] = evaluation.linear_probe(features(seen.images), seen.labels, features(unseen.images),
+                                                          unseen.labels, len(data.classes), min_steps=cfg.probe_steps)
     # every rank holds all the data and the same weights, so it computed the same numbers; rank 0 writes them
     if not common.is_main():
         return model, metrics
