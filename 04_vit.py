@@ -662,10 +662,6 @@ def local_crop_side(cfg):
     return cfg.image_size // 2 // cfg.patch_size * cfg.patch_size
 
 
-def entropy(p):                                                                  # (..., K) -> (...), in nats
-    return -(p * p.clamp_min(1e-12).log()).sum(-1)
-
-
 def pretrain_dino(vit, data, stats, cfg, device):
     """DINO (section 2, Algorithm 1) on the training images. Every epoch it records the two collapse checks: the
     entropy of the teacher's mean output over 1024 training images (near 0: one dimension wins for all of them) and
@@ -701,6 +697,7 @@ def pretrain_dino(vit, data, stats, cfg, device):
             state["center"] = update_center(state["center"], state["teacher"], cfg.center_momentum)
 
     def collapse_checks():
+        entropy = lambda p: -(p * p.clamp_min(1e-12).log()).sum(-1)              # (..., K) -> (...), in nats
         with torch.no_grad(), common.autocast(device):
             targets = F.softmax((teacher(normalise(data.x_train[:1024], stats)).float() - state["center"]) / teacher_temp, -1)
         return {"teacher_entropy_of_mean": entropy(targets.mean(0)).item(),
@@ -978,24 +975,22 @@ def validate(cfg):
         vit = build_model("vit", cfg, num_classes=1)
     common.check(cfg.model == "vit" or cfg.dim % 2 == 0, f"the CNN's widths are dim/2, dim, 2*dim: dim must be even, got {cfg.dim}")
     common.check(min(cfg.n_train, cfg.n_test, cfg.val_split) >= 0, "--n-train, --n-test and --val-split must be >= 0")
-    for name in ("lr", "warmup", "weight_decay", "label_smoothing", "clip_grad", "crop", "train_fraction", "temperature",
-                 "pretrain_lr", "mask_ratio", "student_temp", "teacher_temp", "ema", "center_momentum"):
-        value = getattr(cfg, name)
-        common.check(math.isfinite(value), f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    common.check(cfg.lr > 0 and 0 <= cfg.warmup < 1, "--lr must be > 0 and --warmup in [0, 1)")
-    common.check(cfg.pretrain_lr >= 0, f"--pretrain-lr must be > 0, or 0 for --lr; got {cfg.pretrain_lr}")
-    common.check(cfg.weight_decay >= 0, f"--weight-decay must not be negative, got {cfg.weight_decay}")
-    common.check(cfg.clip_grad >= 0, f"--clip-grad must be a gradient norm > 0, or 0 for no clipping; got {cfg.clip_grad}")
-    common.check(0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
-    common.check(0 <= cfg.crop < 1, f"--crop must be in [0, 1), got {cfg.crop}")
-    common.check(0 < cfg.train_fraction <= 1, f"--train-fraction must be in (0, 1], got {cfg.train_fraction}")
-    for name in ("temperature", "student_temp", "teacher_temp"):
-        common.check(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
-    common.check(0 < cfg.mask_ratio < 1, f"--mask-ratio must be in (0, 1) (the share of patches hidden), got {cfg.mask_ratio}")
+    # every float option: first finite (NaN and inf get a message of their own), then inside its range
+    for name, holds, rule in [("lr", cfg.lr > 0, "be > 0,"), ("warmup", 0 <= cfg.warmup < 1, "be in [0, 1),"),
+                              ("pretrain_lr", cfg.pretrain_lr >= 0, "be > 0, or 0 for --lr;"),
+                              ("weight_decay", cfg.weight_decay >= 0, "not be negative,"),
+                              ("clip_grad", cfg.clip_grad >= 0, "be a gradient norm > 0, or 0 for no clipping;"),
+                              ("label_smoothing", 0 <= cfg.label_smoothing < 1, "be in [0, 1),"),
+                              ("crop", 0 <= cfg.crop < 1, "be in [0, 1),"),
+                              ("train_fraction", 0 < cfg.train_fraction <= 1, "be in (0, 1],"),
+                              *[(t, getattr(cfg, t) > 0, "be > 0,") for t in ("temperature", "student_temp", "teacher_temp")],
+                              ("mask_ratio", 0 < cfg.mask_ratio < 1, "be in (0, 1) (the share of patches hidden),"),
+                              *[(m, 0 <= getattr(cfg, m) <= 1, "be in [0, 1],") for m in ("ema", "center_momentum")]]:
+        value, flag = getattr(cfg, name), "--" + name.replace("_", "-")
+        common.check(math.isfinite(value), f"{flag} must be a finite number, got {value}")
+        common.check(holds, f"{flag} must {rule} got {value}")
     common.check(round(vit.num_patches * (1 - cfg.mask_ratio)) >= 1,
                  f"--mask-ratio {cfg.mask_ratio} leaves no visible patch of the {vit.num_patches}: lower it")
-    for name in ("ema", "center_momentum"):
-        common.check(0 <= getattr(cfg, name) <= 1, f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(cfg, name)}")
     common.check(not cfg.local_crops or local_crop_side(cfg) >= 2 * cfg.patch_size,
                  f"--local-crops: {cfg.image_size}-pixel images are too small for local crops of half the side in "
                  f"{cfg.patch_size}-pixel patches (at least 2 patches a side); use larger images or smaller patches")
@@ -1120,7 +1115,6 @@ def main(argv=None):
 
 
 def summary(cfg, metrics):
-    """The one line a run ends with."""
     if "top1" not in metrics:
         parts = [f"04_vit: a ViT pre-trained on {cfg.dataset}'s images, no labels"]
     else:
