@@ -171,7 +171,7 @@ PYTHON_FAILURES = {
 
 
 def test_interrupted_or_failed_runs_leave_out_as_it_was_and_no_temporary_file(tmp_path):
-    """SIGINT and SIGTERM during training (no 0-byte .NAME.png.XXXX.tmp file may stay behind), a traceback and a
+    """SIGINT and SIGTERM during training (no temporary file may stay behind), a traceback and a
     main() called in-process that raises: all four in parallel, each into a folder that holds an earlier run."""
     outs = {case: tmp_path / case / "run" for case in ("SIGINT", "SIGTERM", *PYTHON_FAILURES)}
     before = {case: earlier_run(out) for case, out in outs.items()}
