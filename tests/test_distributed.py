@@ -27,9 +27,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def join(rank, port):
-    """What torchrun sets up for each of its processes, then common's process group over gloo."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+def join(rank, port, world=WORLD):
+    """What torchrun sets up for each of its processes, then common's process group over gloo. The gloo tests of
+    03's and 04's objectives (test_distributed_03.py, test_distributed_04.py) use it too."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     common.init_distributed(torch.device("cpu"))

@@ -5,8 +5,6 @@ Twins' cross-correlation, VICReg's variance and covariance, the triplets' mined 
 BatchNorm runs in eval mode here (its running statistics: the step does not depend on the split); on GPUs
 common.GlobalBatchNorm does that job in training mode, and tests/test_distributed.py checks it on two GPUs."""
 import copy
-import os
-import socket
 
 import pytest
 import torch
@@ -14,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import common
+from test_distributed import free_port, join
 
 PER_RANK = 4
 RUNS = [(method, False) for method in ("simclr", "moco", "byol", "simsiam", "barlow", "vicreg", "triplet")] + \
@@ -45,10 +44,7 @@ def one_step(method, ablate, view1, view2):
 
 
 def worker(rank, world, port, views, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    common.init_distributed(torch.device("cpu"))
+    join(rank, port, world)
     try:
         mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
         results[rank] = {run: one_step(*run, views[0][mine], views[1][mine]) for run in RUNS}
@@ -61,10 +57,7 @@ def test_every_methods_step_on_several_processes_equals_one_process_on_the_whole
     g = torch.Generator().manual_seed(world)
     views = [torch.rand(world * PER_RANK, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(2)]
     results = mp.Manager().dict()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(worker, args=(world, port, views, results), nprocs=world, start_method="spawn")
+    mp.start_processes(worker, args=(world, free_port(), views, results), nprocs=world, start_method="spawn")
     for run in RUNS:
         whole = one_step(*run, *views)
         for rank in range(world):

@@ -1,28 +1,17 @@
 """04 under torchrun, tried on CPU with gloo: DINO's centre is the mean of the teacher's outputs over every process's
 batch, the same on every rank, so that C <- m C + (1 - m) mean equals the one-process update on the whole batch."""
-import os
-import socket
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import common
+from test_distributed import free_port, join
 
 WORLD, PER_RANK, K = 2, 3, 5
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def centre_on_rank(rank, port, center, outputs, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    common.init_distributed(torch.device("cpu"))
+    join(rank, port, WORLD)
     try:
         vit = common.import_script("04_vit")
         mine = outputs[rank * PER_RANK:(rank + 1) * PER_RANK]
