@@ -189,6 +189,8 @@ def main():
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--runs", nargs="*", default=METHOD_RUNS + ABLATION_RUNS, help="method[+ablate][:k=v,...]")
     parser.add_argument("--batch-sizes", default="128,256,1024", help="for the table of simclr and moco; '' skips it")
+    parser.add_argument("--batch-seconds", type=float, default=0, help="of each run of the batch-size table "
+                        "(0: --seconds)")
     parser.add_argument("--validation", type=int, default=0, help="evaluate on the last N training images (tuning)")
     parser.add_argument("--n-train", type=int, default=0, help="training images (0: all)")
     parser.add_argument("--n-test", type=int, default=0, help="test images (0: all)")
@@ -209,7 +211,8 @@ def main():
     for spec in args.runs:
         parse_run(spec)                                         # a typo fails now, not after an hour
     header = (f"# bench_03_methods: {args.seconds:g} s of pre-training per run"
-              f"{f' ({args.ablation_seconds:g} s per ablation)' if args.ablation_seconds else ''}, "
+              f"{f' ({args.ablation_seconds:g} s per ablation)' if args.ablation_seconds else ''}"
+              f"{f' ({args.batch_seconds:g} s per batch-size run)' if args.batch_seconds else ''}, "
               f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else device}, torch {torch.__version__}, "
               f"{'validation ' + str(args.validation) if args.validation else 'test set'}")
     results = {}
@@ -223,7 +226,8 @@ def main():
         jobs = [(rows, spec, config(dataset, spec, args),
                  args.ablation_seconds if "+ablate" in spec and args.ablation_seconds else args.seconds)
                 for spec in args.runs]
-        jobs += [(sizes, f"{method} B={size}", config(dataset, method, args, batch_size=size), args.seconds)
+        jobs += [(sizes, f"{method} B={size}", config(dataset, method, args, batch_size=size),
+                  args.batch_seconds or args.seconds)
                  for method in ("simclr", "moco") for size in batch_sizes]
         for where, name, cfg, seconds in jobs:             # saved after every run: a cut-off programme keeps its rows
             where[name] = run_or_divergence(cfg, data, device, seconds)
