@@ -9,7 +9,8 @@ search is not timed) measures its ms per step, and the run gets the whole epochs
 Tune with --validation N (the last N training images become the evaluation set), never on the test set.
 
 Run on one GPU:
-  python benchmarks/bench_03_methods.py --seconds 60 --out runs/bench_03_methods       # the whole programme
+  python benchmarks/bench_03_methods.py --seconds 60 --ablation-seconds 10 --batch-seconds 10 \\
+      --out runs/bench_03_methods                                                         # the whole programme
   python benchmarks/bench_03_methods.py --seconds 10 --datasets fashion-mnist --validation 10000 \\
       --runs byol byol:ema=0.9 --batch-sizes "" --out runs/tune                          # tuning, on validation
 Writes results.json, results.md (the tables) and spectra_<dataset>.png (the z spectra of methods and ablations).
