@@ -104,8 +104,7 @@ QUICK = dict(n_train=1500, n_test=400, eval_images=200, image_dim=32, image_dept
 
 # ---- 1. Model: two encoders into one space ----
 
-def causal_mask(length, device=None):
-    """(L, L) bool, True where token t may attend to token s: s <= t, never a later token."""
+def causal_mask(length, device=None):            # (L, L) bool, True where token t may attend to token s <= t
     return torch.ones(length, length, dtype=torch.bool, device=device).tril()
 
 
@@ -161,9 +160,7 @@ class CLIP(nn.Module):
         self.register_buffer("pixel_std", torch.ones(1, 3, 1, 1))
 
     def set_pixel_stats(self, images):                       # (N, 3, S, S) uint8
-        mean, std = vit.channel_stats(images)
-        self.pixel_mean.copy_(mean)
-        self.pixel_std.copy_(std)
+        self.pixel_mean[:], self.pixel_std[:] = vit.channel_stats(images)
 
     def image_features(self, images):                        # (B, 3, S, S) uint8, or floats in [0, 1] -> (B, E)
         return self.visual.features(vit.normalise(images, (self.pixel_mean, self.pixel_std)))
@@ -182,10 +179,10 @@ class CLIP(nn.Module):
         return self.logit_scale.clamp(max=math.log(MAX_SCALE)).exp()
 
     def forward(self, images, tokens):
-        """Images (B, 3, S, S) uint8 -- or, with a locked image encoder, their cached features (B, E) -- and tokens
-        (B, L) -> unit embeddings (B, K), (B, K). The paper's logits_per_image is clip_logits(image, text, scale())
-        (section 2), and logits_per_text its transpose. forward stops at the embeddings, as open_clip's does: the
-        loss compares them with those of the whole batch, which under torchrun lies on several GPUs (section 5)."""
+        """Images (B, 3, S, S) uint8 (or with a locked image encoder their cached features (B, E)) and tokens (B, L)
+        -> unit embeddings (B, K), (B, K). The paper's logits_per_image is clip_logits(image, text, scale()) (section
+        2), logits_per_text its transpose. forward stops at the embeddings, as open_clip's does: the loss compares them
+        with the whole batch's, which under torchrun lies on several GPUs (section 5)."""
         features = images if images.dim() == 2 else self.image_features(images)
         return self.embed_image_features(features), self.encode_text(tokens)
 
@@ -313,8 +310,7 @@ class BPETokenizer:
         return cls(merges, vocab_size)
 
     @staticmethod
-    def _merge(ids, pair, new_id):
-        """Replace each non-overlapping occurrence of pair in ids, left to right, by new_id."""
+    def _merge(ids, pair, new_id):              # each non-overlapping occurrence of pair, left to right -> new_id
         out, i = [], 0
         while i < len(ids):
             if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
@@ -340,8 +336,7 @@ class BPETokenizer:
     def encode(self, text):                              # str -> token ids, without the end-of-text token
         return [i for chunk in CHUNK.findall(text) for i in self._encode_chunk(chunk)]
 
-    def decode(self, ids):
-        """list of ids -> str; the end-of-text token is dropped."""
+    def decode(self, ids):                               # token ids -> str, without the end-of-text token
         return b"".join(self.pieces[i] for i in ids if i != self.eot).decode("utf-8", errors="replace")
 
     def encode_batch(self, texts, context):
@@ -469,9 +464,8 @@ def training_views(images, strength, generator):
 
 # ---- 5. Training ----
 #
-# A batch holds B different images, each with one of its captions drawn at random, so two captions of the
-# same image never meet in one batch. Different images may still carry the same caption string (the embedded
-# set's "a red star"); same_caption marks those, and the loss does not treat them as negatives.
+# A batch holds B different images, each with one of its captions drawn at random, so two captions of the same
+# image never meet in one batch; other images' copies of a caption string are not negatives (same_caption).
 
 def batches(n, batch_size, generator, device):
     """Image indices (B,), epoch after epoch: every image once per epoch, in a fresh random order."""
@@ -487,23 +481,27 @@ def pick_captions(pairs, index, generator):
     return pairs.captions[index, (draw * pairs.counts[index]).long()]
 
 
-def train_step(model, optimizer, images, tokens, caption_ids, device, parallel=None, scaler=None):
-    """One optimisation step on B image-caption pairs; returns the loss, still on the device (reading it would make
-    the CPU wait for the GPU). images: (B, 3, S, S) uint8 or views in [0, 1], or with --freeze-image their cached
-    features (B, E). scaler: train()'s common.grad_scaler, which scales the loss under fp16 only and keeps its scale
-    from step to step; a one-off step (a benchmark, a test) gets a fresh one.
-    parallel: what runs CLIP.forward, the model itself or under torchrun DDP around it (common.data_parallel)."""
+def batch_loss(model, images, tokens, caption_ids, device, parallel=None, gather=True):
+    """Section 2's loss on B pairs. images: (B, 3, S, S) uint8 or views in [0, 1], or with --freeze-image their cached
+    features (B, E). parallel: what runs CLIP.forward, the model or DDP around it (common.data_parallel)."""
     with common.autocast(device):
         image_embeddings, text_embeddings = (parallel or model)(images, tokens)               # (B, K), (B, K)
     # Several GPUs (torchrun, W processes): every caption meets the images of all GPUs as negatives, so the embeddings
     # are gathered, (B, K) -> (W*B, K) in rank order with this rank's rows keeping their graph, and the caption ids
     # too, so that one string on two GPUs is not a negative. backward_full_batch then multiplies the loss by W against
     # DDP's averaging and divides the logit scale's gradient by W again (common.py says why). With W = 1: unchanged.
-    image_embeddings, text_embeddings, caption_ids = (common.gather_with_grad(x)
-                                                      for x in (image_embeddings, text_embeddings, caption_ids))
+    if gather:
+        image_embeddings, text_embeddings, caption_ids = (common.gather_with_grad(x)
+                                                          for x in (image_embeddings, text_embeddings, caption_ids))
     logits = clip_logits(image_embeddings.float(), text_embeddings.float(), model.scale())    # (W*B, W*B)
     # EXERCISE: pass positives=None (the paper's loss) and see whether "a red star" fighting "a red star" hurts
-    loss = clip_loss(logits, same_caption(caption_ids))
+    return clip_loss(logits, same_caption(caption_ids))
+
+
+def train_step(model, optimizer, images, tokens, caption_ids, device, parallel=None, scaler=None):
+    """One step on B pairs; returns the loss, still on the device (reading it would make the CPU wait for the GPU).
+    scaler: train()'s common.grad_scaler (fp16 only, its scale kept step to step); a one-off step gets a fresh one."""
+    loss = batch_loss(model, images, tokens, caption_ids, device, parallel)
     optimizer.zero_grad(set_to_none=True)
     scaler = scaler or common.grad_scaler(device)
     common.backward_full_batch(scaler.scale(loss), replicated=[model.logit_scale])
@@ -535,14 +533,12 @@ def train(model, data, val, tokens, cfg, device):
     trains on its own contiguous share of the training pairs; every rank holds all of them, since the tokenizer and
     the caption ids, learned from all captions, must be the same on every rank."""
     pairs = data.train.subset(common.rank_share(len(data.train)))
-    strength = augmentation(cfg)
+    strength, inputs = augmentation(cfg), pairs.images
     if cfg.freeze_image:
         # a fixed encoder and no augmentation: every image has one feature vector, so compute it once (LiT)
         # NOTE: the image projection still trains; LiT locks it too, but 04's features were never aimed at this space
         model.visual.requires_grad_(False).eval()
         inputs = embed_all(model.image_features, pairs.images, device)             # (N, E)
-    else:
-        inputs = pairs.images
     # under torchrun DDP runs CLIP.forward and averages the gradients; they live in its communication buckets (no
     # copy into them), and every step uses the same parameters in the same order, so DDP plans once
     parallel = common.data_parallel(model, device, gradient_as_bucket_view=True, static_graph=True)
@@ -587,27 +583,19 @@ def train(model, data, val, tokens, cfg, device):
 
 @torch.no_grad()
 def pairs_loss(model, pairs, tokens, batch_size, device):
-    """Mean contrastive loss over the pairs' full batches, each image with its first caption."""
-    batch_size = min(batch_size, len(pairs))
-    caption_ids = pairs.captions[:, 0]
-    total = []
-    for start in range(0, len(pairs) - batch_size + 1, batch_size):
-        part = slice(start, start + batch_size)
-        with common.autocast(device):
-            image_embeddings, text_embeddings = model(pairs.images[part], tokens[caption_ids[part]])
-        logits = clip_logits(image_embeddings.float(), text_embeddings.float(), model.scale())
-        total.append(clip_loss(logits, same_caption(caption_ids[part])))
-    return torch.stack(total).mean().item()
+    """Mean batch_loss over the pairs' full batches, each image with its first caption; this process's alone."""
+    batch_size, ids = min(batch_size, len(pairs)), pairs.captions[:, 0]
+    parts = [slice(start, start + batch_size) for start in range(0, len(pairs) - batch_size + 1, batch_size)]
+    return torch.stack([batch_loss(model, pairs.images[part], tokens[ids[part]], ids[part], device, gather=False)
+                        for part in parts]).mean().item()
 
 
 def measure_validation(model, train_pairs, val, tokens, cfg, device, step):
     pool = val.subset(slice(0, cfg.eval_images))
-    ids = pool.captions.unique()
-    ids = ids[ids >= 0]                                                       # the pool's captions only
-    local = common.Pairs(pool.images, torch.where(pool.captions >= 0, torch.searchsorted(ids, pool.captions), -1),
-                         pool.counts)                                         # caption ids renumbered 0..len(ids)-1
-    recall, _ = retrieval(embed_all(model.encode_image, pool.images, device), local,
-                          embed_all(model.encode_text, tokens[ids], device))
+    ids = pool.captions[pool.captions >= 0].unique()
+    text_embeddings = torch.zeros(len(tokens), cfg.embed_dim, device=device)   # retrieval reads the pool's rows only
+    text_embeddings[ids] = embed_all(model.encode_text, tokens[ids], device)
+    recall, _ = retrieval(embed_all(model.encode_image, pool.images, device), pool, text_embeddings)
     return {"step": step, "val_loss": pairs_loss(model, val, tokens, cfg.batch_size, device),
             "train_loss": pairs_loss(model, train_pairs.subset(slice(0, len(val))), tokens, cfg.batch_size, device),
             "val_t2i_r10": recall["t2i_r10"], "val_i2t_r10": recall["i2t_r10"]}
@@ -658,8 +646,7 @@ def zero_shot_weights(model, tokenizer, names, templates, context, device):
 def retrieval(image_embeddings, pairs, text_embeddings):
     """Image->text and text->image recall@1/5/10 over the pool's images and all of their captions.
     A text counts as right for every image that has that exact caption."""
-    ids = pairs.captions.unique()
-    ids = ids[ids >= 0]                                                            # (M,) the pool's captions
+    ids = pairs.captions[pairs.captions >= 0].unique()                             # (M,) the pool's captions
     relevant = (pairs.captions[:, :, None] == ids[None, None, :]).any(1)           # (N, M) bool
     similarity = image_embeddings @ text_embeddings[ids].T                         # (N, K) @ (K, M) -> (N, M)
     image_to_text = evaluation.recall_at_k(similarity, relevant)
@@ -747,14 +734,12 @@ def plot_training(losses, scales, history, path):
         right.axvline(best_step(history), color="gray", ls=":")
         right.legend(fontsize=8)
     right.set(xlabel="step", ylabel="recall@10", title="Validation retrieval (the kept step: best text -> image)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("symmetric contrastive loss")
-    ax.set_yscale("log")
+    ax.set(xlabel="step", ylabel="symmetric contrastive loss", yscale="log",
+           title="Loss, and the temperature CLIP learns (starts at 0.07, floor 0.01)")
     ax.legend(fontsize=8, loc="lower left")
     twin = ax.twinx()
     twin.plot(steps, 1 / scales.numpy(), color="tab:red", lw=0.8)
     twin.set_ylabel("learned temperature 1 / scale", color="tab:red")
-    ax.set_title("Loss, and the temperature CLIP learns (starts at 0.07, floor 0.01)")
     fig.tight_layout()
     common.save_figure(fig, path)
 
@@ -895,10 +880,10 @@ def validate(cfg):
 
 
 def prepare(cfg, device):
-    """The image encoder (first, so that a wrong --init-image fails before any data is made), the data, the
-    tokenizer learned from the training captions, the tokens of every caption (M, L) with the number cut at
-    --context, and the model. The config comes back too: with --init-image its image shape is the encoder's; under
-    --quick the batch may shrink to a small training set (fit_batch). val: the validation pairs, out of data.train."""
+    """The image encoder (first, so that a wrong --init-image fails before any data is made), the data, the tokenizer
+    learned from the training captions, the tokens of every caption (M, L) with the number cut at --context, and the
+    model. The config comes back too: with --init-image its image shape is the encoder's; under --quick the batch may
+    shrink to a small training set (fit_batch). val: the validation pairs, out of data.train."""
     encoder = image_encoder(cfg, device)
     # the shape actually built, which --init-image's checkpoint sets, is what config.json and clip.pt record
     cfg = dataclasses.replace(cfg, image_size=encoder.arch["image_size"],
@@ -920,8 +905,7 @@ def prepare(cfg, device):
     return cfg, data, val, tokenizer, tokens.to(device), cut, model
 
 
-def tokens_per_caption(tokens, tokenizer):
-    """Mean length of the captions in tokens, their end-of-text token included."""
+def tokens_per_caption(tokens, tokenizer):          # mean length of the captions, their end-of-text token included
     return ((tokens != tokenizer.eot).sum(1).float() + 1).mean().item()
 
 
