@@ -42,6 +42,7 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn as nn
@@ -344,13 +345,9 @@ class BPETokenizer:
         the end-of-text token, which also fills the rest of the row; a caption longer than context - 1 tokens
         is cut there, so its end-of-text token is always present."""
         full = [self.encode(text) for text in texts]
-        encoded = [ids[:context - 1] + [self.eot] for ids in full]
+        rows = [torch.tensor(ids[:context - 1] + [self.eot]) for ids in full]
         cut = sum(len(ids) > context - 1 for ids in full)
-        length = max(len(ids) for ids in encoded)
-        tokens = torch.full((len(texts), length), self.eot, dtype=torch.int64)
-        for row, ids in enumerate(encoded):
-            tokens[row, :len(ids)] = torch.tensor(ids)
-        return tokens, cut
+        return nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self.eot), cut
 
 
 # ---- 4. Data: images paired with captions, resident on the device ----
@@ -361,8 +358,7 @@ class BPETokenizer:
 # factors. Identical strings recur across images ("a red star" fits ~1 image in 80; openclipart's "star, shapes"
 # 1,378), which the loss must handle: same_caption (section 2) compares the ids.
 
-def parse_holdout(text):
-    """'red star,blue circle' -> {(colour index, shape index), ...}."""
+def parse_holdout(text):                             # 'red star,blue circle' -> {(colour index, shape index), ...}
     pairs = set()
     for item in filter(None, (part.strip() for part in text.split(","))):
         words = item.split()
@@ -457,8 +453,7 @@ def augmentation(cfg):
     return contrastive.strengths(contrastive.Config(augmentations=names, crop=cfg.crop))
 
 
-def training_views(images, strength, generator):
-    """uint8 (B, 3, S, S) -> float views (B, 3, S, S) in [0, 1]: row i is a view of image i, so it keeps its captions."""
+def training_views(images, strength, generator):     # uint8 (B, 3, S, S) -> views in [0, 1]; row i keeps its captions
     return contrastive.augment(common.to_float(images), **strength, generator=generator)
 
 
@@ -467,16 +462,14 @@ def training_views(images, strength, generator):
 # A batch holds B different images, each with one of its captions drawn at random, so two captions of the same
 # image never meet in one batch; other images' copies of a caption string are not negatives (same_caption).
 
-def batches(n, batch_size, generator, device):
-    """Image indices (B,), epoch after epoch: every image once per epoch, in a fresh random order."""
+def batches(n, batch_size, generator, device):       # image indices (B,): every image once an epoch, in a fresh order
     while True:
         order = torch.randperm(n, generator=generator, device=device)
         for start in range(0, n - batch_size + 1, batch_size):
             yield order[start:start + batch_size]
 
 
-def pick_captions(pairs, index, generator):
-    """One random caption id per image: (B,) image indices -> (B,) caption ids."""
+def pick_captions(pairs, index, generator):          # (B,) image indices -> (B,) caption ids, one at random each
     draw = torch.rand(len(index), generator=generator, device=index.device)
     return pairs.captions[index, (draw * pairs.counts[index]).long()]
 
@@ -521,8 +514,7 @@ def make_optimizer(model, cfg):
 
 
 @torch.no_grad()
-def embed_all(function, inputs, device, batch_size=1024):
-    """function over inputs in chunks, under autocast, as float32: (N, ...) -> (N, D)."""
+def embed_all(function, inputs, device, batch_size=1024):      # (N, ...) -> (N, D) float32, in chunks under autocast
     with common.autocast(device):
         return torch.cat([function(chunk).float() for chunk in inputs.split(batch_size)])
 
@@ -568,11 +560,10 @@ def train(model, data, val, tokens, cfg, device):
     seconds = common.mean_over_ranks(clock.seconds())
     bar.close()
     model.requires_grad_(True)
-    losses = losses.cpu()
     check_finite(losses[-1].item(), cfg.steps - 1, bar)    # the steps since the bar's last read
     if kept is not None:
         model.load_state_dict(kept)
-    return losses, scales.cpu(), cfg.steps * cfg.batch_size * common.world_size() / seconds, history   # all GPUs
+    return losses.cpu(), scales.cpu(), cfg.steps * cfg.batch_size * common.world_size() / seconds, history   # all GPUs
 
 
 # Validation: --val-share of the training images (section 4) never reach a training step. Every --val-every steps
@@ -720,7 +711,6 @@ def show(ax, image):
 
 def plot_training(losses, scales, history, path):
     """The loss of every step with the validation measurements beside it, and validation recall@10."""
-    import matplotlib.pyplot as plt
     fig, (ax, right) = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [3, 2]})
     steps = np.arange(1, len(losses) + 1)
     ax.plot(steps, losses.numpy(), lw=0.8, color="tab:blue", label="training batches (augmented)")
@@ -747,7 +737,6 @@ def plot_training(losses, scales, history, path):
 @torch.no_grad()
 def plot_similarity(model, data, tokenizer, cfg, device, path, n=8):
     """Cosine similarity of n test images with their own captions: the diagonal should stand out."""
-    import matplotlib.pyplot as plt
     n = min(n, len(data.test))
     pairs = data.test.subset(slice(0, n))
     texts = [data.texts[int(pairs.captions[i, 0])] for i in range(n)]
@@ -774,15 +763,13 @@ def plot_similarity(model, data, tokenizer, cfg, device, path, n=8):
 def plot_predictions(model, data, tokenizer, cfg, device, path, n=6):
     """Test images with the 3 candidate texts nearest to each: colour-shape prompts on the embedded set
     (held-out pairs first), the pool's captions on real data."""
-    import matplotlib.pyplot as plt
     if data.name == "shapes":
-        candidates = PAIR_NAMES
-        weights = zero_shot_weights(model, tokenizer, candidates, PAIR_TEMPLATES, cfg.context, device)
+        weights = zero_shot_weights(model, tokenizer, PAIR_NAMES, PAIR_TEMPLATES, cfg.context, device)
         holdout = parse_holdout(cfg.holdout)
         held = is_heldout(data.test.factors, holdout)
         order = torch.cat([held.nonzero().squeeze(1)[: n // 2], (~held).nonzero().squeeze(1)])[:n]
-        heldout_ids = {c * len(common.SHAPES) + s for c, s in holdout}                 # indices into PAIR_NAMES
-        candidates = [f"a {c}" + (" (held out)" if i in heldout_ids else "") for i, c in enumerate(candidates)]
+        candidates = [f"a {pair}" + (" (held out)" if divmod(i, len(common.SHAPES)) in holdout else "")
+                      for i, pair in enumerate(PAIR_NAMES)]
     else:
         candidates = distinct_captions(data, data.test.subset(slice(0, cfg.eval_images)))       # the retrieval pool's
         weights = embed_texts(model, tokenizer, candidates, cfg.context, device)
@@ -790,8 +777,8 @@ def plot_predictions(model, data, tokenizer, cfg, device, path, n=6):
     images = data.test.images[order]
     probabilities = (model.scale() * embed_all(model.encode_image, images, device) @ weights.T).softmax(1)  # (n, C)
     top = probabilities.topk(min(3, len(candidates)), dim=1)
-    fig, axes = plt.subplots(2, len(images), figsize=(2.6 * len(images), 4.6), gridspec_kw={"height_ratios": [2, 1]})
-    axes = np.array(axes).reshape(2, -1)
+    fig, axes = plt.subplots(2, len(images), figsize=(2.6 * len(images), 4.6), gridspec_kw={"height_ratios": [2, 1]},
+                             squeeze=False)
     for i in range(len(images)):
         show(axes[0, i], images[i])
         labels = [candidates[int(j)][:38] for j in top.indices[i]]
@@ -804,17 +791,15 @@ def plot_predictions(model, data, tokenizer, cfg, device, path, n=6):
 
 
 @torch.no_grad()
-def plot_retrieval(model, data, tokenizer, cfg, device, path, top=6):
-    """Text queries and the test images nearest to each."""
-    import matplotlib.pyplot as plt
+def plot_retrieval(model, data, tokenizer, cfg, device, path, top=6):     # text queries and their nearest test images
     pool = data.test.subset(slice(0, cfg.eval_images))
     queries, titles = retrieval_queries(data, pool, cfg)
     query_embeddings = embed_texts(model, tokenizer, queries, cfg.context, device)
-    nearest = (query_embeddings @ embed_all(model.encode_image, pool.images, device).T).topk(min(top, len(pool)), dim=1)
-    fig, axes = plt.subplots(len(queries), nearest.indices.shape[1], figsize=(1.5 * nearest.indices.shape[1] + 0.5, 1.7 * len(queries)))
-    axes = np.array(axes).reshape(len(queries), -1)
+    columns = min(top, len(pool))
+    nearest = (query_embeddings @ embed_all(model.encode_image, pool.images, device).T).topk(columns, dim=1)
+    fig, axes = plt.subplots(len(queries), columns, figsize=(1.5 * columns + 0.5, 1.7 * len(queries)), squeeze=False)
     for q, title in enumerate(titles):
-        for j in range(nearest.indices.shape[1]):
+        for j in range(columns):
             show(axes[q, j], pool.images[nearest.indices[q, j]])
             axes[q, j].set_xlabel(f"{nearest.values[q, j]:.2f}", fontsize=7)
         axes[q, 0].set_title(title if len(title) < 70 else title[:67] + "...", loc="left", fontsize=9)
