@@ -39,6 +39,7 @@ H heads, D head size (E / H), L layers, n visible patches (MAE), K outputs of DI
 import copy
 import math
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -50,7 +51,7 @@ import torch.nn.functional as F
 import common
 import evaluation
 
-contrastive = common.import_script("03_contrastive")    # augment, nt_xent
+contrastive = common.import_script("03_contrastive")    # augment, nt_xent, ema_update
 
 
 # passes over the 50 000 images of the shapes set that take about a minute on one H200, ~25 s of compiling included:
@@ -168,8 +169,7 @@ def attention_weights(q, k, mask=None):
 
 def attention(q, k, v, mask=None):
     """Scaled dot-product attention, Eq. 1 of Vaswani et al.: each token's output is a weighted mean of the values.
-    q, k, v (B, H, T, D) -> (B, H, T, D). The only attention the models here run; the test checks it
-    against F.scaled_dot_product_attention, and torch.compile fuses it for speed."""
+    q, k, v (B, H, T, D) -> (B, H, T, D). The only attention the models run (the test checks it against SDPA)."""
     return attention_weights(q, k, mask) @ v                  # (B,H,T,T) @ (B,H,T,D) -> (B,H,T,D)
 
 
@@ -196,8 +196,7 @@ class MultiHeadAttention(nn.Module):
         out = out.transpose(1, 2).reshape(B, T, E)             # merge heads: (B, T, H, D) -> (B, T, E)
         return self.proj(out)
 
-    def weights(self, x, mask=None):
-        """The attention weights this layer would use on x, (B, H, T, T), for the figures."""
+    def weights(self, x, mask=None):                           # (B, T, E) -> (B, H, T, T): for the figures
         q, k, _ = self._queries_keys_values(x)
         return attention_weights(q, k, mask)
 
@@ -279,15 +278,13 @@ class ViT(nn.Module):
         patch_pos = F.interpolate(patch_pos, size=(side, side), mode="bicubic", align_corners=False)
         return torch.cat([self.pos_embedding[:, :1], patch_pos.flatten(2).transpose(1, 2)], dim=1)
 
-    def hidden_states(self, images, keep=None):
-        """The tokens after the embedding and after every block: depth + 1 tensors of (B, T, E), or (B, 1 + n, E)
-        when keep (B, n) names the visible patches."""
+    def hidden_states(self, images, keep=None):                # L + 1 of (B, T, E): the embedding, then each block's
         states = [self.embed(images, keep)]
         for block in self.blocks:
             states.append(block(states[-1]))
         return states
 
-    def tokens(self, images, keep=None):                       # (B, C, H, W) -> (B, T, E), final-normed
+    def tokens(self, images, keep=None):                       # (B, C, H, W) -> (B, T, E), or (B, 1 + n, E) with keep
         return self.norm(self.hidden_states(images, keep)[-1])
 
     def features(self, images):                                # (B, C, H, W) -> (B, E): Eq. 4
@@ -323,13 +320,10 @@ class ConvNet(nn.Module):
             x = F.max_pool2d(stage(x), 2)                      # halve the resolution after each stage
         return x.mean(dim=(2, 3))                              # (B, 4w, H/8, W/8) -> (B, 4w): position forgotten
 
-    def forward(self, images):
-        features = self.features(images)
-        return self.head(features) if self.head is not None else features
+    forward = ViT.forward                                      # the features, then the head if there is one
 
 
 def build_model(kind, cfg, num_classes):
-    """The ViT of the config, or the CNN baseline of about the same number of parameters."""
     if kind == "vit":
         return ViT(cfg.image_size, cfg.patch_size, 3, cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, num_classes)
     return ConvNet(3, cfg.dim // 2, num_classes)
@@ -357,8 +351,7 @@ def random_masking(batch, num_patches, mask_ratio, device):
 
 class MAEDecoder(nn.Module):
     """MAE's light decoder: the encoded visible tokens (B, 1 + n, E) and the inverse permutation (B, N) -> predicted
-    pixels of every patch (B, N, C*P*P). Narrow blocks over all N places, each hidden one holding the shared mask
-    token; only pre-training uses it, and only the encoder is kept."""
+    pixels of every patch (B, N, C*P*P), by narrow blocks over all N places (a hidden one holds the mask token)."""
 
     def __init__(self, num_patches, encoder_dim, patch_pixels, dim=128, depth=2, heads=4):
         super().__init__()
@@ -458,23 +451,15 @@ def update_center(center, teacher_outputs, momentum):
     return momentum * center + (1 - momentum) * batch_mean
 
 
-@torch.no_grad()
-def update_teacher(teacher, student, momentum):
-    """Algorithm 1: teacher <- l teacher + (1 - l) student, parameter by parameter (no gradient flows here)."""
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
-
-
 # ---- 3. Data: images stay on the device as uint8; each batch is converted, augmented and normalised there ----
 
 def load_data(cfg, device):
     """The dataset as 3-channel uint8 images of image_size pixels, resident on device. The images of a captioned set
     come without labels (y_train, y_test None): there is nothing to classify, only to pre-train on."""
     if cfg.dataset in UNLABELLED:
-        reader = {"captions": lambda: common.read_caption_folder(cfg.data_dir, cfg.image_size, cfg.seed, device),
-                  "flickr8k": lambda: common.read_flickr8k(cfg.data_dir, cfg.image_size, device),
-                  "openclipart": lambda: common.read_openclipart(cfg.data_dir, cfg.image_size, device, cfg.seed)}[cfg.dataset]
-        pairs = reader()
+        pairs = {"captions": lambda: common.read_caption_folder(cfg.data_dir, cfg.image_size, cfg.seed, device),
+                 "flickr8k": lambda: common.read_flickr8k(cfg.data_dir, cfg.image_size, device),
+                 "openclipart": lambda: common.read_openclipart(cfg.data_dir, cfg.image_size, device, cfg.seed)}[cfg.dataset]()
         data = common.ImageData(cfg.dataset, pairs.train.images[:cfg.n_train or None], None,
                                 pairs.test.images[:cfg.n_test or None], None, [])
     else:
@@ -488,14 +473,12 @@ def load_data(cfg, device):
     return data
 
 
-def channel_stats(images):
-    """Per-channel mean and std of uint8 images (N, C, H, W) in [0, 1] units, each (1, C, 1, 1)."""
+def channel_stats(images):                   # uint8 (N, C, H, W) -> per-channel mean, std (1, C, 1, 1) in [0, 1] units
     x = common.to_float(images)
     return x.mean((0, 2, 3), keepdim=True), x.std((0, 2, 3), keepdim=True) + 1e-3
 
 
-def normalise(images, stats):
-    """uint8 images or floats in [0, 1] (B, C, H, W) -> zero mean, unit variance per channel, as the models expect."""
+def normalise(images, stats):                # uint8 or [0, 1] floats (B, C, H, W) -> zero mean, unit variance per channel
     mean, std = stats
     return (common.to_float(images) - mean) / std
 
@@ -529,11 +512,11 @@ def decay_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def fit(model, loss_of_batch, pool, steps, steps_per_epoch, cfg, device, desc, evaluate=None, after_step=None):
-    """The loop shared by supervised training and every pre-training. loss_of_batch(indices) -> scalar loss;
-    after_step() runs after each optimiser step (DINO's teacher and centre). After every epoch's worth of steps,
-    records the mean loss, the training seconds so far (evaluation excluded) and whatever evaluate() returns.
-    Returns that history, a list of dicts."""
+def fit(model, loss_of_batch, pool, epochs, epoch_images, cfg, device, desc, evaluate=None, after_step=None):
+    """The loop shared by supervised training and every pre-training: `epochs` passes' worth of steps over epoch_images
+    images, drawn from pool. loss_of_batch(indices) -> scalar loss; after_step() runs after each optimiser step (DINO's
+    teacher and centre). Each epoch adds the mean loss, the training seconds so far (evaluation excluded) and what
+    evaluate() returns to the history it returns (a list of dicts)."""
     optimizer = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
                                   fused=device.type == "cuda")
     scaler = common.grad_scaler(device)                         # fp16 GPUs only; with bf16 and float32 a no-op
@@ -547,6 +530,8 @@ def fit(model, loss_of_batch, pool, steps, steps_per_epoch, cfg, device, desc, e
     W = common.world_size()
     common.check(len(pool) >= W, f"{len(pool)} labelled images cannot be shared out to {W} processes")
     batch_size = min(cfg.batch_size, len(pool) // W) * W        # all W GPUs together, the same share on each
+    steps_per_epoch = max(1, epoch_images // (cfg.batch_size * W))
+    steps = epochs * steps_per_epoch
     bar = common.progress(steps * batch_size, desc)
     model.train()
     watch = common.Stopwatch(device)
@@ -626,18 +611,15 @@ def train_classifier(model, data, stats, pool, cfg, device, desc):
         # everywhere, so the logits need not grow without bound to fit the training set
         return F.cross_entropy(logits.float(), data.y_train[indices], label_smoothing=cfg.label_smoothing)
 
-    steps_per_epoch = max(1, len(data.x_train) // (cfg.batch_size * common.world_size()))
     evaluate = lambda: {"test_top1": test_accuracy(model, data, stats)["top1"]}
-    return fit(model, loss_of_batch, pool, cfg.epochs * steps_per_epoch, steps_per_epoch, cfg, device, desc, evaluate)
+    return fit(model, loss_of_batch, pool, cfg.epochs, len(data.x_train), cfg, device, desc, evaluate)
 
 
 def pretrain_loop(model, loss_of_batch, data, cfg, device, desc, evaluate=None, after_step=None):
     """fit over all training images (no labels used) for --pretrain-epochs, at --pretrain-lr."""
     everything = torch.arange(len(data.x_train), device=device)
-    steps_per_epoch = max(1, len(data.x_train) // (cfg.batch_size * common.world_size()))
-    steps = (cfg.pretrain_epochs or PRETRAIN_EPOCHS[cfg.pretrain]) * steps_per_epoch
-    settings = replace(cfg, lr=cfg.pretrain_lr or cfg.lr)
-    return fit(model, loss_of_batch, everything, steps, steps_per_epoch, settings, device, desc, evaluate, after_step)
+    epochs, settings = cfg.pretrain_epochs or PRETRAIN_EPOCHS[cfg.pretrain], replace(cfg, lr=cfg.pretrain_lr or cfg.lr)
+    return fit(model, loss_of_batch, everything, epochs, len(everything), settings, device, desc, evaluate, after_step)
 
 
 def pretrain_mae(vit, data, stats, cfg, device):
@@ -692,7 +674,7 @@ def pretrain_dino(vit, data, stats, cfg, device):
                          teacher_temp, cfg.student_temp)
 
     def after_step():                                                            # Algorithm 1's last two lines
-        update_teacher(teacher, student, cfg.ema)
+        contrastive.ema_update(teacher, student, cfg.ema)               # g_t <- l g_t + (1 - l) g_s, 03's EMA
         if not cfg.no_centering:
             state["center"] = update_center(state["center"], state["teacher"], cfg.center_momentum)
 
@@ -746,8 +728,7 @@ def test_accuracy(model, data, stats):
 
 @torch.no_grad()
 def layer_features(vit, images, stats, batch_size=1024):
-    """The class token after the embedding and after every block, then the mean of the patch tokens at the same
-    depths: (2(L + 1), n, E)."""
+    """The class token after the embedding and after every block, then the mean patch token: (2(L + 1), n, E)."""
     features = []
     for x in images.split(batch_size):
         with common.autocast(images.device):
@@ -756,32 +737,32 @@ def layer_features(vit, images, stats, batch_size=1024):
     return torch.cat(features, 1)
 
 
+def probe_features(encoder, data, stats, pool, cfg, knn=False, features=predict):
+    """Test top-1 of the linear probe (knn=True: the kNN classifier) fitted on the labelled pool, on the frozen
+    features(encoder, images, stats) (n, E); encoder=None reads raw pixels, the baseline. With layer_features, a
+    stack (S, n, E): S probes side by side, and a list of S scores."""
+    encode = partial(features, encoder, stats=stats) if encoder else lambda images: common.to_float(images.flatten(1))
+    fit = evaluation.knn_classify if knn else partial(evaluation.linear_probe, seed=cfg.seed, min_steps=cfg.probe_steps)
+    result = fit(encode(data.x_train[pool]), data.y_train[pool], encode(data.x_test), data.y_test, len(data.classes))
+    return [r["top1"] for r in result] if isinstance(result, list) else result["top1"]
+
+
 def depth_probes(vit, data, stats, pool, cfg):
     """A linear probe on the class token and on the mean patch token after every block, fitted on up
     to probe_samples labelled training images. Raw pixels are the baseline. Before block 1 the class token
     is the same vector for every image (x_class + E_pos^0), so its probe is at chance by construction:
     everything it knows later, attention brought to it."""
-    train = pool[:cfg.probe_samples]
-    y_train, classes, depths = data.y_train[train], len(data.classes), len(vit.blocks) + 1
-    probe = lambda a, b: evaluation.linear_probe(a, y_train, b, data.y_test, classes, seed=cfg.seed,
-                                                  min_steps=cfg.probe_steps)
-    pixels = lambda images: common.to_float(images.flatten(1))
-    # all 2(L + 1) probes side by side, one batched step each
-    tokens = [result["top1"] for result in probe(layer_features(vit, data.x_train[train], stats),
-                                                 layer_features(vit, data.x_test, stats))]
+    train, depths = pool[:cfg.probe_samples], len(vit.blocks) + 1
+    tokens = probe_features(vit, data, stats, train, cfg, features=layer_features)   # all 2(L + 1) side by side
     return {"class_token": tokens[:depths], "mean_patch_token": tokens[depths:],
-            "pixels": probe(pixels(data.x_train[train]), pixels(data.x_test))["top1"], "chance": 1 / classes}
+            "pixels": probe_features(None, data, stats, train, cfg), "chance": 1 / len(data.classes)}
 
 
 @torch.no_grad()
 def attention_maps(vit, images):
     """Every block's attention weights for normalised images (n, C, H, W): L tensors (n, H, T, T), computed by
     the blocks' own layers on the tokens that enter them."""
-    x, maps = vit.embed(images), []
-    for block in vit.blocks:
-        maps.append(block.attn.weights(block.norm1(x)))
-        x = block(x)
-    return maps
+    return [block.attn.weights(block.norm1(x)) for block, x in zip(vit.blocks, vit.hidden_states(images))]
 
 
 def attention_rollout(maps):
@@ -818,8 +799,7 @@ def equivariance(vit, cnn, images, seed):
     without.load_state_dict({k: v for k, v in vit.state_dict().items() if k != "pos_embedding"})
     stage = copy.deepcopy(cnn.stages[0]).double().eval()
     x = images.double()
-    n, side_pixels = x.shape[0], x.shape[-1]
-    P, N = vit.patch_size, vit.num_patches
+    n, side_pixels, P, N = len(x), x.shape[-1], vit.patch_size, vit.num_patches
     side = side_pixels // P
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed)).to(x.device)
     permute = lambda imgs: unpatchify(patchify(imgs, P)[:, perm], P, imgs.shape[1])
@@ -878,8 +858,7 @@ def show_image(ax, image):
 
 
 def plot_heatmaps(images, heatmaps, path, row_titles=None):
-    """images (n, C, H, W) in column 0, then one column per entry of heatmaps {title: (n, side, side)}, each over
-    its image."""
+    """images (n, C, H, W) in column 0, then a column per entry of heatmaps {title: (n, side, side)} over them."""
     n, size = len(images), images.shape[-1]
     fig, axes = plt.subplots(n, len(heatmaps) + 1, figsize=(1.6 * (len(heatmaps) + 1), 1.6 * n), squeeze=False)
     for j, (title, heat) in enumerate(heatmaps.items()):
@@ -894,18 +873,17 @@ def plot_heatmaps(images, heatmaps, path, row_titles=None):
     common.save_figure(fig, path)
 
 
-def last_block_attention(vit, images, stats):
-    """The class token's attention over the patches in the last block, per head: (n, H, side, side)."""
-    side = math.isqrt(vit.num_patches)
-    return attention_maps(vit, normalise(images, stats))[-1][:, :, 0, 1:].reshape(len(images), -1, side, side)
+def class_token_attention(vit, images, stats):
+    """Where the class token looks, over the patch grid: in the last block per head (n, H, side, side), and rolled
+    out over all blocks (n, side, side)."""
+    maps, grid = attention_maps(vit, normalise(images, stats)), (math.isqrt(vit.num_patches),) * 2
+    return maps[-1][:, :, 0, 1:].unflatten(-1, grid), attention_rollout(maps).unflatten(-1, grid)
 
 
 def plot_attention(vit, images, stats, class_names, labels, path):
     """For a few test images: the class token's attention in the last block, per head, and the attention rolled
     out over all blocks, each over the image."""
-    side = math.isqrt(vit.num_patches)
-    heads = last_block_attention(vit, images, stats)
-    rolled = attention_rollout(attention_maps(vit, normalise(images, stats))).reshape(len(images), side, side)
+    heads, rolled = class_token_attention(vit, images, stats)
     plot_heatmaps(images, {**{f"last block, head {h + 1}": heads[:, h] for h in range(heads.shape[1])}, "rollout": rolled},
                   path, [class_names[int(y)] for y in labels])
 
@@ -956,7 +934,8 @@ def plot_reconstruction(mae, images, stats, mask_ratio, path):
 def plot_attention_compare(models, images, stats, path):
     """The last block's class-token attention (mean over heads) of each ViT in models {name: ViT}, on the same
     test images: DINO's Fig. 1 in small, against a supervised and a random ViT."""
-    plot_heatmaps(images, {name: last_block_attention(vit, images, stats).mean(1) for name, vit in models.items()}, path)
+    plot_heatmaps(images, {name: class_token_attention(vit, images, stats)[0].mean(1) for name, vit in models.items()},
+                  path)
 
 
 # ---- 7. Main ----
@@ -1002,17 +981,6 @@ def validate(cfg):
     common.check(not cfg.init or Path(cfg.init).is_file(), f"checkpoint {cfg.init!r} does not exist")
 
 
-def probe_features(encoder, data, stats, pool, cfg, knn=False):
-    """The linear probe (or with knn=True, the kNN classifier) on encoder(images) (B, E): fitted on the labelled
-    pool, scored on the test set. encoder=None reads raw pixels, the baseline."""
-    encode = (lambda images: predict(encoder, images, stats)) if encoder else lambda images: common.to_float(images.flatten(1))
-    train, test = encode(data.x_train[pool]), encode(data.x_test)
-    if knn:
-        return evaluation.knn_classify(train, data.y_train[pool], test, data.y_test, len(data.classes))["top1"]
-    return evaluation.linear_probe(train, data.y_train[pool], test, data.y_test, len(data.classes), seed=cfg.seed,
-                                   min_steps=cfg.probe_steps)["top1"]
-
-
 def pretrain_encoder(cfg, data, stats, device, out):
     """A fresh ViT pre-trained by --pretrain on the training images (labels unused), saved as vit_<method>.pt (kind
     'vit': what 04 --init and 05 --init-image load). Returns (encoder, its random start, the report for metrics)."""
@@ -1031,39 +999,11 @@ def pretrain_encoder(cfg, data, stats, device, out):
     return encoder, random_encoder, report
 
 
-def main(argv=None):
-    cfg = common.parse_config(Config, argv, __doc__, quick=QUICK)
-    validate(cfg)
-    device, out = common.setup(cfg, __file__)
-    common.cpu_notice(cfg, device, cfg.epochs * (cfg.n_train or 50_000) / 250)
-    common.check(cfg.pretrain != "simclr" or common.world_size() == 1,
-                 "--pretrain simclr runs in one process; for SimCLR on several GPUs use torchrun 03_contrastive.py")
-    wall = common.Stopwatch(device)
-    data = load_data(cfg, device)
-    processes = common.world_size()
-    # the full training set bounds the batch (as in 01, 03 and 05); the labelled share of --train-fraction may be
-    # smaller, and fit then takes all of it in each step (fewer labels, the same steps)
-    common.check(cfg.batch_size <= len(data.x_train) // processes,
-                 f"--batch-size {cfg.batch_size} is larger than the {len(data.x_train) // processes} training images"
-                 + (f" of each of the {processes} processes (the batch is per process)" if processes > 1 else "")
-                 + ": use a smaller batch")
-    stats, histories = channel_stats(data.x_train), {}
-    metrics = {"dataset": cfg.dataset, "model": cfg.model, "processes": processes}
-    if cfg.pretrain:
-        encoder, random_encoder, metrics["pretrain"] = pretrain_encoder(cfg, data, stats, device, out)
-        compared = {f"{cfg.pretrain.upper()} ViT": encoder, "random ViT": random_encoder}
-    if data.y_train is None:
-        metrics["wall_seconds"] = wall.seconds()
-        if common.is_main():
-            plot_attention_compare(compared, data.x_test[:6], stats, out / "attention_compare.png")
-            common.save_json(out / "metrics.json", metrics)
-        out = common.finish_run(out)
-        if common.is_main():
-            print(f"{cfg.dataset} has no labels, so the labelled evaluation (probes, fine-tuning, training from "
-                  f"scratch) is skipped; the pre-trained encoder is {out / metrics['pretrain']['checkpoint']}")
-            print(summary(cfg, metrics))
-        return encoder, metrics
-    classes = len(data.classes)
+def train_and_examine(cfg, data, stats, device, out, metrics, compared):
+    """With labels: --model trained (from --init or the pre-trained ViT) and examined into metrics, its checkpoint
+    and figures written. compared holds the pre-trained ViT and its random start: both probed, then a ViT from scratch
+    joins them."""
+    classes, histories = len(data.classes), {}
     pool = subset(len(data.x_train), cfg.train_fraction, cfg.seed, device)        # the labels this run may use
     model = build_model(cfg.model, cfg, classes).to(device)
     metrics.update(parameters=sum(p.numel() for p in model.parameters()), labelled_images=len(pool), epochs=cfg.epochs,
@@ -1075,13 +1015,14 @@ def main(argv=None):
         encoder = build_model("vit", cfg, num_classes=0).to(device)
         common.load_checkpoint(cfg.init, encoder, kind="vit", device=device)
     if cfg.pretrain:                       # the frozen encoder against its random start and raw pixels, then scratch
+        encoder, random_encoder = compared.values()
         metrics["pretrain"].update({name: probe_features(e, data, stats, pool, cfg, knn) for name, e, knn in [
             ("probe_top1", encoder, False), ("random_encoder_probe_top1", random_encoder, False),
             ("knn_top1", encoder, True), ("pixels_knn_top1", None, True)]})
         scratch = build_model("vit", cfg, classes).to(device)
         histories["ViT from scratch"] = train_classifier(scratch, data, stats, pool, cfg, device, "ViT from scratch")
         metrics["pretrain"]["scratch_test_top1"] = histories["ViT from scratch"][-1]["test_top1"]
-        compared = {**compared, "supervised ViT": scratch}
+        compared["supervised ViT"] = scratch
     if cfg.init or cfg.pretrain:
         model.load_state_dict({**model.state_dict(), **encoder.state_dict()})      # the head stays freshly initialised
     name = {"vit": "ViT", "cnn": "CNN"}[cfg.model] + (f" fine-tuned from {cfg.pretrain.upper()}" if cfg.pretrain else "")
@@ -1103,13 +1044,42 @@ def main(argv=None):
             plot_depth(metrics["depth_probe"], out / "depth.png")
             plot_attention(model, data.x_test[:6], stats, data.classes, data.y_test[:6], out / "attention.png")
             plot_positions(model, out / "positions.png")
-        if cfg.pretrain:
-            plot_attention_compare(compared, data.x_test[:6], stats, out / "attention_compare.png")
+    return model
+
+
+def main(argv=None):
+    cfg = common.parse_config(Config, argv, __doc__, quick=QUICK)
+    validate(cfg)
+    device, out = common.setup(cfg, __file__)
+    common.cpu_notice(cfg, device, cfg.epochs * (cfg.n_train or 50_000) / 250)
+    common.check(cfg.pretrain != "simclr" or common.world_size() == 1,
+                 "--pretrain simclr runs in one process; for SimCLR on several GPUs use torchrun 03_contrastive.py")
+    wall = common.Stopwatch(device)
+    data = load_data(cfg, device)
+    processes = common.world_size()
+    # the full training set bounds the batch (as in 01, 03 and 05); the labelled share of --train-fraction may be
+    # smaller, and fit then takes all of it in each step (fewer labels, the same steps)
+    common.check(cfg.batch_size <= len(data.x_train) // processes,
+                 f"--batch-size {cfg.batch_size} is larger than the {len(data.x_train) // processes} training images"
+                 + (f" of each of the {processes} processes (the batch is per process)" if processes > 1 else "")
+                 + ": use a smaller batch")
+    stats, model, compared = channel_stats(data.x_train), None, {}
+    metrics = {"dataset": cfg.dataset, "model": cfg.model, "processes": processes}
+    if cfg.pretrain:
+        model, random_encoder, metrics["pretrain"] = pretrain_encoder(cfg, data, stats, device, out)
+        compared = {f"{cfg.pretrain.upper()} ViT": model, "random ViT": random_encoder}
+    if data.y_train is not None:           # without labels the pre-trained ViT is the run's model
+        model = train_and_examine(cfg, data, stats, device, out, metrics, compared)
+    if common.is_main() and compared:
+        plot_attention_compare(compared, data.x_test[:6], stats, out / "attention_compare.png")
     metrics["wall_seconds"] = wall.seconds()
     if common.is_main():
         common.save_json(out / "metrics.json", metrics)
     out = common.finish_run(out)
     if common.is_main():
+        if data.y_train is None:
+            print(f"{cfg.dataset} has no labels, so the labelled evaluation (probes, fine-tuning, training from "
+                  f"scratch) is skipped; the pre-trained encoder is {out / metrics['pretrain']['checkpoint']}")
         print(summary(cfg, metrics))
     return model, metrics
 

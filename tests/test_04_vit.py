@@ -260,7 +260,7 @@ def test_dino_centre_and_teacher_follow_their_moving_averages():
     torch.testing.assert_close(vit.update_center(center, outputs, 0.9), 0.9 * center + 0.1 * outputs.mean(0))
     student, teacher = vit.DINOHead(6, 5, hidden=7, bottleneck=3).double(), vit.DINOHead(6, 5, hidden=7, bottleneck=3).double()
     before = [p.clone() for p in teacher.parameters()]
-    vit.update_teacher(teacher, student, 0.99)
+    vit.contrastive.ema_update(teacher, student, 0.99)               # DINO's teacher update is 03's EMA
     for old, new, s in zip(before, teacher.parameters(), student.parameters()):
         torch.testing.assert_close(new, 0.99 * old + 0.01 * s)
     assert vit.DINOHead(6, 5)(torch.randn(2, 6)).abs().max() <= 1 + 1e-6     # cosines to unit prototypes
@@ -611,7 +611,7 @@ def test_a_non_finite_loss_stops_training():
     stats = vit.channel_stats(data.x_train)
     nan_loss = lambda indices: model(vit.normalise(data.x_train[indices], stats)).sum() * float("nan")
     with pytest.raises(common.UserError, match=r"training diverged \(tiny: the loss is nan at epoch 1\); lower --lr"):
-        vit.fit(model, nan_loss, torch.arange(len(data.x_train)), 4, 2, cfg, torch.device("cpu"), "tiny")
+        vit.fit(model, nan_loss, torch.arange(len(data.x_train)), 2, len(data.x_train), cfg, torch.device("cpu"), "tiny")
 
 
 def test_init_from_a_diverged_checkpoint_is_refused(tmp_path):
