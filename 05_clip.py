@@ -270,8 +270,7 @@ class BPETokenizer:
         common.check(vocab_size >= 257 + len(merges), f"a vocabulary of {vocab_size} cannot hold 256 bytes, "
                                                       f"{len(merges)} merges and the end-of-text token")
         self.merges = [tuple(pair) for pair in merges]           # in the order they were learned
-        self.vocab_size = vocab_size
-        self.eot = vocab_size - 1
+        self.vocab_size, self.eot = vocab_size, vocab_size - 1
         self.rank = {pair: 256 + r for r, pair in enumerate(self.merges)}    # pair -> the id it merges into
         self.pieces = [bytes([b]) for b in range(256)]
         for a, b in self.merges:
@@ -292,10 +291,8 @@ class BPETokenizer:
                 where[pair].add(w)
         merges = []
         for new_id in range(256, vocab_size - 1):
-            if not counts:
-                break
-            pair, count = max(counts.items(), key=lambda item: (item[1], -item[0][0], -item[0][1]))
-            if count < 2:
+            pair, count = max(counts.items(), key=lambda item: (item[1], -item[0][0], -item[0][1]), default=(None, 0))
+            if count < 2:                             # no pair left, or none that occurs twice
                 break
             merges.append(pair)
             for w in where.pop(pair):                 # only the words holding the pair change their counts
@@ -400,9 +397,7 @@ def load_shapes(cfg, device):
     return common.CaptionData("shapes", splits[0], splits[1], texts, list(common.SHAPES), {})
 
 
-def load_data(cfg, device):
-    """(data, validation pairs): the dataset, with --val-share of its training images moved out of data.train,
-    and data.train then cut to --paired images."""
+def load_data(cfg, device):                          # -> (data, the validation pairs taken out of data.train)
     if cfg.dataset == "shapes":
         data = load_shapes(cfg, device)
     elif cfg.dataset == "flickr8k":
@@ -418,8 +413,7 @@ def load_data(cfg, device):
     return data, val
 
 
-def carve_validation(pairs, share, seed):
-    """(training pairs, validation pairs): a random share of the images, with all their captions, held out."""
+def carve_validation(pairs, share, seed):            # -> (training, validation): a share of the images, by image
     n_val = round(share * len(pairs))
     common.check(share == 0 or 2 <= n_val < len(pairs), f"--val-share {share} leaves {n_val} of the {len(pairs)} "
                                                         "training images for validation: it needs at least 2, and "
@@ -627,8 +621,7 @@ def embed_texts(model, tokenizer, texts, context, device):     # M strings -> (M
     return embed_all(model.encode_text, tokenizer.encode_batch(texts, context)[0].to(device), device)
 
 
-def zero_shot_weights(model, tokenizer, names, templates, context, device):
-    """(C, K) class embeddings: each name in every template, embedded, normalised, averaged, normalised again."""
+def zero_shot_weights(model, tokenizer, names, templates, context, device):   # -> (C, K), the templates averaged
     texts = [template.format(name) for name in names for template in templates]
     embeddings = embed_texts(model, tokenizer, texts, context, device).reshape(len(names), len(templates), -1)  # (C, P, K)
     return F.normalize(F.normalize(embeddings, dim=-1).mean(1), dim=-1)                                # (C, K)
@@ -808,8 +801,7 @@ def plot_retrieval(model, data, tokenizer, cfg, device, path, top=6):     # text
     common.save_figure(fig, path)
 
 
-def distinct_captions(data, pool):
-    """The pool's caption strings, each once, in the order of the images' first captions and then the rest."""
+def distinct_captions(data, pool):                   # the pool's caption strings, each once, first captions first
     ids = torch.cat([pool.captions[:, 0], pool.captions[:, 1:].flatten()]).tolist()
     return list(dict.fromkeys(data.texts[i] for i in ids if i >= 0))
 
