@@ -51,6 +51,7 @@ import torch.nn.functional as F
 import common
 import evaluation
 
+autoencoder = common.import_script("01_autoencoder")    # image_rows
 contrastive = common.import_script("03_contrastive")    # augment, nt_xent, ema_update
 
 
@@ -131,8 +132,7 @@ def patchify(images, patch_size):
     return x.reshape(B, (H // P) * (W // P), C * P * P)        # (B, N, C*P*P)
 
 
-def unpatchify(patches, patch_size, channels):
-    """The inverse of patchify: (B, N, C*P*P) -> (B, C, H, W) for a square image."""
+def unpatchify(patches, patch_size, channels):                 # patchify's inverse: (B, N, C*P*P) -> (B, C, H, W)
     B, N, _ = patches.shape
     P, side = patch_size, math.isqrt(N)
     x = patches.reshape(B, side, side, channels, P, P)          # (B, H/P, W/P, C, P, P)
@@ -191,10 +191,8 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x, mask=None):                           # (B, T, E) -> (B, T, E)
         B, T, E = x.shape
-        q, k, v = self._queries_keys_values(x)
-        out = attention(q, k, v, mask)                         # (B, H, T, D)
-        out = out.transpose(1, 2).reshape(B, T, E)             # merge heads: (B, T, H, D) -> (B, T, E)
-        return self.proj(out)
+        out = attention(*self._queries_keys_values(x), mask)                # (B, H, T, D)
+        return self.proj(out.transpose(1, 2).reshape(B, T, E))              # merge heads: (B, T, H, D) -> (B, T, E)
 
     def weights(self, x, mask=None):                           # (B, T, E) -> (B, H, T, T): for the figures
         q, k, _ = self._queries_keys_values(x)
@@ -639,8 +637,7 @@ def pretrain_mae(vit, data, stats, cfg, device):
     return pretrain_loop(mae, loss_of_batch, data, cfg, device, "MAE pre-training"), mae
 
 
-def local_crop_side(cfg):
-    """Side of DINO's local crops: half the image, in whole patches."""
+def local_crop_side(cfg):                                      # DINO's local crops: half the side, in whole patches
     return cfg.image_size // 2 // cfg.patch_size * cfg.patch_size
 
 
@@ -758,13 +755,6 @@ def depth_probes(vit, data, stats, pool, cfg):
             "pixels": probe_features(None, data, stats, train, cfg), "chance": 1 / len(data.classes)}
 
 
-@torch.no_grad()
-def attention_maps(vit, images):
-    """Every block's attention weights for normalised images (n, C, H, W): L tensors (n, H, T, T), computed by
-    the blocks' own layers on the tokens that enter them."""
-    return [block.attn.weights(block.norm1(x)) for block, x in zip(vit.blocks, vit.hidden_states(images))]
-
-
 def attention_rollout(maps):
     """Abnar & Zuidema 2020: how much each input patch flows into the final class token. Each layer mixes
     tokens by its head-averaged attention plus the residual (counted as 0.5 A + 0.5 I, rows renormalised),
@@ -852,31 +842,28 @@ def plot_depth(probes, path):
     common.save_figure(fig, path)
 
 
-def show_image(ax, image):
-    ax.imshow(image.permute(1, 2, 0).cpu().numpy())
-    ax.set_axis_off()
-
-
-def plot_heatmaps(images, heatmaps, path, row_titles=None):
+def plot_heatmaps(images, heatmaps, path, row_titles=()):
     """images (n, C, H, W) in column 0, then a column per entry of heatmaps {title: (n, side, side)} over them."""
     n, size = len(images), images.shape[-1]
     fig, axes = plt.subplots(n, len(heatmaps) + 1, figsize=(1.6 * (len(heatmaps) + 1), 1.6 * n), squeeze=False)
-    for j, (title, heat) in enumerate(heatmaps.items()):
-        axes[0, j + 1].set_title(title, fontsize=8)
-        for i, image in enumerate(images):
-            show_image(axes[i, 0], image)
-            show_image(axes[i, j + 1], image)
-            axes[i, j + 1].imshow(heat[i].float().cpu().numpy(), cmap="inferno", alpha=0.65,
-                                  extent=(-0.5, size - 0.5, size - 0.5, -0.5))
-    for i, title in enumerate(row_titles or []):
-        axes[i, 0].set_title(title, fontsize=8)
+    for i, image in enumerate(images):
+        for ax, heat in zip(axes[i], [None, *heatmaps.values()]):
+            ax.imshow(image.permute(1, 2, 0).cpu().numpy())
+            ax.set_axis_off()
+            if heat is not None:
+                ax.imshow(heat[i].float().cpu().numpy(), cmap="inferno", alpha=0.65,
+                          extent=(-0.5, size - 0.5, size - 0.5, -0.5))
+    for ax, title in [*zip(axes[0, 1:], heatmaps), *zip(axes[:, 0], row_titles)]:     # the columns', the rows'
+        ax.set_title(title, fontsize=8)
     common.save_figure(fig, path)
 
 
+@torch.no_grad()
 def class_token_attention(vit, images, stats):
     """Where the class token looks, over the patch grid: in the last block per head (n, H, side, side), and rolled
-    out over all blocks (n, side, side)."""
-    maps, grid = attention_maps(vit, normalise(images, stats)), (math.isqrt(vit.num_patches),) * 2
+    out over all blocks (n, side, side). The blocks' own layers weigh the tokens that enter them."""
+    states, grid = vit.hidden_states(normalise(images, stats)), (math.isqrt(vit.num_patches),) * 2
+    maps = [block.attn.weights(block.norm1(x)) for block, x in zip(vit.blocks, states)]     # L of (n, H, T, T)
     return maps[-1][:, :, 0, 1:].unflatten(-1, grid), attention_rollout(maps).unflatten(-1, grid)
 
 
@@ -921,21 +908,9 @@ def plot_reconstruction(mae, images, stats, mask_ratio, path):
     prediction = prediction * (patches.var(-1, keepdim=True) + 1e-6).sqrt() + patches.mean(-1, keepdim=True)
     hidden = mask[:, :, None].bool()                                             # (n, N, 1)
     to_pixels = lambda p: (unpatchify(p, P, C) * std + mean).clamp(0, 1)
-    rows = {"masked input": to_pixels(patches.masked_fill(hidden, 0.0)),         # 0 = the mean colour
-            "reconstruction": to_pixels(torch.where(hidden, prediction, patches)), "original": common.to_float(images)}
-    fig, axes = plt.subplots(3, len(images), figsize=(1.3 * len(images), 4.2), squeeze=False)
-    for r, (name, shown) in enumerate(rows.items()):
-        for i in range(len(images)):
-            show_image(axes[r, i], shown[i])
-        axes[r, 0].set_title(name, fontsize=8, loc="left")
-    common.save_figure(fig, path)
-
-
-def plot_attention_compare(models, images, stats, path):
-    """The last block's class-token attention (mean over heads) of each ViT in models {name: ViT}, on the same
-    test images: DINO's Fig. 1 in small, against a supervised and a random ViT."""
-    plot_heatmaps(images, {name: class_token_attention(vit, images, stats)[0].mean(1) for name, vit in models.items()},
-                  path)
+    autoencoder.image_rows([("masked input", to_pixels(patches.masked_fill(hidden, 0.0))),        # 0 = the mean colour
+                            ("reconstruction", to_pixels(torch.where(hidden, prediction, patches))),
+                            ("original", common.to_float(images))], path)
 
 
 # ---- 7. Main ----
@@ -1070,8 +1045,9 @@ def main(argv=None):
         compared = {f"{cfg.pretrain.upper()} ViT": model, "random ViT": random_encoder}
     if data.y_train is not None:           # without labels the pre-trained ViT is the run's model
         model = train_and_examine(cfg, data, stats, device, out, metrics, compared)
-    if common.is_main() and compared:
-        plot_attention_compare(compared, data.x_test[:6], stats, out / "attention_compare.png")
+    if common.is_main() and compared:      # DINO's Fig. 1 in small: the last block's class token, mean over heads
+        plot_heatmaps(data.x_test[:6], {name: class_token_attention(vit, data.x_test[:6], stats)[0].mean(1)
+                                        for name, vit in compared.items()}, out / "attention_compare.png")
     metrics["wall_seconds"] = wall.seconds()
     if common.is_main():
         common.save_json(out / "metrics.json", metrics)
