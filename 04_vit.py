@@ -510,7 +510,7 @@ def decay_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def fit(model, loss_of_batch, pool, epochs, epoch_images, cfg, device, desc, evaluate=None, after_step=None):
+def fit(model, loss_of_batch, pool, epochs, epoch_images, cfg, device, desc, evaluate=None, after_step=lambda: None):
     """The loop shared by supervised training and every pre-training: `epochs` passes' worth of steps over epoch_images
     images, drawn from pool. loss_of_batch(indices) -> scalar loss; after_step() runs after each optimiser step (DINO's
     teacher and centre). Each epoch adds the mean loss, the training seconds so far (evaluation excluded) and what
@@ -545,8 +545,7 @@ def fit(model, loss_of_batch, pool, epochs, epoch_images, cfg, device, desc, eva
             nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         scaler.step(optimizer)
         scaler.update()
-        if after_step is not None:
-            after_step()
+        after_step()
         running += loss.detach()                               # summed on the device: no synchronisation per step
         count += 1
         bar.update(len(indices))
@@ -613,7 +612,7 @@ def train_classifier(model, data, stats, pool, cfg, device, desc):
     return fit(model, loss_of_batch, pool, cfg.epochs, len(data.x_train), cfg, device, desc, evaluate)
 
 
-def pretrain_loop(model, loss_of_batch, data, cfg, device, desc, evaluate=None, after_step=None):
+def pretrain_loop(model, loss_of_batch, data, cfg, device, desc, evaluate=None, after_step=lambda: None):
     """fit over all training images (no labels used) for --pretrain-epochs, at --pretrain-lr."""
     everything = torch.arange(len(data.x_train), device=device)
     epochs, settings = cfg.pretrain_epochs or PRETRAIN_EPOCHS[cfg.pretrain], replace(cfg, lr=cfg.pretrain_lr or cfg.lr)
@@ -652,7 +651,6 @@ def pretrain_dino(vit, data, stats, cfg, device):
     teacher_forward = compiled(teacher, cfg, device)
     teacher_temp = cfg.student_temp if cfg.no_sharpening else cfg.teacher_temp
     state = {"center": torch.zeros(cfg.dino_dim, device=device), "teacher": None}
-    side = local_crop_side(cfg)
 
     def loss_of_batch(indices):
         x = common.to_float(data.x_train[indices])                               # (B, C, H, W)
@@ -664,7 +662,7 @@ def pretrain_dino(vit, data, stats, cfg, device):
             if cfg.local_crops:
                 # NOTE: 03's crop keeps 10-100% of the area (DINO's local crops keep 5-40%), then half the side
                 small = contrastive.augment(x.repeat(cfg.local_crops, 1, 1, 1), crop=0.9)
-                small = F.interpolate(small, size=(side, side), mode="bilinear", antialias=True)
+                small = F.interpolate(small, size=(local_crop_side(cfg),) * 2, mode="bilinear", antialias=True)
                 students.append(student_forward(normalise(small, stats)).float())   # (n_local B, K)
         state["teacher"] = teacher_out
         return dino_loss(teacher_out.chunk(2), torch.cat(students).chunk(2 + cfg.local_crops), state["center"],
@@ -700,8 +698,7 @@ def pretrain_simclr(vit, data, stats, cfg, device):
         views = torch.cat([contrastive.augment(x), contrastive.augment(x)])     # (2B, C, H, W)
         with common.autocast(device):
             z = projector(encode(normalise(views, stats)))                      # (2B, 128)
-        z1, z2 = z.float().chunk(2)                                             # (B, 128) each
-        return contrastive.nt_xent(z1, z2, cfg.temperature)
+        return contrastive.nt_xent(*z.float().chunk(2), cfg.temperature)        # z1, z2 (B, 128) each
 
     return pretrain_loop(both, loss_of_batch, data, cfg, device, "SimCLR pre-training"), projector
 
@@ -804,8 +801,7 @@ def equivariance(vit, cnn, images, seed):
                 "class_token_after_permutation": relative_error(moved[:, 0], tokens[:, 0])}
 
     maps = stage(x)                                                             # (n, width, H, W)
-    margin = 2                                                                  # two 3x3 convs see 2 pixels out
-    inside = slice(P + margin, side_pixels - margin)                            # columns no padding reaches
+    inside = slice(P + 2, side_pixels - 2)             # columns no padding reaches: two 3x3 convs see 2 pixels out
     return {"vit_without_positions": token_errors(without), "vit": token_errors(vit),
             "cnn_first_stage": {"permute_patches": relative_error(stage(permute(x)), permute(maps)),
                                 "shift_one_patch": relative_error(stage(shift(x))[..., inside], shift(maps)[..., inside])}}
@@ -975,9 +971,8 @@ def pretrain_encoder(cfg, data, stats, device, out):
 
 
 def train_and_examine(cfg, data, stats, device, out, metrics, compared):
-    """With labels: --model trained (from --init or the pre-trained ViT) and examined into metrics, its checkpoint
-    and figures written. compared holds the pre-trained ViT and its random start: both probed, then a ViT from scratch
-    joins them."""
+    """With labels: --model trained (from --init or the pre-trained ViT) and examined into metrics, checkpoint and
+    figures. compared {name: ViT}, the pre-trained one and its random start, are probed; a ViT from scratch joins."""
     classes, histories = len(data.classes), {}
     pool = subset(len(data.x_train), cfg.train_fraction, cfg.seed, device)        # the labels this run may use
     model = build_model(cfg.model, cfg, classes).to(device)
@@ -1007,8 +1002,7 @@ def train_and_examine(cfg, data, stats, device, out, metrics, compared):
     if cfg.pretrain:
         metrics["pretrain"]["finetune_test_top1"] = metrics["top1"]
 
-    vit = model if cfg.model == "vit" else build_model("vit", cfg, classes).to(device)
-    cnn = model if cfg.model == "cnn" else build_model("cnn", cfg, classes).to(device)
+    vit, cnn = (model if kind == cfg.model else build_model(kind, cfg, classes).to(device) for kind in ("vit", "cnn"))
     metrics["equivariance"] = equivariance(vit, cnn, normalise(data.x_test[:64], stats), cfg.seed)
     if cfg.model == "vit":
         metrics["depth_probe"] = depth_probes(model, data, stats, pool, cfg)
