@@ -857,10 +857,9 @@ def validate(cfg):
 
 
 def prepare(cfg, device):
-    """The image encoder (first, so that a wrong --init-image fails before any data is made), the data, the tokenizer
-    learned from the training captions, the tokens of every caption (M, L) with the number cut at --context, and the
-    model. The config comes back too: with --init-image its image shape is the encoder's; under --quick the batch may
-    shrink to a small training set (fit_batch). val: the validation pairs, out of data.train."""
+    """The image encoder (first, so that a wrong --init-image fails before any data is made), the data and the
+    validation pairs, the tokenizer learned from the training captions, every caption's tokens (M, L) and how many
+    were cut at --context, and the model; and the config as built (image shape, fit_batch's batch)."""
     encoder = image_encoder(cfg, device)
     # the shape actually built, which --init-image's checkpoint sets, is what config.json and clip.pt record
     cfg = dataclasses.replace(cfg, image_size=encoder.arch["image_size"],
