@@ -318,7 +318,9 @@ class ConvNet(nn.Module):
             x = F.max_pool2d(stage(x), 2)                      # halve the resolution after each stage
         return x.mean(dim=(2, 3))                              # (B, 4w, H/8, W/8) -> (B, 4w): position forgotten
 
-    forward = ViT.forward                                      # the features, then the head if there is one
+    def forward(self, images):                                 # (B, C, H, W) -> (B, num_classes) or (B, 4w)
+        features = self.features(images)
+        return self.head(features) if self.head is not None else features
 
 
 def build_model(kind, cfg, num_classes):
