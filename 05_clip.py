@@ -587,9 +587,8 @@ def measure_validation(model, train_pairs, val, tokens, cfg, device, step):
 
 
 def best_step(history):
-    """The step of the highest validation text->image recall@10. Recall over a few hundred images ties often; among
-    equals, the lowest validation loss, and then the later step, which has seen more pairs."""
-    return max(history, key=lambda row: (row["val_t2i_r10"], -row["val_loss"], row["step"]))["step"]
+    """The step of the highest validation text->image recall@10; the earliest of equals."""
+    return max(history, key=lambda row: (row["val_t2i_r10"], -row["step"]))["step"]
 
 
 def check_finite(loss, step, bar):
