@@ -46,7 +46,6 @@ Shapes legend: B batch, C channels, H x W image, P pixels (C*H*W), L latent (cod
 import math
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -379,7 +378,7 @@ def validate(cfg):
 def read_features(path):
     """The arrays of a --features file (03_contrastive.py --save-features writes one), checked before any work."""
     need = "an .npz of features (N, D) floats, images (N, C, H, W) uint8 and, optionally, labels (N,) integers"
-    common.check(Path(path).is_file(), f"--features {path}: no such file")
+    common.check_file(path, "--features")
     try:
         archive = np.load(path, allow_pickle=False)
         common.check(isinstance(archive, np.lib.npyio.NpzFile), f"--features {path} is one array, not {need}")

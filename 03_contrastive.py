@@ -769,9 +769,9 @@ def final_geometry(h, z):
     effective rank far below P is dimensional collapse."""
     shape = {"z_uniformity": uniformity(z[:TRACK_IMAGES]).item()}
     for name, x in (("h", h), ("z", z)):
-        shape.update({f"{name}_effective_rank": effective_rank(x).item(), f"{name}_std": feature_std(x).item(),
-                      f"{name}_std_sqrt_dim": feature_std(x).item() * x.shape[1] ** 0.5,
-                      f"{name}_spectrum": spectrum(x).tolist()})
+        std = feature_std(x).item()
+        shape.update({f"{name}_effective_rank": effective_rank(x).item(), f"{name}_std": std,
+                      f"{name}_std_sqrt_dim": std * x.shape[1] ** 0.5, f"{name}_spectrum": spectrum(x).tolist()})
     return shape
 
 

@@ -40,7 +40,6 @@ import copy
 import math
 from dataclasses import dataclass, replace
 from functools import partial
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
@@ -457,9 +456,9 @@ def load_data(cfg, device):
     """The dataset as 3-channel uint8 images of image_size pixels, resident on device. The images of a captioned set
     come without labels (y_train, y_test None): there is nothing to classify, only to pre-train on."""
     if cfg.dataset in UNLABELLED:
-        pairs = {"captions": lambda: common.read_caption_folder(cfg.data_dir, cfg.image_size, cfg.seed, device),
-                 "flickr8k": lambda: common.read_flickr8k(cfg.data_dir, cfg.image_size, device),
-                 "openclipart": lambda: common.read_openclipart(cfg.data_dir, cfg.image_size, device, cfg.seed)}[cfg.dataset]()
+        reader = {"captions": common.read_caption_folder, "flickr8k": common.read_flickr8k,
+                  "openclipart": common.read_openclipart}[cfg.dataset]
+        pairs = reader(cfg.data_dir, cfg.image_size, device)          # the split 05 uses: no test image trains here
         data = common.ImageData(cfg.dataset, pairs.train.images[:cfg.n_train or None], None,
                                 pairs.test.images[:cfg.n_test or None], None, [])
     else:
@@ -951,7 +950,8 @@ def validate(cfg):
               "teacher's output (--no-sharpening is the way to ask for that)")
     common.check(not cfg.pretrain or cfg.model == "vit", f"--pretrain {cfg.pretrain} pre-trains the ViT; drop --model cnn")
     common.check(not cfg.init or (cfg.model == "vit" and not cfg.pretrain), "--init starts a ViT without --pretrain")
-    common.check(not cfg.init or Path(cfg.init).is_file(), f"checkpoint {cfg.init!r} does not exist")
+    if cfg.init:
+        common.check_file(cfg.init, "checkpoint")
 
 
 def pretrain_encoder(cfg, data, stats, device, out):

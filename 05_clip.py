@@ -403,10 +403,9 @@ def load_data(cfg, device):                          # -> (data, the validation 
     elif cfg.dataset == "flickr8k":
         data = common.read_flickr8k(cfg.data_dir, cfg.image_size, device)
     elif cfg.dataset == "openclipart":
-        # the split stays put under --seed, so that 04's pre-training on these training images never saw a test image
         data = common.read_openclipart(cfg.data_dir, cfg.image_size, device)
-    else:
-        data = common.read_caption_folder(cfg.data_dir, cfg.image_size, cfg.seed, device)
+    else:                                            # both split as 04 splits them (common.CAPTION_SPLIT_SEED)
+        data = common.read_caption_folder(cfg.data_dir, cfg.image_size, device)
     data.train, val = carve_validation(data.train, cfg.val_share, cfg.seed)
     if cfg.paired:
         data.train = data.train.subset(slice(0, cfg.paired))

@@ -2,7 +2,7 @@
 (the evaluation protocol is evaluation.py).
 
 1. Errors a user can fix          UserError, check, check_file, run
-2. Configuration                  arg, RunConfig, parse_config
+2. Configuration                  arg, RunConfig, parse_config, config_overrides
 3. Device, seeds, speed           setup, finish_run, cpu_notice, autocast, grad_scaler, Stopwatch, warmup_cosine,
                                   to_float, at_least_float32, constant, progress
 4. Outputs                        one run per folder (staged, then published); save_json, save_figure,
@@ -141,6 +141,22 @@ def parse_config(config_class, argv, description, quick=None):
     check(not isinstance(cfg, RunConfig) or 0 <= cfg.seed <= 2**63 - 1, f"--seed must be between 0 and 2**63 - 1, "
                                                                         f"got {cfg.seed}")
     return cfg
+
+
+def config_overrides(config_class, options, where):
+    """['lr=1e-3', 'ablate=True'] -> {'lr': 0.001, 'ablate': True}: a benchmark's settings for its runs, each value
+    read as parse_config reads the option's flag. where names them in the one-line error of a bad one."""
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    parsed = {}
+    for option in options:
+        key, _, value = option.partition("=")
+        check(key in fields, f"{where} {option!r}: there is no option {key!r}")
+        kind = type(fields[key].default)
+        try:
+            parsed[key] = value == "True" if kind is bool else kind(value)
+        except ValueError:
+            raise UserError(f"{where} {option!r}: {value!r} is not a {kind.__name__}") from None
+    return parsed
 
 
 # ---- 3. Device, seeds and speed ----
@@ -1136,10 +1152,16 @@ def read_captions_csv(folder, size):
     return images, [captions[name] for name in names], skipped
 
 
-def read_caption_folder(folder, size, seed, device):
+# The split of a caption set that has no split of its own is drawn with this seed, whatever a run's --seed: 04
+# pre-trains on a set's training images and 05 then trains and tests on the same set, so a test image must never
+# be among the images 04 saw. Seeds vary the training, not the test set.
+CAPTION_SPLIT_SEED = 0
+
+
+def read_caption_folder(folder, size, device):
     """CaptionData of a folder: DIR/train and DIR/test, each with a captions.csv, are the splits; otherwise
-    DIR/captions.csv is split by image (10% of the images, at least one, for testing), so all captions of an
-    image land on one side."""
+    DIR/captions.csv is split by image (10% of the images, at least one, for testing; CAPTION_SPLIT_SEED), so all
+    captions of an image land on one side."""
     folder = Path(folder)
     check(folder.is_dir(), f"--data-dir {str(folder)!r} is not a folder")
     if (folder / "train" / "captions.csv").is_file() and (folder / "test" / "captions.csv").is_file():
@@ -1149,7 +1171,7 @@ def read_caption_folder(folder, size, seed, device):
     else:
         images, captions, skipped = read_captions_csv(folder, size)
         check(len(images) >= 2, f"{folder}/captions.csv has {len(images)} usable image; a train/test split needs 2")
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed)).tolist()
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(CAPTION_SPLIT_SEED)).tolist()
         n_test = max(1, round(0.1 * len(images)))
         test, train = order[:n_test], order[n_test:]
         x_train, c_train = images[train], [captions[i] for i in train]
@@ -1300,8 +1322,9 @@ def decode_clipart(path, size, min_side=8):
     return torch.from_numpy(np.array(square)).permute(2, 0, 1)
 
 
-def read_openclipart(data_dir, size, device, seed=0, test_share=0.15):
-    """CaptionData of the clip art at S x S, with classes and labels, split by image (test_share of them, by seed).
+def read_openclipart(data_dir, size, device, test_share=0.15):
+    """CaptionData of the clip art at S x S, with classes and labels, split by image (test_share of them, drawn with
+    CAPTION_SPLIT_SEED).
     The tree is data_dir/openclipart/png if there is one, else the package's. The images are decoded once into
     data_dir/openclipart/images-S.npz, which holds everything read later: the tree is not needed again."""
     folder = Path(data_dir) / "openclipart"
@@ -1349,13 +1372,15 @@ def read_openclipart(data_dir, size, device, seed=0, test_share=0.15):
         raise UserError(f"{cache} is corrupt ({error}); delete it to decode the images again") from None
     captions = [[] for _ in images]
     for path, i in zip(paths, image_of):
-        if openclipart_caption(path) not in captions[i]:
-            captions[i].append(openclipart_caption(path))
+        caption = openclipart_caption(path)
+        if caption not in captions[i]:
+            captions[i].append(caption)
     top = [Path(paths[i]).parts[0] if len(Path(paths[i]).parts) > 1 else "unsorted" for i in range(len(images))]
     classes = sorted(set(top) - {"unsorted"})
     labels = torch.tensor([classes.index(t) if t in classes else -1 for t in top])
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    test, train = order[:max(1, round(test_share * len(images)))], order[max(1, round(test_share * len(images))):]
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(CAPTION_SPLIT_SEED))
+    n_test = max(1, round(test_share * len(images)))
+    test, train = order[:n_test], order[n_test:]
     data = caption_data("openclipart", images[train], [captions[i] for i in train], images[test],
                         [captions[i] for i in test], skipped, device)
     data.train.labels, data.test.labels = labels[train].to(device), labels[test].to(device)

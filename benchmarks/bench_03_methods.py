@@ -46,25 +46,18 @@ def parse_run(spec):
     name, _, options = spec.partition(":")
     method, _, ablate = name.partition("+")
     common.check(method in contrastive.METHODS and ablate in ("", "ablate"), f"bad run {spec!r}")
-    return method, ablate == "ablate", parse_options(options)
+    return method, ablate == "ablate", parse_options(options, f"run {spec!r}:")
 
 
-def parse_options(options):
-    """'ema=0.9,lr=1e-3' -> {'ema': 0.9, 'lr': 0.001}, each value of its Config field's type."""
-    kinds = {f.name: f.type for f in dataclasses.fields(contrastive.Config)}
-    parsed = {}
-    for option in filter(None, options.split(",")):
-        key, _, value = option.partition("=")
-        common.check(key in kinds, f"unknown option {key!r} in {options!r}")
-        parsed[key] = value == "True" if kinds[key] is bool else kinds[key](value)
-    return parsed
+def parse_options(options, where):                   # 'ema=0.9,lr=1e-3' -> {'ema': 0.9, 'lr': 0.001}
+    return common.config_overrides(contrastive.Config, filter(None, options.split(",")), where)
 
 
 def config(dataset, spec, args, **extra):
     method, ablate, overrides = parse_run(spec)
     cfg = contrastive.Config(dataset=dataset, data_dir=args.data_dir, method=method, ablate=ablate, seed=args.seed,
                              **{**DATASET_SETTINGS.get(dataset, {}), **METHOD_SETTINGS.get(method, {}),
-                                **parse_options(args.set), **overrides, **extra})
+                                **parse_options(args.set, "--set"), **overrides, **extra})
     contrastive.validate(cfg)
     return cfg
 

@@ -52,12 +52,7 @@ def parse_args(argv=None):
 def base_config(args):
     options = dict(dataset=args.dataset, data_dir=args.data_dir, device=args.device, seed=args.seed, n_train=args.n_train,
                    val_split=args.val_split, epochs=args.epochs, image_size=28, patch_size=4, batch_size=1024, crop=0.3)
-    fields = vit_script.Config.__dataclass_fields__
-    for item in args.set:
-        key, _, value = item.partition("=")
-        common.check(key in fields, f"--set {item}: 04 has no option {key}")
-        options[key] = type(fields[key].default)(value) if not isinstance(fields[key].default, bool) else value == "True"
-    return vit_script.Config(**options)
+    return vit_script.Config(**{**options, **common.config_overrides(vit_script.Config, args.set, "--set")})
 
 
 def pretrain_epochs(text):

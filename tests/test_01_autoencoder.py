@@ -389,7 +389,7 @@ def test_bad_features_files_fail_with_one_line_before_anything_is_written(tmp_pa
     np.savez(tmp_path / "no_images.npz", features=np.zeros((20, 4), np.float32))
     np.savez(tmp_path / "bad_labels.npz", features=np.zeros((20, 4), np.float32), images=np.zeros((20, 1, 2, 2), np.uint8),
              labels=np.zeros(19, np.int64))
-    for name, message in [("missing.npz", "no such file"), ("text.npz", "is not a readable .npz"),
+    for name, message in [("missing.npz", "does not exist"), (".", "is a folder, not a file"), ("text.npz", "is not a readable .npz"),
                           ("one.npy", "is one array, not an .npz"), ("no_images.npz", "it should be an .npz of features"),
                           ("bad_labels.npz", "labels")]:
         out = tmp_path / f"out-{name}"

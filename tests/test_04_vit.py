@@ -535,6 +535,21 @@ def test_pretraining_on_a_captions_folder_saves_an_encoder_that_05_loads(tmp_pat
     assert loaded.arch == encoder.arch and (tmp_path / "clip" / "metrics.json").is_file()
 
 
+def test_pretraining_images_are_05s_training_images_whatever_the_seed(tmp_path):
+    """04 --seed 3 pre-trains on a captions folder's training images; 05 at --seed 0 and 5 tests on the rest: the split
+    is the set's, not the run's, so no image 05 tests on was ever seen by the encoder it starts from."""
+    make_caption_folder(tmp_path / "pics", n=40)
+    clip = common.import_script("05_clip")
+    cfg = vit.Config(dataset="captions", data_dir=str(tmp_path / "pics"), image_size=32, seed=3, pretrain="dino")
+    seen = {bytes(image.numpy()) for image in vit.load_data(cfg, torch.device("cpu")).x_train}
+    for seed in (0, 5):
+        data, val = clip.load_data(clip.Config(dataset="captions", data_dir=str(tmp_path / "pics"), seed=seed),
+                                   torch.device("cpu"))
+        held = {bytes(image.numpy()) for image in data.test.images}
+        trained = {bytes(image.numpy()) for image in torch.cat([data.train.images, val.images])}
+        assert trained == seen and held and not held & seen
+
+
 @pytest.mark.parametrize("setting,device,kind,processes,expected", [
     ("auto", "cuda", "vit", 1, "reduce-overhead"), ("auto", "cuda", "cnn", 1, None), ("auto", "cpu", "vit", 1, None),
     ("off", "cuda", "vit", 1, None), ("on", "cuda", "cnn", 1, "reduce-overhead"), ("off", "cpu", "vit", 1, None),
