@@ -65,7 +65,7 @@ def score(model_name, beta, seed, data, factors, cfg, device):
     codes = autoencoder.encode_all(model, data.x_test)                                # (N, L)
     value, gaps = autoencoder.mig(codes, factors)
     return {"mig": value, "per_factor": gaps, "test_mse": autoencoder.reconstruction_error(model, data.x_test),
-            "active_units": int((codes.var(0) > autoencoder.ACTIVE_VARIANCE).sum()), "train_seconds": history["seconds"]}
+            "active_units": autoencoder.active_units(model, data.x_test)[0], "train_seconds": history["seconds"]}
 
 
 def plot(rows, names, path):

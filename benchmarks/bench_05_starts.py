@@ -96,6 +96,7 @@ def main():
     common.check(set(starts) <= set(STARTS) and set(modes) <= set(MODES), f"--starts from {STARTS}, --modes from {MODES}")
     shares, seeds = [float(s) for s in args.paired.split(",")], [int(s) for s in args.seeds.split(",")]
     common.check(all(0 < s <= 1 for s in shares), f"--paired takes shares in (0, 1], got {args.paired}")
+    common.check(all("=" in item for item in args.checkpoint), f"--checkpoint takes START=PATH, got {args.checkpoint}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # the training images left once 05 has held out its validation share: --paired counts from them
@@ -124,7 +125,7 @@ def main():
                     print(json.dumps(row), flush=True)
                     common.save_json(out / "rows.json", rows)         # after every run: a cut-short table keeps its rows
     print(table(rows))
-    (out / "table.md").write_text(table(rows) + "\n")
+    common.save_text(out / "table.md", table(rows) + "\n")
 
 
 if __name__ == "__main__":
