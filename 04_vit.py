@@ -28,10 +28,11 @@ Run:  python 04_vit.py            (the embedded shapes set; --dataset fashion-mn
       torchrun --nproc_per_node=2 04_vit.py   (supervised training, or --pretrain mae|dino, on 2 GPUs)
       benchmarks/bench_04_labels.py: 1%, 10%, 100% of Fashion-MNIST's labels, from scratch and after each pre-training
 Measured on one H200 (torch 2.11, bf16; compiled, as the default is on one GPU), RESULTS.md:
-  python 04_vit.py: ViT 2.71M parameters (patch 8), 25 epochs: test top-1 88.3% on the shapes set (chance 10%,
-    raw-pixel probe 13%); the class-token probe climbs from 10% before block 1 to 88% after block 6; 47 s wall.
-  --pretrain dino --train-fraction 0.02 --epochs 5: 61 s of DINO, then 1 000 labels: fine-tuned 22.5% against
-    14.1% from scratch; frozen probe 19.8% (random encoder 11.4%).
+  python 04_vit.py: ViT 2.71M parameters (patch 8), 25 epochs: test top-1 86.4% on the shapes set (chance 10%,
+    raw-pixel probe 13%); the class-token probe climbs from 10% before block 1 to 86% after block 6; 49 s wall.
+  bench_04_labels.py --epochs 20, Fashion-MNIST, 600 labels: fine-tuned after MAE 81.6% against 78.8% from
+    scratch (CNN 84.2%); all labels: 92.3% against 88.1%. --no-centering and --no-sharpening: the teacher's output
+    per image near one-hot (entropy 0.12 nats) and uniform (6.87 of ln K = 6.93).
 
 Shapes legend: B batch, C channels, P patch size, N patches, T tokens (1 + N), E embedding width,
 H heads, D head size (E / H), L layers, n visible patches (MAE), K outputs of DINO's head.
@@ -51,7 +52,7 @@ import common
 import evaluation
 
 autoencoder = common.import_script("01_autoencoder")    # image_rows
-contrastive = common.import_script("03_contrastive")    # augment, nt_xent, ema_update
+contrastive = common.import_script("03_contrastive")    # augment, nt_xent, ema_rate, ema_update
 
 
 # passes over the 50 000 images of the shapes set that take about a minute on one H200, ~25 s of compiling included:
@@ -92,7 +93,8 @@ class Config(common.RunConfig):
     dino_dim: int = common.arg(1024, "DINO: K, the outputs of the head (prototypes) that teacher and student share")
     student_temp: float = common.arg(0.1, "DINO: temperature of the student's softmax")
     teacher_temp: float = common.arg(0.04, "DINO: temperature of the teacher's softmax; below the student's, it sharpens")
-    ema: float = common.arg(0.996, "DINO: the teacher's momentum l in [0, 1]: teacher <- l teacher + (1 - l) student")
+    ema: float = common.arg(0.996, "DINO: the teacher's momentum l at the start, in [0, 1], then up to 1 on a cosine: "
+                                   "teacher <- l teacher + (1 - l) student")
     center_momentum: float = common.arg(0.9, "DINO: momentum m in [0, 1] of the centre C of the teacher's outputs")
     local_crops: int = common.arg(0, "DINO: extra small views per image (half the side), seen by the student only")
     no_centering: bool = common.arg(False, "DINO ablation: the teacher's outputs are not centred (C stays 0)")
@@ -511,10 +513,10 @@ def decay_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def fit(model, loss_of_batch, pool, epochs, epoch_images, cfg, device, desc, evaluate=None, after_step=lambda: None):
+def fit(model, loss_of_batch, pool, epochs, epoch_images, cfg, device, desc, evaluate=None, after_step=lambda *_: None):
     """The loop shared by supervised training and every pre-training: `epochs` passes' worth of steps over epoch_images
-    images, drawn from pool. loss_of_batch(indices) -> scalar loss; after_step() runs after each optimiser step (DINO's
-    teacher and centre). Each epoch adds the mean loss, the training seconds so far (evaluation excluded) and what
+    images, drawn from pool. loss_of_batch(indices) -> scalar loss; after_step(step, steps) runs after each optimiser step
+    (DINO's teacher and centre). Each epoch adds the mean loss, the training seconds so far (evaluation excluded) and what
     evaluate() returns to the history it returns (a list of dicts)."""
     optimizer = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
                                   fused=device.type == "cuda")
@@ -546,7 +548,7 @@ def fit(model, loss_of_batch, pool, epochs, epoch_images, cfg, device, desc, eva
             nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         scaler.step(optimizer)
         scaler.update()
-        after_step()
+        after_step(step, steps)
         running += loss.detach()                               # summed on the device: no synchronisation per step
         count += 1
         bar.update(len(indices))
@@ -613,7 +615,7 @@ def train_classifier(model, data, stats, pool, cfg, device, desc):
     return fit(model, loss_of_batch, pool, cfg.epochs, len(data.x_train), cfg, device, desc, evaluate)
 
 
-def pretrain_loop(model, loss_of_batch, data, cfg, device, desc, evaluate=None, after_step=lambda: None):
+def pretrain_loop(model, loss_of_batch, data, cfg, device, desc, evaluate=None, after_step=lambda *_: None):
     """fit over all training images (no labels used) for --pretrain-epochs, at --pretrain-lr."""
     everything = torch.arange(len(data.x_train), device=device)
     epochs, settings = cfg.pretrain_epochs or PRETRAIN_EPOCHS[cfg.pretrain], replace(cfg, lr=cfg.pretrain_lr or cfg.lr)
@@ -669,8 +671,9 @@ def pretrain_dino(vit, data, stats, cfg, device):
         return dino_loss(teacher_out.chunk(2), torch.cat(students).chunk(2 + cfg.local_crops), state["center"],
                          teacher_temp, cfg.student_temp)
 
-    def after_step():                                                            # Algorithm 1's last two lines
-        contrastive.ema_update(teacher, student, cfg.ema)               # g_t <- l g_t + (1 - l) g_s, 03's EMA
+    def after_step(step, steps):                                                 # Algorithm 1's last two lines
+        # g_t <- l g_t + (1 - l) g_s, with l rising from --ema to 1 on a cosine (Sec. 3.1), 03's BYOL schedule
+        contrastive.ema_update(teacher, student, contrastive.ema_rate(step, steps, cfg.ema))
         if not cfg.no_centering:
             state["center"] = update_center(state["center"], state["teacher"], cfg.center_momentum)
 

@@ -266,6 +266,19 @@ def test_dino_centre_and_teacher_follow_their_moving_averages():
     assert vit.DINOHead(6, 5)(torch.randn(2, 6)).abs().max() <= 1 + 1e-6     # cosines to unit prototypes
 
 
+def test_dino_teacher_momentum_rises_from_ema_to_one_on_a_cosine(monkeypatch):
+    """DINO Sec. 3.1: l follows a cosine from --ema to 1 over the pre-training's steps, one EMA update per step."""
+    rates = []
+    monkeypatch.setattr(vit.contrastive, "ema_update", lambda teacher, student, rate: rates.append(rate))
+    data = SimpleNamespace(x_train=common.make_shapes(64, seed=1)[0], x_test=None)
+    cfg = replace(tiny_config(), pretrain="dino", ema=0.9, pretrain_epochs=3)
+    vit.pretrain_dino(vit.build_model("vit", cfg, 0), data, vit.channel_stats(data.x_train), cfg, torch.device("cpu"))
+    steps = 3 * (64 // 32)
+    expected = [1 - 0.1 * (math.cos(math.pi * k / steps) + 1) / 2 for k in range(steps)]
+    assert rates == pytest.approx(expected)
+    assert rates[0] == pytest.approx(0.9) and rates == sorted(rates)
+
+
 def test_a_smaller_image_reads_the_resized_grid_of_position_embeddings():
     model = small_vit(True)                                          # 12 pixels, patch 3: a 4 x 4 grid
     assert model.features(torch.randn(2, 2, 6, 6, dtype=torch.float64)).shape == (2, 8)   # a local crop: 2 x 2 patches
@@ -491,7 +504,7 @@ def test_dino_ablations_collapse_and_the_checks_say_how():
     last = {}
     for ablation in ("--no-centering", "--no-sharpening"):
         cfg = common.parse_config(vit.Config, ["--quick", "--batch-size", "32", "--pretrain", "dino", "--pretrain-epochs",
-                                               "10", "--ema", "0.98", "--pretrain-lr", "1e-3", ablation], "", quick=vit.QUICK)
+                                               "10", "--ema", "0.9", "--pretrain-lr", "1e-3", ablation], "", quick=vit.QUICK)
         torch.manual_seed(0)
         encoder = vit.build_model("vit", cfg, num_classes=0)
         last[ablation] = vit.pretrain_dino(encoder, data, vit.channel_stats(data.x_train), cfg, torch.device("cpu"))[0][-1]
@@ -638,3 +651,15 @@ def test_init_from_a_diverged_checkpoint_is_refused(tmp_path):
     with pytest.raises(common.UserError, match="holds NaN or infinite weights"):
         vit.main(["--quick", "--device", "cpu", "--out", str(tmp_path / "run"), "--init", str(tmp_path / "nan.pt")])
     assert not (tmp_path / "run").exists() or {p.name for p in (tmp_path / "run").iterdir()} <= {"config.json"}
+
+
+def test_labels_benchmark_gives_a_method_its_own_settings():
+    """bench_04_labels --set: plain options reach every run, METHOD.option only that pre-training's, over its defaults."""
+    bench = common.import_script("benchmarks.bench_04_labels")
+    args = bench.parse_args(["--set", "lr=3e-3", "dino.local_crops=2", "mae.mask_ratio=0.5"])
+    assert bench.base_config(args).lr == 3e-3 and bench.base_config(args).local_crops == 0
+    assert bench.method_settings(args) == {"dino": {"local_crops": 2, "ema": 0.99, "pretrain_lr": 1e-3},
+                                           "mae": {"mask_ratio": 0.5}}
+    with pytest.raises(common.UserError, match="'byol' is not a pre-training"):
+        bench.method_settings(bench.parse_args(["--set", "byol.lr=1"]))
+
