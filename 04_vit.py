@@ -55,8 +55,8 @@ autoencoder = common.import_script("01_autoencoder")    # image_rows
 contrastive = common.import_script("03_contrastive")    # augment, nt_xent, ema_rate, ema_update
 
 
-# passes over the 50 000 images of the shapes set that take about a minute on one H200, ~25 s of compiling included:
-# measured, MAE ~50k and DINO ~35k images/s once compiled (batch 512, patch 8); SimCLR's from its cost per image
+# passes over the 50 000 images of the shapes set, chosen for about a minute each on one H200 with the compiling
+# (DINO's default run: 84 s of pre-training while it shared the GPU with three other runs, RESULTS.md)
 PRETRAIN_EPOCHS = {"mae": 40, "dino": 25, "simclr": 20}
 UNLABELLED = ("captions", "flickr8k", "openclipart")     # image sets 04 pre-trains on without labels
 
