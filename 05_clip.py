@@ -144,8 +144,6 @@ MAX_SCALE = 100.0     # CLIP Sec. 2.5: the logit scale is clipped at 100 "to pre
 
 
 class CLIP(nn.Module):
-    """encode_image (B, 3, S, S) uint8 -> (B, K) and encode_text (B, L) -> (B, K), unit vectors of one space."""
-
     def __init__(self, image_encoder, text_encoder, embed_dim):
         super().__init__()
         self.visual, self.text = image_encoder, text_encoder
@@ -175,15 +173,13 @@ class CLIP(nn.Module):
     def encode_text(self, tokens):                           # (B, L) -> (B, K)
         return F.normalize(self.text_projection(self.text(tokens)), dim=-1)
 
-    def scale(self):
-        """exp(logit_scale), at most 100. The clamp also stops the gradient past the cap, so the scale rests there."""
+    def scale(self):        # exp(logit_scale) <= 100; the clamp stops the gradient past the cap, so the scale rests
         return self.logit_scale.clamp(max=math.log(MAX_SCALE)).exp()
 
-    def forward(self, images, tokens):
-        """Images (B, 3, S, S) uint8 (or with a locked image encoder their cached features (B, E)) and tokens (B, L)
-        -> unit embeddings (B, K), (B, K). The paper's logits_per_image is clip_logits(image, text, scale()) (section
-        2), logits_per_text its transpose. forward stops at the embeddings, as open_clip's does: the loss compares them
-        with the whole batch's, which under torchrun lies on several GPUs (section 5)."""
+    def forward(self, images, tokens):   # (B, 3, S, S) uint8 or a locked encoder's cached (B, E), (B, L) -> 2 x (B, K)
+        """The paper's logits_per_image is clip_logits(image, text, scale()) (section 2), logits_per_text its transpose.
+        forward stops at the embeddings, as open_clip's does: the loss compares them with the whole batch's, which
+        under torchrun lies on several GPUs (section 5)."""
         features = images if images.dim() == 2 else self.image_features(images)
         return self.embed_image_features(features), self.encode_text(tokens)
 
@@ -191,9 +187,7 @@ class CLIP(nn.Module):
 IMAGE_SHAPE = {"patch_size": "patch_size", "image_dim": "dim", "image_depth": "depth", "image_heads": "heads"}
 
 
-def image_encoder(cfg, device):
-    """04's ViT: random, or from 04's checkpoint (whose saved constructor arguments then set its shape: an option
-    of the shape given on the command line must agree with it)."""
+def image_encoder(cfg, device):     # 04's ViT: random, or --init-image's, whose saved shape the options must agree with
     arch = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, dim=cfg.image_dim, depth=cfg.image_depth,
                 heads=cfg.image_heads, num_classes=0)
     if cfg.init_image:
@@ -311,12 +305,9 @@ class BPETokenizer:
     def _merge(ids, pair, new_id):              # each non-overlapping occurrence of pair, left to right -> new_id
         out, i = [], 0
         while i < len(ids):
-            if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
-                out.append(new_id)
-                i += 2
-            else:
-                out.append(ids[i])
-                i += 1
+            merge = tuple(ids[i:i + 2]) == pair
+            out.append(new_id if merge else ids[i])
+            i += 2 if merge else 1
         return out
 
     def _encode_chunk(self, chunk):
@@ -400,12 +391,10 @@ def load_shapes(cfg, device):
 def load_data(cfg, device):                          # -> (data, the validation pairs taken out of data.train)
     if cfg.dataset == "shapes":
         data = load_shapes(cfg, device)
-    elif cfg.dataset == "flickr8k":
-        data = common.read_flickr8k(cfg.data_dir, cfg.image_size, device)
-    elif cfg.dataset == "openclipart":
-        data = common.read_openclipart(cfg.data_dir, cfg.image_size, device)
-    else:                                            # both split as 04 splits them (common.CAPTION_SPLIT_SEED)
-        data = common.read_caption_folder(cfg.data_dir, cfg.image_size, device)
+    else:                        # openclipart and a folder are split as 04 splits them (common.CAPTION_SPLIT_SEED)
+        reader = {"flickr8k": common.read_flickr8k, "openclipart": common.read_openclipart,
+                  "captions": common.read_caption_folder}[cfg.dataset]
+        data = reader(cfg.data_dir, cfg.image_size, device)
     data.train, val = carve_validation(data.train, cfg.val_share, cfg.seed)
     if cfg.paired:
         data.train = data.train.subset(slice(0, cfg.paired))
@@ -422,8 +411,7 @@ def carve_validation(pairs, share, seed):            # -> (training, validation)
 
 
 def fit_batch(cfg, n_train):
-    """The config with a batch that fits the n_train training images: --quick, a smoke test, shrinks its batch to a
-    small folder's images; otherwise a batch larger than the training set is an error."""
+    """--quick, a smoke test, shrinks its batch to a small folder's images; elsewhere too large a batch is an error."""
     processes = common.world_size()
     if cfg.quick and cfg.batch_size == QUICK["batch_size"]:
         cfg = dataclasses.replace(cfg, batch_size=max(2, min(cfg.batch_size, n_train // processes)))
@@ -566,8 +554,7 @@ def train(model, data, val, tokens, cfg, device):
 # the training loss can fall to 0 while recall on new images has long stopped rising, or falls again.
 
 @torch.no_grad()
-def pairs_loss(model, pairs, tokens, batch_size, device):
-    """Mean batch_loss over the pairs' full batches, each image with its first caption; this process's alone."""
+def pairs_loss(model, pairs, tokens, batch_size, device):    # mean batch_loss over full batches, on this process alone
     batch_size, ids = min(batch_size, len(pairs)), pairs.captions[:, 0]
     parts = [slice(start, start + batch_size) for start in range(0, len(pairs) - batch_size + 1, batch_size)]
     return torch.stack([batch_loss(model, pairs.images[part], tokens[ids[part]], ids[part], device, gather=False)
@@ -585,13 +572,11 @@ def measure_validation(model, train_pairs, val, tokens, cfg, device, step):
             "val_t2i_r10": recall["t2i_r10"], "val_i2t_r10": recall["i2t_r10"]}
 
 
-def best_step(history):
-    """The step of the highest validation text->image recall@10; the earliest of equals."""
+def best_step(history):                   # the step of the highest validation text->image R@10; the earliest of equals
     return max(history, key=lambda row: (row["val_t2i_r10"], -row["step"]))["step"]
 
 
-def check_finite(loss, step, bar):
-    """A NaN or infinite loss means the weights are lost: stop (as 02 does) rather than evaluate and save them."""
+def check_finite(loss, step, bar):    # a NaN or infinite loss: the weights are lost, so stop (as 02 does), save nothing
     if not math.isfinite(loss):
         bar.close()                                  # clears the bar's line, so the error stands on a line of its own
         raise common.UserError(f"training diverged (the loss is {loss} at step {step + 1}); lower --lr")
@@ -626,22 +611,19 @@ def zero_shot_weights(model, tokenizer, names, templates, context, device):   # 
 
 
 def retrieval(image_embeddings, pairs, text_embeddings):
-    """Image->text and text->image recall@1/5/10 over the pool's images and all of their captions.
-    A text counts as right for every image that has that exact caption."""
+    """Image->text and text->image recall@1/5/10 over the pool's images and all of their captions."""
     ids = pairs.captions[pairs.captions >= 0].unique()                             # (M,) the pool's captions
-    relevant = (pairs.captions[:, :, None] == ids[None, None, :]).any(1)           # (N, M) bool
+    relevant = (pairs.captions[:, :, None] == ids[None, None, :]).any(1)           # (N, M): each image with the caption
     similarity = image_embeddings @ text_embeddings[ids].T                         # (N, K) @ (K, M) -> (N, M)
-    image_to_text = evaluation.recall_at_k(similarity, relevant)
-    text_to_image = evaluation.recall_at_k(similarity.T, relevant.T)
-    chance = {f"r{k}": min(1.0, k / relevant.shape[0]) for k in (1, 5, 10)}       # one right image per text
-    return ({**{f"i2t_{k}": v for k, v in image_to_text.items()}, **{f"t2i_{k}": v for k, v in text_to_image.items()}},
-            {f"t2i_{k}": v for k, v in chance.items()})
+    recall = {}
+    for way, scores, right in (("i2t", similarity, relevant), ("t2i", similarity.T, relevant.T)):
+        recall.update({f"{way}_{k}": v for k, v in evaluation.recall_at_k(scores, right).items()})
+    return recall, {f"t2i_r{k}": min(1.0, k / len(relevant)) for k in (1, 5, 10)}     # chance: one right image per text
 
 
 @torch.no_grad()
 def evaluate(model, data, tokens, tokenizer, cfg, device):
-    """Retrieval on the first --eval-images test images; zero-shot and compositional tests on the embedded set.
-    tokens (M, L): every caption of data.texts, as prepare made them."""
+    """Retrieval on the first --eval-images test images (tokens (M, L): every caption's); zero-shot on labelled sets."""
     pool = data.test.subset(slice(0, cfg.eval_images))
     text_embeddings = embed_all(model.encode_text, tokens, device)                # (all captions, K)
     metrics, chance = retrieval(embed_all(model.encode_image, pool.images, device), pool, text_embeddings)
@@ -675,22 +657,20 @@ def compositional(model, tokenizer, images, test, cfg, device, shape_weights):
     holdout = parse_holdout(cfg.holdout)
     if not holdout:
         return {}
-    held = is_heldout(test.factors, holdout)                                               # (N,)
-    pair_label = test.factors["colour"] * len(common.SHAPES) + test.labels                  # (N,)
+    heldout_query = torch.tensor([divmod(q, len(common.SHAPES)) in holdout for q in range(len(PAIR_NAMES))]).to(device)
+    pair_label = test.factors["colour"] * len(common.SHAPES) + test.labels                  # (N,) PAIR_NAMES' index
+    held = heldout_query[pair_label]                                                       # (N,)
     pair_weights = zero_shot_weights(model, tokenizer, PAIR_NAMES, PAIR_TEMPLATES, cfg.context, device)  # (80, K)
     pair_scores = images @ pair_weights.T                                                  # (N, 80)
-    shape_right = (images @ shape_weights.T).argmax(1) == test.labels
-    pair_right = pair_scores.argmax(1) == pair_label
-    heldout_query = torch.zeros(len(pair_weights), dtype=torch.bool, device=device)             # (80,)
-    heldout_query[[c * len(common.SHAPES) + s for c, s in holdout]] = True
     top10 = pair_scores.T.topk(min(10, len(images)), dim=1).indices                        # (80, 10) images per query
-    precision = (pair_label[top10] == torch.arange(len(pair_scores.T), device=device)[:, None]).float().mean(1)  # (80,)
+    precision = (pair_label[top10] == torch.arange(len(PAIR_NAMES), device=device)[:, None]).float().mean(1)  # (80,)
     share = lambda right, mask: right[mask].float().mean().item() if mask.any() else float("nan")
-    return {"heldout_images": int(held.sum()),
-            "heldout_shape_top1": share(shape_right, held), "seen_shape_top1": share(shape_right, ~held),
-            "heldout_pair_top1": share(pair_right, held), "seen_pair_top1": share(pair_right, ~held),
-            "heldout_pair_p10": precision[heldout_query].mean().item(), "seen_pair_p10": precision[~heldout_query].mean().item(),
-            "pair_chance": 1 / len(pair_weights)}
+    metrics = {"heldout_images": int(held.sum())}
+    for name, right, mask in [("shape_top1", (images @ shape_weights.T).argmax(1) == test.labels, held),
+                              ("pair_top1", pair_scores.argmax(1) == pair_label, held),
+                              ("pair_p10", precision, heldout_query)]:
+        metrics[f"heldout_{name}"], metrics[f"seen_{name}"] = share(right, mask), share(right, ~mask)
+    return {**metrics, "pair_chance": 1 / len(pair_weights)}
 
 
 # ---- 7. Figures ----
@@ -700,8 +680,7 @@ def show(ax, image):
     ax.set(xticks=[], yticks=[])                           # not set_axis_off: the retrieval grid labels its x axis
 
 
-def plot_training(losses, scales, history, path):
-    """The loss of every step with the validation measurements beside it, and validation recall@10."""
+def plot_training(losses, scales, history, path):   # each step's loss beside the validation's, and validation recall@10
     fig, (ax, right) = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [3, 2]})
     steps = np.arange(1, len(losses) + 1)
     ax.plot(steps, losses.numpy(), lw=0.8, color="tab:blue", label="training batches (augmented)")
@@ -726,8 +705,7 @@ def plot_training(losses, scales, history, path):
 
 
 @torch.no_grad()
-def plot_similarity(model, data, tokenizer, cfg, device, path, n=8):
-    """Cosine similarity of n test images with their own captions: the diagonal should stand out."""
+def plot_similarity(model, data, tokenizer, cfg, device, path, n=8):  # n test images, their captions: a bright diagonal
     n = min(n, len(data.test))
     pairs = data.test.subset(slice(0, n))
     texts = [data.texts[int(pairs.captions[i, 0])] for i in range(n)]
@@ -822,8 +800,7 @@ def retrieval_queries(data, pool, cfg, n=4):
 MAX_CONTEXT = 256     # tokens; CLIP's is 77, and every caption here is shorter
 
 
-def validate(cfg):
-    """Every option that can be wrong, checked before any data is made or read."""
+def validate(cfg):                                   # every option that can be wrong, before any data is made or read
     for name in ("lr", "weight_decay", "warmup", "val_share", "crop"):
         value = getattr(cfg, name)
         common.check(math.isfinite(value), f"--{name.replace('_', '-')} must be a finite number, got {value}")
