@@ -110,10 +110,9 @@ def causal_mask(length, device=None):            # (L, L) bool, True where token
 
 
 class TextTransformer(nn.Module):
-    """Tokens (B, L) -> features (B, W): 04's pre-norm Blocks under a causal mask, read at the end-of-text token.
-    CLIP masks its text encoder causally (Sec. 2.4) so that it could start from, or be trained with, a language
-    model. Under that mask only the last token has read the whole caption, so it is the one pooled; and
-    whatever follows it (padding) cannot change it."""
+    """04's pre-norm Blocks under a causal mask, read at the end-of-text token. CLIP masks its text encoder causally
+    (Sec. 2.4) so that it could start from, or be trained with, a language model. Under that mask only the last token
+    has read the whole caption, so it is the one pooled; and whatever follows it (padding) cannot change it."""
 
     def __init__(self, vocab_size, context, dim, depth, heads, mlp_ratio=4):
         super().__init__()
@@ -188,8 +187,8 @@ IMAGE_SHAPE = {"patch_size": "patch_size", "image_dim": "dim", "image_depth": "d
 
 
 def image_encoder(cfg, device):     # 04's ViT: random, or --init-image's, whose saved shape the options must agree with
-    arch = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, dim=cfg.image_dim, depth=cfg.image_depth,
-                heads=cfg.image_heads, num_classes=0)
+    arch = dict(image_size=cfg.image_size, num_classes=0,
+                **{key: getattr(cfg, option) for option, key in IMAGE_SHAPE.items()})     # the shape the options give
     if cfg.init_image:
         try:
             stored = torch.load(cfg.init_image, map_location="cpu", weights_only=True)
@@ -279,26 +278,24 @@ class BPETokenizer:
         words = [list(chunk.encode("utf-8")) for chunk in chunks]     # each distinct chunk once,
         frequency = list(chunks.values())                             # weighted by how often it occurs
         counts, where = Counter(), defaultdict(set)                   # pair -> occurrences, pair -> words with it
-        for w, ids in enumerate(words):
-            for pair in zip(ids, ids[1:]):
-                counts[pair] += frequency[w]
+
+        def tally(w, sign):                       # add (+1) or take away (-1) the pairs of word w
+            for pair in zip(words[w], words[w][1:]):
+                counts[pair] += sign * frequency[w]
                 where[pair].add(w)
+
+        for w in range(len(words)):
+            tally(w, +1)
         merges = []
         for new_id in range(256, vocab_size - 1):
             pair, count = max(counts.items(), key=lambda item: (item[1], -item[0][0], -item[0][1]), default=(None, 0))
-            if count < 2:                             # no pair left, or none that occurs twice
+            if count < 2:                             # no pair left, or none that occurs twice (merged ones stay, at 0)
                 break
             merges.append(pair)
             for w in where.pop(pair):                 # only the words holding the pair change their counts
-                old, new = words[w], cls._merge(words[w], pair, new_id)
-                for p in zip(old, old[1:]):
-                    counts[p] -= frequency[w]
-                    if counts[p] <= 0:
-                        del counts[p]
-                for p in zip(new, new[1:]):
-                    counts[p] += frequency[w]
-                    where[p].add(w)
-                words[w] = new
+                tally(w, -1)
+                words[w] = cls._merge(words[w], pair, new_id)
+                tally(w, +1)
         return cls(merges, vocab_size)
 
     @staticmethod
@@ -329,9 +326,8 @@ class BPETokenizer:
         return b"".join(self.pieces[i] for i in ids if i != self.eot).decode("utf-8", errors="replace")
 
     def encode_batch(self, texts, context):
-        """(tokens (M, L) int64, number of captions cut) with L = min(context, longest + 1). Each row ends in
-        the end-of-text token, which also fills the rest of the row; a caption longer than context - 1 tokens
-        is cut there, so its end-of-text token is always present."""
+        """-> (tokens (M, L) int64, captions cut), L = min(context, longest + 1). Each row ends in the end-of-text
+        token, which also pads it; a caption longer than context - 1 tokens is cut there, keeping that token."""
         full = [self.encode(text) for text in texts]
         rows = [torch.tensor(ids[:context - 1] + [self.eot]) for ids in full]
         cut = sum(len(ids) > context - 1 for ids in full)
@@ -424,10 +420,9 @@ def fit_batch(cfg, n_train):
 
 
 def augmentation(cfg):
-    """augment()'s strengths for the training views: 03's for the chosen augmentations, 0 for the others. auto is
-    crop,flip on real images and nothing on the embedded set, whose captions name each shape's place and size (a flip
-    makes "in the top left" wrong, a crop makes "small" wrong). No colour changes unless asked for: captions name
-    colours ("a red star", "a dog in a blue collar"), and a hue shift or grayscale would make them wrong."""
+    """augment()'s strengths: 03's for the chosen augmentations, 0 for the others. auto is crop,flip on real images and
+    none on the embedded set, whose captions name each shape's place and size (a flip makes "in the top left" wrong, a
+    crop "small"). No colour changes unless asked for: a hue shift or grayscale would make "a red star" wrong."""
     names = cfg.augment
     if names == "auto":
         names = "" if cfg.dataset == "shapes" or cfg.freeze_image else "crop,flip"
@@ -485,9 +480,8 @@ def train_step(model, optimizer, images, tokens, caption_ids, device, parallel=N
 
 
 def make_optimizer(model, cfg):
-    """AdamW with CLIP's betas and 04's weight-decay policy (vit.decay_groups): decay on the weight matrices of linear
-    layers only, not on embeddings, position embeddings, the class token, gains, biases or the scale. A frozen image
-    encoder's weights never get a gradient, and AdamW leaves such parameters alone."""
+    """AdamW with CLIP's betas and 04's weight decay (vit.decay_groups: only the weight matrices of linear layers decay,
+    not embeddings, gains, biases or the scale). A frozen encoder's weights get no gradient: AdamW leaves them alone."""
     optimizer = torch.optim.AdamW(vit.decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
                                   fused=next(model.parameters()).is_cuda)
     warm_then_cosine = lambda step: common.warmup_cosine(step, cfg.steps, round(cfg.warmup * cfg.steps))
@@ -651,9 +645,8 @@ def per_class_top1(scores, labels, classes):
 
 
 def compositional(model, tokenizer, images, test, cfg, device, shape_weights):
-    """Test images whose colour-shape pair was never seen in training, against those whose pair was:
-    shape zero-shot accuracy, 80-way colour-shape accuracy, and precision@10 of text->image retrieval
-    for a query naming the pair ("a red star")."""
+    """Test images whose colour-shape pair was never seen in training against the others: shape zero-shot top-1,
+    80-way colour-shape top-1, and precision@10 of text->image retrieval for a query naming the pair ("a red star")."""
     holdout = parse_holdout(cfg.holdout)
     if not holdout:
         return {}
@@ -832,9 +825,8 @@ def validate(cfg):                                   # every option that can be 
 
 
 def prepare(cfg, device):
-    """The image encoder (first, so that a wrong --init-image fails before any data is made), the data and the
-    validation pairs, the tokenizer learned from the training captions, every caption's tokens (M, L) and how many
-    were cut at --context, and the model; and the config as built (image shape, fit_batch's batch)."""
+    """-> the config as built (image shape, fit_batch's batch), data, validation pairs, tokenizer, every caption's
+    tokens (M, L), how many were cut, and the model; the image encoder first, so a bad --init-image fails at once."""
     encoder = image_encoder(cfg, device)
     # the shape actually built, which --init-image's checkpoint sets, is what config.json and clip.pt record
     cfg = dataclasses.replace(cfg, image_size=encoder.arch["image_size"],
