@@ -157,9 +157,6 @@ class CLIP(nn.Module):
         self.register_buffer("pixel_mean", torch.zeros(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.ones(1, 3, 1, 1))
 
-    def set_pixel_stats(self, images):                       # (N, 3, S, S) uint8
-        self.pixel_mean[:], self.pixel_std[:] = vit.channel_stats(images)
-
     def image_features(self, images):                        # (B, 3, S, S) uint8, or floats in [0, 1] -> (B, E)
         return self.visual.features(vit.normalise(images, (self.pixel_mean, self.pixel_std)))
 
@@ -336,11 +333,10 @@ class BPETokenizer:
 
 # ---- 4. Data: images paired with captions, resident on the device ----
 #
-# common.CaptionData holds a table of unique caption strings and, per image, the ids of its captions, so one string
-# is one id; common.py also reads captioned photos (a captions.csv folder, Flickr8k) and clip art (openclipart,
-# captioned from its category path and file titles). The embedded set has three phrasings of every image, from its
-# factors. Identical strings recur across images ("a red star" fits ~1 image in 80; openclipart's "star, shapes"
-# 1,378), which the loss must handle: same_caption (section 2) compares the ids.
+# Each image holds the ids of its captions in a table of unique strings (common.CaptionData), so one string is one id;
+# openclipart is captioned from its category path and file titles, the embedded set with three phrasings of each image
+# from its factors. Identical strings recur across images ("a red star" fits ~1 image in 80; openclipart's "star,
+# shapes" 1,378), which the loss must handle: same_caption (section 2) compares the ids.
 
 def parse_holdout(text):                             # 'red star,blue circle' -> {(colour index, shape index), ...}
     pairs = set()
@@ -451,8 +447,7 @@ def pick_captions(pairs, index, generator):          # (B,) image indices -> (B,
 
 
 def batch_loss(model, images, tokens, caption_ids, device, parallel=None, gather=True):
-    """Section 2's loss on B pairs. images: (B, 3, S, S) uint8 or views in [0, 1], or with --freeze-image their cached
-    features (B, E). parallel: what runs CLIP.forward, the model or DDP around it (common.data_parallel)."""
+    """Section 2's loss on B pairs, as CLIP.forward takes them; parallel: the model or DDP around it (data_parallel)."""
     with common.autocast(device):
         image_embeddings, text_embeddings = (parallel or model)(images, tokens)               # (B, K), (B, K)
     # Several GPUs (torchrun, W processes): every caption meets the images of all GPUs as negatives, so the embeddings
@@ -495,10 +490,9 @@ def embed_all(function, inputs, device, batch_size=1024):      # (N, ...) -> (N,
 
 
 def train(model, data, val, tokens, cfg, device):
-    """Returns (loss per step, scale per step, pairs per second, validation history) as CPU tensors, a float and a
-    list of dicts; the model ends with the weights of the best validation step (best_step). Under torchrun each rank
-    trains on its own contiguous share of the training pairs; every rank holds all of them, since the tokenizer and
-    the caption ids, learned from all captions, must be the same on every rank."""
+    """-> (loss and scale per step on the CPU, pairs per second, validation history); the model ends with the weights
+    of the best validation step (best_step). Under torchrun each rank trains on its own contiguous share of the pairs
+    but holds all of them: the tokenizer and caption ids, learned from all captions, must be the same on every rank."""
     pairs = data.train.subset(common.rank_share(len(data.train)))
     strength, inputs = augmentation(cfg), pairs.images
     if cfg.freeze_image:
@@ -844,7 +838,7 @@ def prepare(cfg, device):
               "tokens per caption" + (f", {cut} captions cut at --context {cfg.context}" if cut else ""))
     text_encoder = TextTransformer(cfg.vocab_size, cfg.context, cfg.text_dim, cfg.text_depth, cfg.text_heads)
     model = CLIP(encoder, text_encoder, cfg.embed_dim).to(device)
-    model.set_pixel_stats(data.train.images)
+    model.pixel_mean[:], model.pixel_std[:] = vit.channel_stats(data.train.images)      # (1, 3, 1, 1) each
     return cfg, data, val, tokenizer, tokens.to(device), cut, model
 
 
