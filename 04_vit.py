@@ -58,7 +58,8 @@ contrastive = common.import_script("03_contrastive")    # augment, nt_xent, ema_
 # passes over the 50 000 images of the shapes set, chosen for about a minute each on one H200 with the compiling
 # (DINO's default run: 84 s of pre-training while it shared the GPU with three other runs, RESULTS.md)
 PRETRAIN_EPOCHS = {"mae": 40, "dino": 25, "simclr": 20}
-UNLABELLED = ("captions", "flickr8k", "openclipart")     # image sets 04 pre-trains on without labels
+UNLABELLED = {"captions": common.read_caption_folder, "flickr8k": common.read_flickr8k,    # image sets 04 pre-trains
+              "openclipart": common.read_openclipart}                                      # on without labels: readers
 
 
 @dataclass
@@ -168,9 +169,8 @@ def attention_weights(q, k, mask=None):
     return scores.softmax(dim=-1)                              # (B, H, T, T), each row sums to 1
 
 
-def attention(q, k, v, mask=None):
-    """Scaled dot-product attention, Eq. 1 of Vaswani et al.: each token's output is a weighted mean of the values.
-    q, k, v (B, H, T, D) -> (B, H, T, D). The only attention the models run (the test checks it against SDPA)."""
+def attention(q, k, v, mask=None):                           # q, k, v (B, H, T, D) -> (B, H, T, D)
+    """Eq. 1 of Vaswani et al.: each token's output is a weighted mean of the values; the models' only attention."""
     return attention_weights(q, k, mask) @ v                  # (B,H,T,T) @ (B,H,T,D) -> (B,H,T,D)
 
 
@@ -191,9 +191,8 @@ class MultiHeadAttention(nn.Module):
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)            # (3, B, H, T, D) -> q, k, v
 
     def forward(self, x, mask=None):                           # (B, T, E) -> (B, T, E)
-        B, T, E = x.shape
         out = attention(*self._queries_keys_values(x), mask)                # (B, H, T, D)
-        return self.proj(out.transpose(1, 2).reshape(B, T, E))              # merge heads: (B, T, H, D) -> (B, T, E)
+        return self.proj(out.transpose(1, 2).flatten(2))                    # merge heads: (B, T, H, D) -> (B, T, E)
 
     def weights(self, x, mask=None):                           # (B, T, E) -> (B, H, T, T): for the figures
         q, k, _ = self._queries_keys_values(x)
@@ -351,8 +350,7 @@ def random_masking(batch, num_patches, mask_ratio, device):
 
 
 class MAEDecoder(nn.Module):
-    """MAE's light decoder: the encoded visible tokens (B, 1 + n, E) and the inverse permutation (B, N) -> predicted
-    pixels of every patch (B, N, C*P*P), by narrow blocks over all N places (a hidden one holds the mask token)."""
+    """MAE's light decoder: narrow blocks over all N places, a hidden one holding the mask token."""
 
     def __init__(self, num_patches, encoder_dim, patch_pixels, dim=128, depth=2, heads=4):
         super().__init__()
@@ -367,7 +365,7 @@ class MAEDecoder(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
         nn.init.normal_(self.pos_embedding, std=0.02)
 
-    def forward(self, latent, restore):
+    def forward(self, latent, restore):                                  # encoded (B, 1 + n, E), restore (B, N)
         x = self.embed(latent)                                            # (B, 1 + n, E')
         B, N = restore.shape
         hidden = self.mask_token.expand(B, N + 1 - x.shape[1], -1)        # (B, N - n, E')
@@ -380,8 +378,7 @@ class MAEDecoder(nn.Module):
 
 
 class MAE(nn.Module):
-    """The ViT as MAE's encoder, on the visible patches only, and its decoder: normalised images (B, C, H, W) and a
-    masking (keep, restore) -> predicted pixels (B, N, C*P*P)."""
+    """The ViT as MAE's encoder, on the visible patches only, and its decoder."""
 
     def __init__(self, encoder, decoder_dim, decoder_depth):
         super().__init__()
@@ -389,7 +386,7 @@ class MAE(nn.Module):
         self.decoder = MAEDecoder(encoder.num_patches, encoder.dim, encoder.in_channels * encoder.patch_size**2,
                                   decoder_dim, decoder_depth, heads=math.gcd(decoder_dim, 4))
 
-    def forward(self, images, keep, restore):
+    def forward(self, images, keep, restore):                            # normalised (B, C, H, W) -> (B, N, C*P*P)
         return self.decoder(self.encoder.tokens(images, keep), restore)  # the encoder never sees a hidden patch
 
 
@@ -458,9 +455,7 @@ def load_data(cfg, device):
     """The dataset as 3-channel uint8 images of image_size pixels, resident on device. The images of a captioned set
     come without labels (y_train, y_test None): there is nothing to classify, only to pre-train on."""
     if cfg.dataset in UNLABELLED:
-        reader = {"captions": common.read_caption_folder, "flickr8k": common.read_flickr8k,
-                  "openclipart": common.read_openclipart}[cfg.dataset]
-        pairs = reader(cfg.data_dir, cfg.image_size, device)          # the split 05 uses: no test image trains here
+        pairs = UNLABELLED[cfg.dataset](cfg.data_dir, cfg.image_size, device)   # 05's split: no test image trains here
         data = common.ImageData(cfg.dataset, pairs.train.images[:cfg.n_train or None], None,
                                 pairs.test.images[:cfg.n_test or None], None, [])
     else:
@@ -468,9 +463,8 @@ def load_data(cfg, device):
                                   n_test=cfg.n_test or None, seed=cfg.seed, size=cfg.image_size, channels=3)
     if cfg.val_split:             # the last training images stand in for the test set, which tuning must not see
         common.check(cfg.val_split < len(data.x_train), f"--val-split {cfg.val_split} leaves no training image")
-        cut = lambda y: None if y is None else (y[:-cfg.val_split], y[-cfg.val_split:])
-        (data.x_train, data.x_test), labels = cut(data.x_train), cut(data.y_train)
-        data.y_train, data.y_test = labels or (None, None)
+        cut = lambda y: (None, None) if y is None else (y[:-cfg.val_split], y[-cfg.val_split:])
+        (data.x_train, data.x_test), (data.y_train, data.y_test) = cut(data.x_train), cut(data.y_train)
     return data
 
 
@@ -486,8 +480,7 @@ def normalise(images, stats):                # uint8 or [0, 1] floats (B, C, H, 
 
 def subset(n, fraction, seed, device):
     """A fixed random share of the indices 0..n-1 (at least one image): the labelled images a run may use."""
-    generator = torch.Generator().manual_seed(seed + 1)
-    return torch.randperm(n, generator=generator)[:max(1, round(fraction * n))].to(device)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[:max(1, round(fraction * n))].to(device)
 
 
 def index_batches(pool, batch_size, steps, generator):
@@ -513,7 +506,7 @@ def decay_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def fit(model, loss_of_batch, pool, epochs, epoch_images, cfg, device, desc, evaluate=None, after_step=lambda *_: None):
+def fit(model, loss_of_batch, pool, epochs, epoch_images, cfg, device, desc, evaluate=dict, after_step=lambda *_: None):
     """The loop shared by supervised training and every pre-training: `epochs` passes' worth of steps over epoch_images
     images, drawn from pool. loss_of_batch(indices) -> scalar loss; after_step(step, steps) runs after each optimiser step
     (DINO's teacher and centre). Each epoch adds the mean loss, the training seconds so far (evaluation excluded) and what
@@ -521,8 +514,7 @@ def fit(model, loss_of_batch, pool, epochs, epoch_images, cfg, device, desc, eva
     optimizer = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
                                   fused=device.type == "cuda")
     scaler = common.grad_scaler(device)                         # fp16 GPUs only; with bf16 and float32 a no-op
-    generator = torch.Generator().manual_seed(cfg.seed)
-    history, running, count, seconds = [], torch.zeros((), device=device), 0, 0.0
+    history, running, seconds = [], torch.zeros((), device=device), 0.0
     # Several GPUs (torchrun), here and in train_classifier: every rank holds all the data and draws the same batch
     # of W x batch_size images (one seed), trains on its own share of it (rank_share), and DDP (data_parallel)
     # averages the W share-mean gradients into the gradient of the whole batch's mean loss. The recorded losses
@@ -536,7 +528,7 @@ def fit(model, loss_of_batch, pool, epochs, epoch_images, cfg, device, desc, eva
     bar = common.progress(steps * batch_size, desc)
     model.train()
     watch = common.Stopwatch(device)
-    for step, indices in enumerate(index_batches(pool, batch_size, steps, generator)):
+    for step, indices in enumerate(index_batches(pool, batch_size, steps, torch.Generator().manual_seed(cfg.seed))):
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * common.warmup_cosine(step, steps, round(cfg.warmup * steps))
         loss = loss_of_batch(indices[common.rank_share(len(indices))])
@@ -550,16 +542,15 @@ def fit(model, loss_of_batch, pool, epochs, epoch_images, cfg, device, desc, eva
         scaler.update()
         after_step(step, steps)
         running += loss.detach()                               # summed on the device: no synchronisation per step
-        count += 1
         bar.update(len(indices))
-        if (step + 1) % steps_per_epoch == 0 or step + 1 == steps:
+        if (step + 1) % steps_per_epoch == 0:                  # steps is a whole number of epochs
             seconds += watch.seconds()
-            record = {"epoch": round((step + 1) / steps_per_epoch, 3), "loss": common.mean_over_ranks((running / count).item()),
+            record = {"epoch": round((step + 1) / steps_per_epoch, 3),
+                      "loss": common.mean_over_ranks((running / steps_per_epoch).item()),
                       "seconds": seconds, "images": (step + 1) * batch_size}
-            if evaluate is not None:
-                model.eval()
-                record.update(evaluate())
-                model.train()
+            model.eval()
+            record.update(evaluate())
+            model.train()
             # the loss is read here anyway: a non-finite one means the weights are lost, so stop now (as 02 does)
             if not math.isfinite(record["loss"]):
                 bar.close()                          # clears the bar's line, so the error stands on a line of its own
@@ -567,7 +558,7 @@ def fit(model, loss_of_batch, pool, epochs, epoch_images, cfg, device, desc, eva
                                        f"{record['epoch']:g}); lower --lr")
             history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", **{k: f"{v:.3f}" for k, v in record.items() if k == "test_top1"})
-            running, count = torch.zeros((), device=device), 0
+            running = torch.zeros((), device=device)
             watch = common.Stopwatch(device)
     bar.close()
     model.eval()
@@ -615,7 +606,7 @@ def train_classifier(model, data, stats, pool, cfg, device, desc):
     return fit(model, loss_of_batch, pool, cfg.epochs, len(data.x_train), cfg, device, desc, evaluate)
 
 
-def pretrain_loop(model, loss_of_batch, data, cfg, device, desc, evaluate=None, after_step=lambda *_: None):
+def pretrain_loop(model, loss_of_batch, data, cfg, device, desc, evaluate=dict, after_step=lambda *_: None):
     """fit over all training images (no labels used) for --pretrain-epochs, at --pretrain-lr."""
     everything = torch.arange(len(data.x_train), device=device)
     epochs, settings = cfg.pretrain_epochs or PRETRAIN_EPOCHS[cfg.pretrain], replace(cfg, lr=cfg.pretrain_lr or cfg.lr)
@@ -760,8 +751,7 @@ def attention_rollout(maps):
     """Abnar & Zuidema 2020: how much each input patch flows into the final class token. Each layer mixes
     tokens by its head-averaged attention plus the residual (counted as 0.5 A + 0.5 I, rows renormalised),
     and the layers compose by matrix products. Returns (n, N)."""
-    identity = torch.eye(maps[0].shape[-1], device=maps[0].device)              # (T, T)
-    joint = identity
+    joint = identity = torch.eye(maps[0].shape[-1], device=maps[0].device)      # (T, T)
     for weights in maps:
         mixing = 0.5 * weights.mean(1) + 0.5 * identity                          # (n, T, T)
         mixing = mixing / mixing.sum(-1, keepdim=True)
@@ -818,8 +808,7 @@ def plot_curves(histories, path):
     for name, history in histories.items():
         epochs = [r["epoch"] for r in history]
         ax_loss.plot(epochs, [r["loss"] for r in history], label=name)
-        if "test_top1" in history[0]:
-            ax_acc.plot(epochs, [100 * r["test_top1"] for r in history], label=name)
+        ax_acc.plot(epochs, [100 * r["test_top1"] for r in history], label=name)
     ax_loss.set(xlabel="epoch (passes' worth of steps over the full training set)", ylabel="training loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="test top-1 (%)", title="test accuracy")
     for ax in (ax_loss, ax_acc):
@@ -868,8 +857,6 @@ def class_token_attention(vit, images, stats):
 
 
 def plot_attention(vit, images, stats, class_names, labels, path):
-    """For a few test images: the class token's attention in the last block, per head, and the attention rolled
-    out over all blocks, each over the image."""
     heads, rolled = class_token_attention(vit, images, stats)
     plot_heatmaps(images, {**{f"last block, head {h + 1}": heads[:, h] for h in range(heads.shape[1])}, "rollout": rolled},
                   path, [class_names[int(y)] for y in labels])
