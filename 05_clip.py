@@ -388,8 +388,7 @@ def load_data(cfg, device):                          # -> (data, the validation 
                   "captions": common.read_caption_folder}[cfg.dataset]
         data = reader(cfg.data_dir, cfg.image_size, device)
     data.train, val = carve_validation(data.train, cfg.val_share, cfg.seed)
-    if cfg.paired:
-        data.train = data.train.subset(slice(0, cfg.paired))
+    data.train = data.train.subset(slice(0, cfg.paired or None))
     return data, val
 
 
