@@ -139,9 +139,6 @@ class TextTransformer(nn.Module):
         return self.hidden(tokens)[torch.arange(len(tokens), device=tokens.device), end]
 
 
-MAX_SCALE = 100.0     # CLIP Sec. 2.5: the logit scale is clipped at 100 "to prevent training instability"
-
-
 class CLIP(nn.Module):
     def __init__(self, image_encoder, text_encoder, embed_dim):
         super().__init__()
@@ -170,7 +167,7 @@ class CLIP(nn.Module):
         return F.normalize(self.text_projection(self.text(tokens)), dim=-1)
 
     def scale(self):        # exp(logit_scale) <= 100; the clamp stops the gradient past the cap, so the scale rests
-        return self.logit_scale.clamp(max=math.log(MAX_SCALE)).exp()
+        return self.logit_scale.clamp(max=math.log(100)).exp()     # CLIP Sec. 2.5: "to prevent training instability"
 
     def forward(self, images, tokens):   # (B, 3, S, S) uint8 or a locked encoder's cached (B, E), (B, L) -> 2 x (B, K)
         """The paper's logits_per_image is clip_logits(image, text, scale()) (section 2), logits_per_text its transpose.
@@ -269,8 +266,7 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, texts, vocab_size):
-        """Learn vocab_size - 257 merges from texts (fewer if no pair occurs twice any more). The most
-        frequent pair wins; ties go to the pair of smallest ids, so training is deterministic."""
+        """At most vocab_size - 257 merges; the most frequent pair wins, ties to the smallest ids (deterministic)."""
         chunks = Counter(chunk for text in texts for chunk in CHUNK.findall(text))
         words = [list(chunk.encode("utf-8")) for chunk in chunks]     # each distinct chunk once,
         frequency = list(chunks.values())                             # weighted by how often it occurs
@@ -399,6 +395,11 @@ def carve_validation(pairs, share, seed):            # -> (training, validation)
                                                         "at least 1 must stay for training")
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).to(pairs.images.device)
     return pairs.subset(order[n_val:]), pairs.subset(order[:n_val])
+
+
+def distinct_captions(data, pairs):                  # the pairs' caption strings, each once, first captions first
+    ids = torch.cat([pairs.captions[:, 0], pairs.captions[:, 1:].flatten()]).tolist()
+    return list(dict.fromkeys(data.texts[i] for i in ids if i >= 0))
 
 
 def fit_batch(cfg, n_train):
@@ -715,9 +716,7 @@ def plot_similarity(model, data, tokenizer, cfg, device, path, n=8):  # n test i
 
 
 @torch.no_grad()
-def plot_predictions(model, data, tokenizer, cfg, device, path, n=6):
-    """Test images with the 3 candidate texts nearest to each: colour-shape prompts on the embedded set
-    (held-out pairs first), the pool's captions on real data."""
+def plot_predictions(model, data, tokenizer, cfg, device, path, n=6):   # n test images, each with its 3 nearest texts
     if data.name == "shapes":
         weights = zero_shot_weights(model, tokenizer, PAIR_NAMES, PAIR_TEMPLATES, cfg.context, device)
         holdout = parse_holdout(cfg.holdout)
@@ -763,14 +762,7 @@ def plot_retrieval(model, data, tokenizer, cfg, device, path, top=6):     # text
     common.save_figure(fig, path)
 
 
-def distinct_captions(data, pool):                   # the pool's caption strings, each once, first captions first
-    ids = torch.cat([pool.captions[:, 0], pool.captions[:, 1:].flatten()]).tolist()
-    return list(dict.fromkeys(data.texts[i] for i in ids if i >= 0))
-
-
-def retrieval_queries(data, pool, cfg, n=4):
-    """(queries, row titles) of the retrieval figure: held-out pairs and free phrasings on the embedded set, n
-    distinct captions of the pool on real data (several images may share one: it gets one row)."""
+def retrieval_queries(data, pool, cfg, n=4):   # -> (queries, row titles): held-out pairs and phrasings, or n captions
     if data.name != "shapes":
         queries = distinct_captions(data, pool)[:n]
         return queries, queries
@@ -828,8 +820,7 @@ def prepare(cfg, device):
                  f"the embedded set is 32x32, but the image encoder takes {encoder.arch['image_size']}x{encoder.arch['image_size']}")
     data, val = load_data(cfg, device)
     cfg = fit_batch(cfg, len(data.train))
-    train_texts = [data.texts[i] for i in data.train.captions[data.train.captions >= 0].unique().tolist()]
-    tokenizer = BPETokenizer.train(train_texts, cfg.vocab_size)
+    tokenizer = BPETokenizer.train(distinct_captions(data, data.train), cfg.vocab_size)
     tokens, cut = tokenizer.encode_batch(data.texts, cfg.context)                  # (M, L)
     if common.is_main():
         print(f"{data.name}: {len(data.train)} training images with {int(data.train.counts.sum())} captions, "
