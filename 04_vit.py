@@ -157,9 +157,8 @@ class LayerNorm(nn.Module):
         return (x - mean) * torch.rsqrt(variance + self.eps) * self.weight + self.bias
 
 
-def attention_weights(q, k, mask=None):
-    """softmax(Q K^T / sqrt(D)) of Vaswani et al. 2017, Eq. 1: row t says how much token t reads from each token.
-    q, k (B, H, T, D); mask bool, broadcastable to (B, H, T, T), True where a token may attend."""
+def attention_weights(q, k, mask=None):                      # q, k (B, H, T, D); mask True where a token may attend
+    """softmax(Q K^T / sqrt(D)) of Vaswani et al. 2017, Eq. 1: row t says how much token t reads from each token."""
     # dividing by sqrt(D) keeps the scores' variance near 1 whatever the head size, so the softmax
     # starts out soft instead of picking one token (a dot product of D unit-variance terms has variance D)
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B,H,T,D) @ (B,H,D,T) -> (B,H,T,T)
@@ -195,8 +194,7 @@ class MultiHeadAttention(nn.Module):
         return self.proj(out.transpose(1, 2).flatten(2))                    # merge heads: (B, T, H, D) -> (B, T, E)
 
     def weights(self, x, mask=None):                           # (B, T, E) -> (B, H, T, T): for the figures
-        q, k, _ = self._queries_keys_values(x)
-        return attention_weights(q, k, mask)
+        return attention_weights(*self._queries_keys_values(x)[:2], mask)      # q and k alone
 
 
 class Block(nn.Module):
@@ -220,8 +218,7 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    """Image (B, C, H, W), normalised floats -> logits (B, num_classes), or the features (B, E) when
-    num_classes=0. With pos_embedding=False the patches form an unordered set (see equivariance)."""
+    """Eqs. 1-4 on normalised images. With pos_embedding=False the patches form an unordered set (see equivariance)."""
 
     def __init__(self, image_size=32, patch_size=4, in_channels=3, dim=192, depth=6, heads=3, mlp_ratio=4,
                  num_classes=0, pos_embedding=True):
@@ -267,8 +264,7 @@ class ViT(nn.Module):
         return tokens
 
     def positions(self, T):
-        """E_pos for T tokens: as learned, or for a smaller image (DINO's local crops) the learned grid of patch
-        positions resized to that image's grid, as DINO does (1, T, E)."""
+        """E_pos (1, T, E) as learned; for a smaller image (DINO's local crops) the learned grid resized to its grid."""
         if T == self.pos_embedding.shape[1]:
             return self.pos_embedding
         grid, side = math.isqrt(self.num_patches), math.isqrt(T - 1)
@@ -350,8 +346,6 @@ def random_masking(batch, num_patches, mask_ratio, device):
 
 
 class MAEDecoder(nn.Module):
-    """MAE's light decoder: narrow blocks over all N places, a hidden one holding the mask token."""
-
     def __init__(self, num_patches, encoder_dim, patch_pixels, dim=128, depth=2, heads=4):
         super().__init__()
         self.embed = nn.Linear(encoder_dim, dim)                         # the encoder's width to the decoder's
@@ -378,8 +372,6 @@ class MAEDecoder(nn.Module):
 
 
 class MAE(nn.Module):
-    """The ViT as MAE's encoder, on the visible patches only, and its decoder."""
-
     def __init__(self, encoder, decoder_dim, decoder_depth):
         super().__init__()
         self.encoder = encoder
@@ -452,8 +444,7 @@ def update_center(center, teacher_outputs, momentum):
 # ---- 3. Data: images stay on the device as uint8; each batch is converted, augmented and normalised there ----
 
 def load_data(cfg, device):
-    """The dataset as 3-channel uint8 images of image_size pixels, resident on device. The images of a captioned set
-    come without labels (y_train, y_test None): there is nothing to classify, only to pre-train on."""
+    """3-channel uint8 images of image_size pixels on device; a captioned set has no labels (y_train, y_test None)."""
     if cfg.dataset in UNLABELLED:
         pairs = UNLABELLED[cfg.dataset](cfg.data_dir, cfg.image_size, device)   # 05's split: no test image trains here
         data = common.ImageData(cfg.dataset, pairs.train.images[:cfg.n_train or None], None,
@@ -607,7 +598,6 @@ def train_classifier(model, data, stats, pool, cfg, device, desc):
 
 
 def pretrain_loop(model, loss_of_batch, data, cfg, device, desc, evaluate=dict, after_step=lambda *_: None):
-    """fit over all training images (no labels used) for --pretrain-epochs, at --pretrain-lr."""
     everything = torch.arange(len(data.x_train), device=device)
     epochs, settings = cfg.pretrain_epochs or PRETRAIN_EPOCHS[cfg.pretrain], replace(cfg, lr=cfg.pretrain_lr or cfg.lr)
     return fit(model, loss_of_batch, everything, epochs, len(everything), settings, device, desc, evaluate, after_step)
@@ -704,8 +694,7 @@ PRETRAINERS = {"mae": pretrain_mae, "dino": pretrain_dino, "simclr": pretrain_si
 # ---- 5. Evaluation: accuracy, what each layer knows, where attention looks, which symmetries hold ----
 
 @torch.no_grad()
-def predict(model, images, stats, batch_size=1024):
-    """model's outputs, logits (N, classes) or features (N, E), for uint8 images (N, C, H, W), in eval mode."""
+def predict(model, images, stats, batch_size=1024):   # uint8 (N, C, H, W) -> logits (N, classes) or features (N, E)
     model.eval()
     with common.autocast(images.device):
         return torch.cat([model(normalise(x, stats)).float() for x in images.split(batch_size)])
@@ -737,10 +726,9 @@ def probe_features(encoder, data, stats, pool, cfg, knn=False, features=predict)
 
 
 def depth_probes(vit, data, stats, pool, cfg):
-    """A linear probe on the class token and on the mean patch token after every block, fitted on up
-    to probe_samples labelled training images. Raw pixels are the baseline. Before block 1 the class token
-    is the same vector for every image (x_class + E_pos^0), so its probe is at chance by construction:
-    everything it knows later, attention brought to it."""
+    """Linear probes on the class token and on the mean patch token after every block, fitted on up to probe_samples
+    labelled training images, against raw pixels. Before block 1 the class token is one vector for every image
+    (x_class + E_pos^0), so its probe is at chance by construction: all it knows later, attention brought to it."""
     train, depths = pool[:cfg.probe_samples], len(vit.blocks) + 1
     tokens = probe_features(vit, data, stats, train, cfg, features=layer_features)   # all 2(L + 1) side by side
     return {"class_token": tokens[:depths], "mean_patch_token": tokens[depths:],
@@ -863,9 +851,8 @@ def plot_attention(vit, images, stats, class_names, labels, path):
 
 
 def plot_positions(vit, path):
-    """Cosine similarity of each patch's position embedding to every other's, laid out on the patch grid
-    (as Fig. 7 of the ViT paper). Nothing tells the model that the patches lie on a 2-D grid: whatever
-    structure appears here was learned from the images."""
+    """Cosine similarity of each patch's position embedding to every other's, on the patch grid (ViT's Fig. 7).
+    Nothing tells the model that the patches lie on a 2-D grid: whatever structure appears here, it learned."""
     pos = F.normalize(vit.pos_embedding[0, 1:].detach().float(), dim=1)          # (N, E)
     side = math.isqrt(vit.num_patches)
     similarity = (pos @ pos.T).reshape(side, side, side, side)                   # (row, col) -> a side x side map
@@ -917,16 +904,15 @@ def validate(cfg):
     common.check(cfg.model == "vit" or cfg.dim % 2 == 0, f"the CNN's widths are dim/2, dim, 2*dim: dim must be even, got {cfg.dim}")
     common.check(min(cfg.n_train, cfg.n_test, cfg.val_split) >= 0, "--n-train, --n-test and --val-split must be >= 0")
     # every float option: first finite (NaN and inf get a message of their own), then inside its range
-    for name, holds, rule in [("lr", cfg.lr > 0, "be > 0,"), ("warmup", 0 <= cfg.warmup < 1, "be in [0, 1),"),
-                              ("pretrain_lr", cfg.pretrain_lr >= 0, "be > 0, or 0 for --lr;"),
-                              ("weight_decay", cfg.weight_decay >= 0, "not be negative,"),
-                              ("clip_grad", cfg.clip_grad >= 0, "be a gradient norm > 0, or 0 for no clipping;"),
-                              ("label_smoothing", 0 <= cfg.label_smoothing < 1, "be in [0, 1),"),
-                              ("crop", 0 <= cfg.crop < 1, "be in [0, 1),"),
-                              ("train_fraction", 0 < cfg.train_fraction <= 1, "be in (0, 1],"),
-                              *[(t, getattr(cfg, t) > 0, "be > 0,") for t in ("temperature", "student_temp", "teacher_temp")],
-                              ("mask_ratio", 0 < cfg.mask_ratio < 1, "be in (0, 1) (the share of patches hidden),"),
-                              *[(m, 0 <= getattr(cfg, m) <= 1, "be in [0, 1],") for m in ("ema", "center_momentum")]]:
+    rules = [*[(n, getattr(cfg, n) > 0, "be > 0,") for n in ("lr", "temperature", "student_temp", "teacher_temp")],
+             *[(n, 0 <= getattr(cfg, n) < 1, "be in [0, 1),") for n in ("warmup", "label_smoothing", "crop")],
+             *[(n, 0 <= getattr(cfg, n) <= 1, "be in [0, 1],") for n in ("ema", "center_momentum")],
+             ("train_fraction", 0 < cfg.train_fraction <= 1, "be in (0, 1],"),
+             ("mask_ratio", 0 < cfg.mask_ratio < 1, "be in (0, 1) (the share of patches hidden),"),
+             ("pretrain_lr", cfg.pretrain_lr >= 0, "be > 0, or 0 for --lr;"),
+             ("weight_decay", cfg.weight_decay >= 0, "not be negative,"),
+             ("clip_grad", cfg.clip_grad >= 0, "be a gradient norm > 0, or 0 for no clipping;")]
+    for name, holds, rule in rules:
         value, flag = getattr(cfg, name), "--" + name.replace("_", "-")
         common.check(math.isfinite(value), f"{flag} must be a finite number, got {value}")
         common.check(holds, f"{flag} must {rule} got {value}")
