@@ -68,8 +68,7 @@ class Config(common.RunConfig):
     val_every: int = common.arg(100, "steps between validation measurements; the weights kept are the best one's")
     augment: str = common.arg("auto", "03's augmentations of the training images, comma-separated (crop,flip,jitter,"
                                       "grayscale,blur); '' for none; auto: crop,flip on real images, none on shapes")
-    # on openclipart (600 steps of 512), validation text->image R@10 at the kept step: no views 0.332, crop 0.3 + flip
-    # 0.318, crop 0.6 + flip 0.332 (one seed; +-0.02 is noise on 585 images). Views slow the memorising, not yet more
+    # on openclipart crop 0.6 + flip leave validation recall as it was (RESULTS.md), but slow the memorising
     crop: float = common.arg(0.6, "share of the area the random crop may cut away (03's default)")
     holdout: str = common.arg("red star,orange heart,yellow moon,green square,cyan triangle,blue circle,"
                               "purple cross,white arrow",
@@ -170,9 +169,8 @@ class CLIP(nn.Module):
         return self.logit_scale.clamp(max=math.log(100)).exp()     # CLIP Sec. 2.5: "to prevent training instability"
 
     def forward(self, images, tokens):   # (B, 3, S, S) uint8 or a locked encoder's cached (B, E), (B, L) -> 2 x (B, K)
-        """The paper's logits_per_image is clip_logits(image, text, scale()) (section 2), logits_per_text its transpose.
-        forward stops at the embeddings, as open_clip's does: the loss compares them with the whole batch's, which
-        under torchrun lies on several GPUs (section 5)."""
+        """logits_per_image is clip_logits(image, text, scale()) (section 2), logits_per_text its transpose. forward
+        stops at the embeddings, as open_clip's: the loss needs the whole batch's, under torchrun on several GPUs."""
         features = images if images.dim() == 2 else self.image_features(images)
         return self.embed_image_features(features), self.encode_text(tokens)
 
@@ -214,10 +212,9 @@ def clip_logits(image_embeddings, text_embeddings, scale):     # unit vectors (B
 
 
 def clip_loss(logits, positives=None):
-    """CLIP's loss on logits_per_image (B, B), with the matching caption of image i at column i.
-    positives (B, B) bool, optional: True where caption j is also right for image i (e.g. the same string).
-    Those other right answers are taken out of both softmaxes, so they are never pushed apart as negatives;
-    with positives=None (or the identity) this is exactly the loss of the paper's Fig. 3."""
+    """CLIP's loss on logits_per_image (B, B), the matching caption of image i at column i. positives (B, B) bool,
+    optional: True where caption j is also right for image i (e.g. the same string); those are taken out of both
+    softmaxes, so they are never pushed apart as negatives. positives=None (or the identity): the paper's Fig. 3."""
     B = logits.shape[0]
     common.check(B >= 2, f"the contrastive loss needs at least 2 pairs (1 has no negatives), got {B}")
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))           # bf16 is too coarse for logits up to 100
@@ -402,8 +399,7 @@ def distinct_captions(data, pairs):                  # the pairs' caption string
     return list(dict.fromkeys(data.texts[i] for i in ids if i >= 0))
 
 
-def fit_batch(cfg, n_train):
-    """--quick, a smoke test, shrinks its batch to a small folder's images; elsewhere too large a batch is an error."""
+def fit_batch(cfg, n_train):       # --quick shrinks its batch to a small folder; elsewhere too big a batch is an error
     processes = common.world_size()
     if cfg.quick and cfg.batch_size == QUICK["batch_size"]:
         cfg = dataclasses.replace(cfg, batch_size=max(2, min(cfg.batch_size, n_train // processes)))
