@@ -185,8 +185,7 @@ class MultiHeadAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)                        # W^O: mixes what the heads found
 
     def _queries_keys_values(self, x):                         # (B, T, E) -> 3 x (B, H, T, D)
-        B, T, E = x.shape
-        qkv = self.qkv(x).reshape(B, T, 3, self.heads, E // self.heads)   # (B, T, 3E) -> (B, T, 3, H, D)
+        qkv = self.qkv(x).unflatten(-1, (3, self.heads, -1))            # (B, T, 3E) -> (B, T, 3, H, D)
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)            # (3, B, H, T, D) -> q, k, v
 
     def forward(self, x, mask=None):                           # (B, T, E) -> (B, T, E)
@@ -572,8 +571,7 @@ def compiled(module, cfg, device):
     run between kernels: no CUDA graph there. dynamic=False: DINO's local crops get a graph of their own size."""
     if not uses_compile(cfg, device, not isinstance(module, ConvNet)):
         return module
-    return torch.compile(module, mode="reduce-overhead" if device.type == "cuda" and common.world_size() == 1 else None,
-                         dynamic=False)
+    return torch.compile(module, mode="reduce-overhead" if common.world_size() == 1 else None, dynamic=False)
 
 
 def train_classifier(model, data, stats, pool, cfg, device, desc):
@@ -767,13 +765,11 @@ def equivariance(vit, cnn, images, seed):
     without = ViT(**{**vit.arch, "pos_embedding": False}).to(images.device).double().eval()
     without.load_state_dict({k: v for k, v in vit.state_dict().items() if k != "pos_embedding"})
     stage = copy.deepcopy(cnn.stages[0]).double().eval()
-    x = images.double()
-    n, side_pixels, P, N = len(x), x.shape[-1], vit.patch_size, vit.num_patches
-    side = side_pixels // P
+    x, P, N = images.double(), vit.patch_size, vit.num_patches
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed)).to(x.device)
     permute = lambda imgs: unpatchify(patchify(imgs, P)[:, perm], P, imgs.shape[1])
     shift = lambda imgs: imgs.roll(P, dims=-1)                                  # one patch right, wrapping around
-    shift_tokens = lambda t: t.reshape(n, side, side, -1).roll(1, dims=2).reshape(n, N, -1)
+    shift_tokens = lambda t: t.unflatten(1, (math.isqrt(N), -1)).roll(1, dims=2).flatten(1, 2)   # on the patch grid
 
     def token_errors(model):
         tokens = model.tokens(x)                                                # (n, T, E)
@@ -783,7 +779,7 @@ def equivariance(vit, cnn, images, seed):
                 "class_token_after_permutation": relative_error(moved[:, 0], tokens[:, 0])}
 
     maps = stage(x)                                                             # (n, width, H, W)
-    inside = slice(P + 2, side_pixels - 2)             # columns no padding reaches: two 3x3 convs see 2 pixels out
+    inside = slice(P + 2, x.shape[-1] - 2)             # columns no padding reaches: two 3x3 convs see 2 pixels out
     return {"vit_without_positions": token_errors(without), "vit": token_errors(vit),
             "cnn_first_stage": {"permute_patches": relative_error(stage(permute(x)), permute(maps)),
                                 "shift_one_patch": relative_error(stage(shift(x))[..., inside], shift(maps)[..., inside])}}
@@ -903,7 +899,6 @@ def validate(cfg):
         vit = build_model("vit", cfg, num_classes=1)
     common.check(cfg.model == "vit" or cfg.dim % 2 == 0, f"the CNN's widths are dim/2, dim, 2*dim: dim must be even, got {cfg.dim}")
     common.check(min(cfg.n_train, cfg.n_test, cfg.val_split) >= 0, "--n-train, --n-test and --val-split must be >= 0")
-    # every float option: first finite (NaN and inf get a message of their own), then inside its range
     rules = [*[(n, getattr(cfg, n) > 0, "be > 0,") for n in ("lr", "temperature", "student_temp", "teacher_temp")],
              *[(n, 0 <= getattr(cfg, n) < 1, "be in [0, 1),") for n in ("warmup", "label_smoothing", "crop")],
              *[(n, 0 <= getattr(cfg, n) <= 1, "be in [0, 1],") for n in ("ema", "center_momentum")],
@@ -912,7 +907,7 @@ def validate(cfg):
              ("pretrain_lr", cfg.pretrain_lr >= 0, "be > 0, or 0 for --lr;"),
              ("weight_decay", cfg.weight_decay >= 0, "not be negative,"),
              ("clip_grad", cfg.clip_grad >= 0, "be a gradient norm > 0, or 0 for no clipping;")]
-    for name, holds, rule in rules:
+    for name, holds, rule in rules:        # first finite (NaN and inf get a message of their own), then in range
         value, flag = getattr(cfg, name), "--" + name.replace("_", "-")
         common.check(math.isfinite(value), f"{flag} must be a finite number, got {value}")
         common.check(holds, f"{flag} must {rule} got {value}")
@@ -1039,10 +1034,10 @@ def summary(cfg, metrics):
         parts = [f"04_vit: {cfg.model} ({metrics['parameters'] / 1e6:.2f}M) on {cfg.dataset}, {metrics['labelled_images']} "
                  f"labels: test top-1 {metrics['top1']:.3f} after {cfg.epochs} epochs ({metrics['train_seconds']:.1f} s "
                  f"training, {metrics['train_images_per_second'] / 1e3:.1f}k img/s{', compiled' if metrics['compile'] else ''})"]
-    if "depth_probe" in metrics:
-        probe = metrics["depth_probe"]["class_token"]
-        parts.append(f"class-token probe by block {' '.join(f'{a:.2f}' for a in probe)} (pixels {metrics['depth_probe']['pixels']:.2f})")
-    if "equivariance" in metrics:
+        if "depth_probe" in metrics:
+            probe = metrics["depth_probe"]
+            parts.append(f"class-token probe by block {' '.join(f'{a:.2f}' for a in probe['class_token'])} "
+                         f"(pixels {probe['pixels']:.2f})")
         eq = metrics["equivariance"]
         parts.append(f"patch-permutation error {eq['vit_without_positions']['permute_patches']:.0e} without positions, "
                      f"{eq['vit']['permute_patches']:.2f} with; CNN shift error {eq['cnn_first_stage']['shift_one_patch']:.0e}")
