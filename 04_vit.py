@@ -289,20 +289,17 @@ class ViT(nn.Module):
 
 
 class ConvNet(nn.Module):
-    """The inductive-bias baseline: three stages of two 3x3 conv-BatchNorm-GELU layers, each stage ending in
-    a 2x2 max-pool, then a global average pool. Weight sharing over positions makes every conv layer
-    translation-equivariant, and small kernels make it local: two priors a ViT must learn from data.
-    width=96 gives about as many parameters as the default ViT (dim 192, depth 6)."""
+    """The inductive-bias baseline: three stages of two 3x3 conv-BatchNorm-GELU layers, each ending in a 2x2 max-pool.
+    Weight sharing over positions makes every conv layer translation-equivariant, and small kernels make it local: two
+    priors a ViT must learn from data. width=96 gives about as many parameters as the default ViT (dim 192, depth 6)."""
 
     def __init__(self, in_channels=3, width=96, num_classes=0):
         super().__init__()
         self.dim = 4 * width
 
         def stage(c_in, c_out):
-            layers = []
-            for c in (c_in, c_out):
-                layers += [nn.Conv2d(c, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
-            return nn.Sequential(*layers)
+            layer = lambda c: [nn.Conv2d(c, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
+            return nn.Sequential(*layer(c_in), *layer(c_out))
 
         self.stages = nn.ModuleList([stage(in_channels, width), stage(width, 2 * width), stage(2 * width, 4 * width)])
         self.head = nn.Linear(self.dim, num_classes) if num_classes else None
@@ -422,9 +419,8 @@ def dino_cross_entropy(teacher, student, center, teacher_temp, student_temp):
     return -(t * F.log_softmax(student / student_temp, dim=-1)).sum(-1).mean()
 
 
-def dino_loss(teachers, students, center, teacher_temp, student_temp):
-    """Every teacher view against every student view of another crop (Sec. 3.1): teachers [t1, t2], students
-    [s1, s2, local crops...], each (B, K). With no local crops this is H(t1, s2) / 2 + H(t2, s1) / 2."""
+def dino_loss(teachers, students, center, teacher_temp, student_temp):         # lists of (B, K)
+    """Each teacher view [t1, t2] against each student view of another crop [s1, s2, local crops...] (Sec. 3.1)."""
     terms = [dino_cross_entropy(t, s, center, teacher_temp, student_temp)
              for i, t in enumerate(teachers) for j, s in enumerate(students) if i != j]
     return sum(terms) / len(terms)
@@ -733,10 +729,9 @@ def depth_probes(vit, data, stats, pool, cfg):
             "pixels": probe_features(None, data, stats, train, cfg), "chance": 1 / len(data.classes)}
 
 
-def attention_rollout(maps):
-    """Abnar & Zuidema 2020: how much each input patch flows into the final class token. Each layer mixes
-    tokens by its head-averaged attention plus the residual (counted as 0.5 A + 0.5 I, rows renormalised),
-    and the layers compose by matrix products. Returns (n, N)."""
+def attention_rollout(maps):                                                    # L of (n, H, T, T) -> (n, N)
+    """Abnar & Zuidema 2020: how much each input patch flows into the final class token. A layer mixes tokens by its
+    head-averaged attention plus the residual (0.5 A + 0.5 I, rows renormalised); layers compose as matrix products."""
     joint = identity = torch.eye(maps[0].shape[-1], device=maps[0].device)      # (T, T)
     for weights in maps:
         mixing = 0.5 * weights.mean(1) + 0.5 * identity                          # (n, T, T)
@@ -751,9 +746,8 @@ def relative_error(a, b):
 
 @torch.no_grad()
 def equivariance(vit, cnn, images, seed):
-    """Symmetries built into each architecture, measured in float64 on real normalised images (n, C, H, W) as
-    ||f(g x) - g f(x)|| / ||g f(x)||, for g = a random permutation of the patches, and g = a cyclic shift of
-    the image by one patch (which is a particular permutation of them).
+    """Symmetries built into each architecture, on real normalised images (n, C, H, W): ||f(g x) - g f(x)|| / ||g f(x)||
+    for g = a random permutation of the patches, and g = a cyclic shift of the image by one patch (a permutation too).
       ViT without position embeddings (the same weights, E_pos removed): attention is a function of a set,
         so both errors are rounding, and the class token is invariant;
       ViT with them: a token knows where it sits, so neither holds;
@@ -789,15 +783,13 @@ def equivariance(vit, cnn, images, seed):
 
 def plot_curves(histories, path):
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name, history in histories.items():
-        epochs = [r["epoch"] for r in history]
-        ax_loss.plot(epochs, [r["loss"] for r in history], label=name)
-        ax_acc.plot(epochs, [100 * r["test_top1"] for r in history], label=name)
-    ax_loss.set(xlabel="epoch (passes' worth of steps over the full training set)", ylabel="training loss", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="test top-1 (%)", title="test accuracy")
-    for ax in (ax_loss, ax_acc):
+    for ax, key, scale in ((ax_loss, "loss", 1), (ax_acc, "test_top1", 100)):
+        for name, history in histories.items():
+            ax.plot([r["epoch"] for r in history], [scale * r[key] for r in history], label=name)
         ax.grid(alpha=0.3)
         ax.legend()
+    ax_loss.set(xlabel="epoch (passes' worth of steps over the full training set)", ylabel="training loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="test top-1 (%)", title="test accuracy")
     common.save_figure(fig, path)
 
 
@@ -934,8 +926,7 @@ def pretrain_encoder(cfg, data, stats, device, out):
     report = {"method": cfg.pretrain, "epochs": history[-1]["epoch"], "loss": [r["loss"] for r in history],
               "seconds": history[-1]["seconds"], "checkpoint": f"vit_{cfg.pretrain}.pt"}     # in the run's folder
     if cfg.pretrain == "dino":             # the collapse checks, against ln K (the uniform output's entropy)
-        report.update(ln_K=math.log(cfg.dino_dim), **{k: [r[k] for r in history] for k in
-                                                     ("teacher_entropy_of_mean", "teacher_mean_entropy")})
+        report.update(ln_K=math.log(cfg.dino_dim), **{k: [r[k] for r in history] for k in history[0] if "entropy" in k})
     if common.is_main():
         common.save_checkpoint(out / f"vit_{cfg.pretrain}.pt", encoder, cfg, kind="vit", arch=encoder.arch)
         if cfg.pretrain == "mae":
