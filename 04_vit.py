@@ -298,8 +298,8 @@ class ConvNet(nn.Module):
         self.dim = 4 * width
 
         def stage(c_in, c_out):
-            layer = lambda c: [nn.Conv2d(c, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
-            return nn.Sequential(*layer(c_in), *layer(c_out))
+            conv_bn_gelu = lambda c: [nn.Conv2d(c, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
+            return nn.Sequential(*conv_bn_gelu(c_in), *conv_bn_gelu(c_out))
 
         self.stages = nn.ModuleList([stage(in_channels, width), stage(width, 2 * width), stage(2 * width, 4 * width)])
         self.head = nn.Linear(self.dim, num_classes) if num_classes else None
