@@ -58,7 +58,7 @@ def base_config(args):
     return vit_script.Config(**{**options, **common.config_overrides(vit_script.Config, shared, "--set")})
 
 
-# DINO's own settings on 28-pixel images, the best of short runs' probes (RESULTS.md): four local crops of 12 pixels,
+# DINO's own settings on 28-pixel images, chosen from short runs' probes (RESULTS.md): four local crops of 12 pixels,
 # a teacher that follows the student faster (0.99) over the few steps of a short run, and a lower learning rate
 METHOD_SETTINGS = {"dino": ["local_crops=4", "ema=0.99", "pretrain_lr=1e-3"]}
 
