@@ -38,51 +38,43 @@ def parse_args(argv=None):
     parser.add_argument("--finetune-fractions", default=None, help="the shares at which to train and fine-tune "
                         "(default: all of --fractions; the probe and kNN rows are made at every share)")
     parser.add_argument("--epochs", type=int, default=60, help="fine-tuning and from-scratch steps, in passes' worth")
-    parser.add_argument("--pretrain-epochs", default="mae=40,dino=20,simclr=20", help="per method (0 or absent: 04's)")
-    parser.add_argument("--pretrain-seconds", type=float, default=0, help="instead: the epochs of each pre-training "
-                        "that take about this long, from the speed of a short run (0 = use the epochs)")
+    parser.add_argument("--pretrain-seconds", type=float, default=0, help="the epochs of each pre-training that take "
+                        "about this long, from the speed of a short run (0 = its pretrain_epochs)")
     parser.add_argument("--n-train", type=int, default=0, help="training images to load (0 = all)")
     parser.add_argument("--val-split", type=int, default=0, help="score on the last N training images, not the test set")
     parser.add_argument("--timing-steps", type=int, default=50, help="steps of each timed MAE step (0 = skip)")
     parser.add_argument("--set", nargs="*", default=[], help="other 04 options, e.g. lr=1e-3; METHOD.option=value "
-                        "for one pre-training's run only (its fine-tuning too), e.g. dino.local_crops=8")
+                        "for one pre-training's run only (its fine-tuning too), e.g. dino.local_crops=8 "
+                        "mae.pretrain_epochs=60")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 
-def base_config(args):
+# Each pre-training's own settings on 28-pixel images: its epochs, and DINO's chosen from short runs' probes
+# (RESULTS.md): four local crops of 12 pixels, a teacher that follows the student faster (0.99) over the few steps of
+# a short run, and a lower learning rate
+METHOD_SETTINGS = {"mae": ["pretrain_epochs=40"],
+                   "dino": ["pretrain_epochs=20", "local_crops=4", "ema=0.99", "pretrain_lr=1e-3"],
+                   "simclr": ["pretrain_epochs=20"]}
+
+
+def configs(args):
+    """(the 04 Config of the supervised runs, {method: the Config of its pre-training and fine-tuning}): --set's
+    plain options reach every run, METHOD.option=value only that method's, over METHOD_SETTINGS."""
+    shared, own = [], {m: list(o) for m, o in METHOD_SETTINGS.items()}
+    for option in args.set:
+        method, dot, rest = option.partition(".")
+        if not dot or "=" in method:
+            shared.append(option)
+            continue
+        common.check(method in own, f"--set {option!r}: {method!r} is not a pre-training ({', '.join(own)})")
+        own[method].append(rest)
     options = dict(dataset=args.dataset, data_dir=args.data_dir, device=args.device, seed=args.seed, n_train=args.n_train,
                    val_split=args.val_split, epochs=args.epochs, image_size=28, patch_size=4, batch_size=1024, crop=0.3,
                    lr=1e-3)
-    shared = [o for o in args.set if "." not in o.partition("=")[0]]
-    return vit_script.Config(**{**options, **common.config_overrides(vit_script.Config, shared, "--set")})
-
-
-# DINO's own settings on 28-pixel images, chosen from short runs' probes (RESULTS.md): four local crops of 12 pixels,
-# a teacher that follows the student faster (0.99) over the few steps of a short run, and a lower learning rate
-METHOD_SETTINGS = {"dino": ["local_crops=4", "ema=0.99", "pretrain_lr=1e-3"]}
-
-
-def method_settings(args):
-    """{method: its own 04 options}: METHOD_SETTINGS, then --set's METHOD.option=value entries."""
-    settings = {m: list(o) for m, o in METHOD_SETTINGS.items()}
-    for option in args.set:
-        key, _, value = option.partition("=")
-        if "." in key:
-            method, _, name = key.partition(".")
-            common.check(method in vit_script.PRETRAINERS, f"--set {option!r}: {method!r} is not a pre-training "
-                                                           f"({', '.join(vit_script.PRETRAINERS)})")
-            settings.setdefault(method, []).append(f"{name}={value}")
-    return {m: common.config_overrides(vit_script.Config, o, f"--set ({m})") for m, o in settings.items()}
-
-
-def pretrain_epochs(text):
-    epochs = {}
-    for part in filter(None, text.split(",")):
-        method, _, value = part.partition("=")
-        common.check(method in vit_script.PRETRAINERS and value.isdigit(), f"--pretrain-epochs takes method=N, got {part!r}")
-        epochs[method] = int(value)
-    return epochs
+    cfg = vit_script.Config(**{**options, **common.config_overrides(vit_script.Config, shared, "--set")})
+    return cfg, {m: replace(cfg, pretrain=m, **common.config_overrides(vit_script.Config, o, f"--set ({m})"))
+                 for m, o in own.items()}
 
 
 def epochs_for(seconds, settings, data, stats, device):
@@ -139,16 +131,15 @@ def supervised(kind, cfg, data, stats, pool, device, desc, init=None):
 
 
 def run(args):
-    cfg, own = base_config(args), method_settings(args)
-    vit_script.validate(cfg)
-    for method, options in own.items():
-        vit_script.validate(replace(cfg, pretrain=method, **options))
+    cfg, method_configs = configs(args)
+    for settings in (cfg, *method_configs.values()):
+        vit_script.validate(settings)
     device = common.pick_device(cfg.device)
     common.seed_everything(cfg.seed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     fractions = sorted(float(f) for f in args.fractions.split(",") if f)
-    methods, epochs = [m for m in args.methods.split(",") if m], pretrain_epochs(args.pretrain_epochs)
+    methods = [m for m in args.methods.split(",") if m]
     common.check(all(m in vit_script.PRETRAINERS for m in methods), f"--methods: choose from {list(vit_script.PRETRAINERS)}")
     data = vit_script.load_data(cfg, device)
     stats = vit_script.channel_stats(data.x_train)
@@ -158,7 +149,7 @@ def run(args):
     rows, metrics = [], {"config": vars(args), "torch": torch.__version__,
                          "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     if args.timing_steps and "mae" in methods:
-        metrics["mae_timing"] = time_mae_steps(cfg, data, stats, device, args.timing_steps)
+        metrics["mae_timing"] = time_mae_steps(method_configs["mae"], data, stats, device, args.timing_steps)
 
     def add(model, mode, fraction, top1, seconds, pretrain_seconds=0.0):
         rows.append({"model": model, "mode": mode, "fraction": fraction, "labels": len(pools[fraction]),
@@ -170,7 +161,7 @@ def run(args):
             add(kind, "scratch", f, *supervised(kind, cfg, data, stats, pools[f], device, f"{kind} on {len(pools[f])} labels"))
     metrics["pixels_knn"] = {f: vit_script.probe_features(None, data, stats, pools[f], cfg, knn=True) for f in fractions}
     for method in methods:
-        settings = replace(cfg, pretrain=method, pretrain_epochs=epochs.get(method, 0), **own.get(method, {}))
+        settings = method_configs[method]
         if args.pretrain_seconds:
             settings = replace(settings, pretrain_epochs=epochs_for(args.pretrain_seconds, settings, data, stats, device))
         torch.manual_seed(cfg.seed)

@@ -656,10 +656,13 @@ def test_init_from_a_diverged_checkpoint_is_refused(tmp_path):
 def test_labels_benchmark_gives_a_method_its_own_settings():
     """bench_04_labels --set: plain options reach every run, METHOD.option only that pre-training's, over its defaults."""
     bench = common.import_script("benchmarks.bench_04_labels")
-    args = bench.parse_args(["--set", "lr=3e-3", "dino.local_crops=2", "mae.mask_ratio=0.5"])
-    assert bench.base_config(args).lr == 3e-3 and bench.base_config(args).local_crops == 0
-    assert bench.method_settings(args) == {"dino": {"local_crops": 2, "ema": 0.99, "pretrain_lr": 1e-3},
-                                           "mae": {"mask_ratio": 0.5}}
+    cfg, methods = bench.configs(bench.parse_args(["--set", "lr=3e-3", "dino.local_crops=2", "mae.mask_ratio=0.5",
+                                                   "pretrain_lr=2.5e-4"]))
+    assert (cfg.lr, cfg.local_crops, cfg.mask_ratio, cfg.pretrain_lr, cfg.pretrain) == (3e-3, 0, 0.75, 2.5e-4, "")
+    dino, mae, simclr = methods["dino"], methods["mae"], methods["simclr"]
+    assert (dino.pretrain, dino.lr, dino.local_crops, dino.ema, dino.pretrain_lr, dino.pretrain_epochs) == \
+        ("dino", 3e-3, 2, 0.99, 1e-3, 20)
+    assert (mae.mask_ratio, mae.local_crops, mae.pretrain_lr, mae.pretrain_epochs) == (0.5, 0, 2.5e-4, 40)
+    assert (simclr.lr, simclr.mask_ratio, simclr.pretrain_epochs) == (3e-3, 0.75, 20)
     with pytest.raises(common.UserError, match="'byol' is not a pre-training"):
-        bench.method_settings(bench.parse_args(["--set", "byol.lr=1"]))
-
+        bench.configs(bench.parse_args(["--set", "byol.lr=1"]))
