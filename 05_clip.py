@@ -556,8 +556,9 @@ def measure_validation(model, train_pairs, val, tokens, cfg, device, step):
             "val_t2i_r10": recall["t2i_r10"], "val_i2t_r10": recall["i2t_r10"]}
 
 
-def best_step(history):                   # the step of the highest validation text->image R@10; the earliest of equals
-    return max(history, key=lambda row: (row["val_t2i_r10"], -row["step"]))["step"]
+def best_step(history):   # the highest validation text->image R@10; among equals (frequent over a few hundred
+    # images) the lowest validation loss, then the later step, which has seen more pairs
+    return max(history, key=lambda row: (row["val_t2i_r10"], -row["val_loss"], row["step"]))["step"]
 
 
 def check_finite(loss, step, bar):    # a NaN or infinite loss: the weights are lost, so stop (as 02 does), save nothing

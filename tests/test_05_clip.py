@@ -635,22 +635,26 @@ def test_validation_split_shares_no_image_with_training_or_test(tmp_path):
 
 def test_kept_step_is_the_best_validation_step():
     g = torch.Generator().manual_seed(8)
-    history = [{"step": 10 * (k + 1), "val_t2i_r10": round(torch.rand(1, generator=g).item(), 1)} for k in range(12)]
-    best, score = None, -1.0
-    for row in history:                                   # the first of the highest scores
-        if row["val_t2i_r10"] > score:
-            best, score = row["step"], row["val_t2i_r10"]
-    assert clip.best_step(history) == best
+    draw = lambda: round(torch.rand(1, generator=g).item(), 1)          # one decimal: ties in both scores
+    history = [{"step": 10 * (k + 1), "val_t2i_r10": draw(), "val_loss": draw()} for k in range(40)]
+    best = history[0]
+    for row in history[1:]:        # higher recall; at equal recall lower loss; at equal both the later step
+        if (row["val_t2i_r10"] > best["val_t2i_r10"]
+                or row["val_t2i_r10"] == best["val_t2i_r10"] and row["val_loss"] <= best["val_loss"]):
+            best = row
+    assert clip.best_step(history) == best["step"]
+    ties = [row for row in history if row["val_t2i_r10"] == best["val_t2i_r10"]]
+    assert len(ties) > 1                                                # the tie-break was exercised
 
 
 def test_training_ends_with_the_weights_of_the_best_validation_step(monkeypatch):
     data, tokens = tiny_pairs()
     cfg = clip.Config(steps=4, batch_size=4, warmup=0.25, lr=1e-2, val_every=1)
-    scores, seen = iter([0.2, 0.6, 0.4, 0.6]), {}
+    scores, losses, seen = iter([0.2, 0.6, 0.4, 0.6]), iter([3.0, 2.0, 2.5, 2.2]), {}
 
     def scripted(model, train_pairs, val, tokens, cfg, device, step):
         seen[step] = {name: value.clone() for name, value in model.state_dict().items()}
-        return {"step": step, "val_t2i_r10": next(scores), "val_loss": 1.0, "train_loss": 1.0}
+        return {"step": step, "val_t2i_r10": next(scores), "val_loss": next(losses), "train_loss": 1.0}
 
     monkeypatch.setattr(clip, "measure_validation", scripted)
     model = tiny_clip()
