@@ -709,12 +709,13 @@ def layer_features(vit, images, stats, batch_size=1024):
     return torch.cat(features, 1)
 
 
-def probe_features(encoder, data, stats, pool, cfg, knn=False, features=predict):
-    """Test top-1 of the linear probe (knn=True: the kNN classifier) fitted on the labelled pool, on the frozen
-    features(encoder, images, stats) (n, E); encoder=None reads raw pixels, the baseline. With layer_features, a
-    stack (S, n, E): S probes side by side, and a list of S scores."""
+def probe_features(encoder, data, stats, pool, cfg, knn=False, features=predict, centre=False):
+    """Test top-1 of the linear probe (knn=True: the kNN classifier, on centred features with centre=True) fitted on
+    the labelled pool, on the frozen features(encoder, images, stats) (n, E); encoder=None reads raw pixels, the
+    baseline. With layer_features, a stack (S, n, E): S probes side by side, and a list of S scores."""
     encode = partial(features, encoder, stats=stats) if encoder else lambda images: common.to_float(images.flatten(1))
-    fit = evaluation.knn_classify if knn else partial(evaluation.linear_probe, seed=cfg.seed, min_steps=cfg.probe_steps)
+    fit = (partial(evaluation.knn_classify, centre=centre) if knn
+           else partial(evaluation.linear_probe, seed=cfg.seed, min_steps=cfg.probe_steps))
     result = fit(encode(data.x_train[pool]), data.y_train[pool], encode(data.x_test), data.y_test, len(data.classes))
     return [r["top1"] for r in result] if isinstance(result, list) else result["top1"]
 

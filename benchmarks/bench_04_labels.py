@@ -159,7 +159,11 @@ def run(args):
     for kind in filter(None, args.baselines.split(",")):
         for f in trained:
             add(kind, "scratch", f, *supervised(kind, cfg, data, stats, pools[f], device, f"{kind} on {len(pools[f])} labels"))
-    metrics["pixels_knn"] = {f: vit_script.probe_features(None, data, stats, pools[f], cfg, knn=True) for f in fractions}
+    # kNN on centred features too (SimpleShot's CL2N): a direction shared by every image, such as the final
+    # LayerNorm's bias, can dominate the cosines of a short pre-training's tokens
+    knn = lambda encoder, f, centre=False: vit_script.probe_features(encoder, data, stats, pools[f], cfg, True, centre=centre)
+    metrics["pixels_knn"] = {f: knn(None, f) for f in fractions}
+    metrics["centred_knn"] = {"pixels": {f: knn(None, f, centre=True) for f in fractions}}
     for method in methods:
         settings = method_configs[method]
         if args.pretrain_seconds:
@@ -171,9 +175,11 @@ def run(args):
         metrics[f"{method}_pretrain"] = {"epochs": settings.pretrain_epochs or vit_script.PRETRAIN_EPOCHS[method],
                                          "loss": [r["loss"] for r in history], "seconds": seconds,
                                          **{k: [r[k] for r in history] for k in history[-1] if "entropy" in k}}
+        metrics["centred_knn"][method] = {}
         for f in fractions:
-            for mode, knn in (("probe", False), ("knn", True)):
-                add(method, mode, f, vit_script.probe_features(encoder, data, stats, pools[f], settings, knn), 0.0, seconds)
+            add(method, "probe", f, vit_script.probe_features(encoder, data, stats, pools[f], settings), 0.0, seconds)
+            add(method, "knn", f, knn(encoder, f), 0.0, seconds)
+            metrics["centred_knn"][method][f] = knn(encoder, f, centre=True)
             if f in trained:
                 add(method, "finetune", f, *supervised("vit", settings, data, stats, pools[f], device,
                                                         f"{method} fine-tuned on {len(pools[f])} labels", encoder), seconds)
