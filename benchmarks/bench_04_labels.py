@@ -13,6 +13,7 @@ Writes metrics.json (one row per model, share of labels and read-out), labels.pn
 labels, log scale) and table.md into --out. --val-split N scores on the last N training images instead of the test
 set, for tuning."""
 import argparse
+import dataclasses
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -42,6 +43,9 @@ def parse_args(argv=None):
                         "about this long, from the speed of a short run (0 = its pretrain_epochs)")
     parser.add_argument("--n-train", type=int, default=0, help="training images to load (0 = all)")
     parser.add_argument("--val-split", type=int, default=0, help="score on the last N training images, not the test set")
+    parser.add_argument("--encoders", default="", help="a folder for each pre-trained encoder (vit_METHOD.pt): one "
+                        "saved there with the same settings is loaded instead of pre-training again, e.g. to fine-tune "
+                        "at other --fractions in a second run")
     parser.add_argument("--timing-steps", type=int, default=50, help="steps of each timed MAE step (0 = skip)")
     parser.add_argument("--set", nargs="*", default=[], help="other 04 options, e.g. lr=1e-3; METHOD.option=value "
                         "for one pre-training's run only (its fine-tuning too), e.g. dino.local_crops=8 "
@@ -120,6 +124,27 @@ def time_mae_steps(cfg, data, stats, device, steps):
     return result
 
 
+def pretrained_encoder(settings, data, stats, device, folder):
+    """The ViT after settings.pretrain's pre-training, and its record (epochs, losses, seconds, collapse checks):
+    pre-trained here, or loaded from folder/vit_METHOD.pt when a run with the same settings saved it there."""
+    torch.manual_seed(settings.seed)
+    encoder = vit_script.build_model("vit", settings, num_classes=0).to(device)
+    path = Path(folder) / f"vit_{settings.pretrain}.pt" if folder else None
+    if path and path.is_file():
+        saved = common.load_checkpoint(path, encoder, kind="vit", device=device)
+        common.check(saved["config"] == dataclasses.asdict(settings), f"{path} was pre-trained with other settings: "
+                     "remove it, or run with the settings it was saved with")
+        return encoder, saved["pretrain"]
+    history, _ = vit_script.PRETRAINERS[settings.pretrain](encoder, data, stats, settings, device)
+    record = {"epochs": settings.pretrain_epochs or vit_script.PRETRAIN_EPOCHS[settings.pretrain],
+              "loss": [r["loss"] for r in history], "seconds": history[-1]["seconds"],
+              **{k: [r[k] for r in history] for k in history[-1] if "entropy" in k}}
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        common.save_checkpoint(path, encoder, settings, kind="vit", arch=encoder.arch, pretrain=record)
+    return encoder, record
+
+
 def supervised(kind, cfg, data, stats, pool, device, desc, init=None):
     """Test top-1 and seconds of a classifier trained on the labelled pool, from scratch or from init's weights."""
     torch.manual_seed(cfg.seed)
@@ -130,7 +155,7 @@ def supervised(kind, cfg, data, stats, pool, device, desc, init=None):
     return history[-1]["test_top1"], history[-1]["seconds"]
 
 
-def run(args):
+def run(args, out=None):
     cfg, method_configs = configs(args)
     for settings in (cfg, *method_configs.values()):
         vit_script.validate(settings)
@@ -155,6 +180,8 @@ def run(args):
         rows.append({"model": model, "mode": mode, "fraction": fraction, "labels": len(pools[fraction]),
                      "test_top1": top1, "seconds": seconds + pretrain_seconds, "pretrain_seconds": pretrain_seconds})
         print(f"{model:8s} {mode:9s} {len(pools[fraction]):6d} labels: test top-1 {top1:.4f} ({seconds + pretrain_seconds:.1f} s)")
+        if out:                                               # after every row: a run cut short keeps what it measured
+            common.save_json(out / "metrics.json", {**metrics, "rows": rows})
 
     for kind in filter(None, args.baselines.split(",")):
         for f in trained:
@@ -168,13 +195,8 @@ def run(args):
         settings = method_configs[method]
         if args.pretrain_seconds:
             settings = replace(settings, pretrain_epochs=epochs_for(args.pretrain_seconds, settings, data, stats, device))
-        torch.manual_seed(cfg.seed)
-        encoder = vit_script.build_model("vit", settings, num_classes=0).to(device)
-        history, _ = vit_script.PRETRAINERS[method](encoder, data, stats, settings, device)
-        seconds = history[-1]["seconds"]
-        metrics[f"{method}_pretrain"] = {"epochs": settings.pretrain_epochs or vit_script.PRETRAIN_EPOCHS[method],
-                                         "loss": [r["loss"] for r in history], "seconds": seconds,
-                                         **{k: [r[k] for r in history] for k in history[-1] if "entropy" in k}}
+        encoder, metrics[f"{method}_pretrain"] = pretrained_encoder(settings, data, stats, device, args.encoders)
+        seconds = metrics[f"{method}_pretrain"]["seconds"]
         metrics["centred_knn"][method] = {}
         for f in fractions:
             add(method, "probe", f, vit_script.probe_features(encoder, data, stats, pools[f], settings), 0.0, seconds)
@@ -211,9 +233,9 @@ def table(metrics):
 
 def main(argv=None):
     args = parse_args(argv)
-    metrics = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    metrics = run(args, out)
     common.save_json(out / "metrics.json", metrics)
     common.save_text(out / "table.md", table(metrics) + "\n")
     if metrics["rows"]:

@@ -666,3 +666,21 @@ def test_labels_benchmark_gives_a_method_its_own_settings():
     assert (simclr.lr, simclr.mask_ratio, simclr.pretrain_epochs) == (3e-3, 0.75, 20)
     with pytest.raises(common.UserError, match="'byol' is not a pre-training"):
         bench.configs(bench.parse_args(["--set", "byol.lr=1"]))
+
+
+def test_labels_benchmark_reuses_a_saved_encoder_of_the_same_settings_only(tmp_path, monkeypatch):
+    """bench_04_labels --encoders: the first run saves the pre-trained encoder, a second with the same settings loads
+    it (no pre-training) and reads the same features; other settings are refused in one line."""
+    bench = common.import_script("benchmarks.bench_04_labels")
+    argv = ["--dataset", "shapes", "--n-train", "400", "--fractions", "1", "--finetune-fractions=", "--baselines=",
+            "--methods", "mae", "--timing-steps", "0", "--device", "cpu", "--encoders", str(tmp_path / "encoders"),
+            "--set", "n_test=200", "image_size=32", "patch_size=8", "dim=32", "depth=1", "heads=2", "mlp_ratio=2",
+            "batch_size=100", "probe_steps=20", "decoder_dim=16", "decoder_depth=1", "mae.pretrain_epochs=2"]
+    first = bench.main([*argv, "--out", str(tmp_path / "first")])
+    assert (tmp_path / "encoders" / "vit_mae.pt").is_file()
+    monkeypatch.setitem(bench.vit_script.PRETRAINERS, "mae", lambda *args: pytest.fail("pre-trained again"))
+    second = bench.main([*argv, "--out", str(tmp_path / "second")])
+    assert second["rows"] == first["rows"] and second["mae_pretrain"] == first["mae_pretrain"]
+    assert json.loads((tmp_path / "second" / "metrics.json").read_text())["rows"] == first["rows"]
+    with pytest.raises(common.UserError, match="pre-trained with other settings"):
+        bench.main([*argv, "mae.mask_ratio=0.5", "--out", str(tmp_path / "third")])
