@@ -27,11 +27,12 @@ Run
   python 05_clip.py --dataset openclipart            # sudo apt-get install openclipart-png; read once into data/
   torchrun --nproc_per_node=2 05_clip.py             # 2 GPUs, 1024 pairs each: every caption against 2048 images
 
-Result (default run, one H200, torch 2.11: 61 s wall, 22.2k image-caption pairs/s of training; RESULTS.md)
-  retrieval over 1000 test images, R@1: image->text 0.350, text->image 0.344 (chance 0.001); R@10 0.942 both ways
-  zero-shot shape top-1 over 10 classes: 0.335 with 24 prompt templates, 0.353 with "a {}" alone (untrained
-  0.095; a linear probe on the same image features, trained WITH labels: 0.387)
-  held-out colour-shape pairs, 80-way colour+shape top-1: 0.307, against 0.365 on pairs seen in training (chance 0.013)
+Result (default run, one H200, torch 2.11: 59 s wall, 22.5k image-caption pairs/s of training; RESULTS.md)
+  retrieval over 1000 test images, R@1: image->text 0.372, text->image 0.357 (chance 0.001; 0.49 and 0.48 at
+  seeds 1 and 2); R@10 0.946 and 0.938
+  zero-shot shape top-1 over 10 classes: 0.341 with 24 prompt templates, 0.358 with "a {}" alone (untrained
+  0.095; a linear probe on the same image features, trained WITH labels: 0.393)
+  held-out colour-shape pairs, 80-way colour+shape top-1: 0.318, against 0.372 on pairs seen in training (chance 0.013)
 
 Shapes legend: B batch (image-caption pairs), L tokens of a caption, W text width, E image width,
 K shared embedding size, N images, M captions, C classes, P prompt templates, S image side.
