@@ -186,8 +186,8 @@ def run(args, out=None):
     for kind in filter(None, args.baselines.split(",")):
         for f in trained:
             add(kind, "scratch", f, *supervised(kind, cfg, data, stats, pools[f], device, f"{kind} on {len(pools[f])} labels"))
-    # kNN on centred features too (SimpleShot's CL2N): a direction shared by every image, such as the final
-    # LayerNorm's bias, can dominate the cosines of a short pre-training's tokens
+    # kNN on centred features too (SimpleShot's CL2N): subtracting the training mean removes the direction every
+    # image shares, which otherwise adds to every cosine (the final LayerNorm's bias, the pixels' mean image)
     knn = lambda encoder, f, centre=False: vit_script.probe_features(encoder, data, stats, pools[f], cfg, True, centre=centre)
     metrics["pixels_knn"] = {f: knn(None, f) for f in fractions}
     metrics["centred_knn"] = {"pixels": {f: knn(None, f, centre=True) for f in fractions}}
